@@ -1,0 +1,1 @@
+"""Datasets: Synapse and ACDC (TransUNet layout), NIfTI folders, and a built-in synthetic set."""

@@ -1,0 +1,99 @@
+"""The fused operators of DLKUNet, dispatched to the selected backend.
+
+``dwconv_bn_act``  depthwise conv -> pointwise conv -> BatchNorm -> ReLU
+``lka_gate``       large-kernel attention with the Hadamard gate
+
+The formulas are in ``dlkunet.ops.reference``; backends in ``dlkunet.ops.backends``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import library, reference
+from .backends import (BACKENDS, BackendUnavailableError, availability, get_backend, resolve,
+                       set_backend, use_backend)
+from .validation import check_depthwise, check_input, check_tensor
+
+__all__ = ["dwconv_bn_act", "lka_gate", "BACKENDS", "BackendUnavailableError", "availability",
+           "get_backend", "set_backend", "use_backend", "resolve", "reference"]
+
+
+def _autocast(device_type: str, *tensors: Tensor):
+    """Cast to the autocast dtype, as autocast would cast a convolution's inputs."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return tensors
+
+
+def dwconv_bn_act(
+    x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
+    gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
+    *, training: bool, momentum: float = 0.1, eps: float = 1e-5, relu: bool = True,
+) -> Tensor:
+    """``relu(batch_norm(pointwise(depthwise(x))))`` in one operator.
+
+    Shapes: x (N, Cin, H, W); w_dw (Cin, 1, k, k), k odd; b_dw (Cin,); w_pw (Cout, Cin, 1, 1);
+    b_pw, gamma, beta, running_mean, running_var (Cout,).  With ``training=True`` the batch
+    statistics normalise and the running statistics are updated in place with ``momentum``
+    exactly as ``nn.BatchNorm2d`` does; otherwise the running statistics normalise.
+    """
+    op = "dwconv_bn_act"
+    check_input(op, x)
+    x, w_dw, b_dw, w_pw, b_pw = _autocast(x.device.type, x, w_dw, b_dw, w_pw, b_pw)
+    cin = x.shape[1]
+    check_depthwise(op, "w_dw", w_dw, cin, x)
+    check_tensor(op, "b_dw", b_dw, (cin,), x)
+    if not isinstance(w_pw, Tensor) or w_pw.dim() != 4 or tuple(w_pw.shape[1:]) != (cin, 1, 1):
+        got = "x".join(map(str, w_pw.shape)) if isinstance(w_pw, Tensor) else type(w_pw).__name__
+        raise ValueError(f"{op}: w_pw must have shape (Cout, {cin}, 1, 1) for x with {cin} channels, got {got}")
+    cout = w_pw.shape[0]
+    check_tensor(op, "w_pw", w_pw, (cout, cin, 1, 1), x)
+    check_tensor(op, "b_pw", b_pw, (cout,), x)
+    bn_dtypes = (x.dtype, torch.float32)
+    for name, t in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        check_tensor(op, name, t, (cout,), x, bn_dtypes)
+    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"{op}: training-mode batch statistics need more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+
+    backend = resolve(x.device.type)
+    if backend == "torch":
+        return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
+                                       training, momentum, eps, relu)
+    y, mean, var = library.dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean,
+                                                 running_var, training, eps, relu, backend)
+    if training:
+        with torch.no_grad():
+            n = x.shape[0] * x.shape[2] * x.shape[3]
+            running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * n / (n - 1))
+    return y
+
+
+def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tensor, b1: Tensor,
+             *, dilation: int = 3) -> Tensor:
+    """``x * pointwise(dilated_depthwise(depthwise(x)))``: large-kernel attention with its gate.
+
+    Shapes: x (N, C, H, W); w0 (C, 1, k0, k0); ws (C, 1, ks, ks) applied with ``dilation``;
+    w1 (C, C, 1, 1); biases (C,).  Kernel sizes are odd; padding keeps H x W.
+    """
+    op = "lka_gate"
+    check_input(op, x)
+    x, w0, b0, ws, bs, w1, b1 = _autocast(x.device.type, x, w0, b0, ws, bs, w1, b1)
+    c = x.shape[1]
+    check_depthwise(op, "w0", w0, c, x)
+    check_tensor(op, "b0", b0, (c,), x)
+    check_depthwise(op, "ws", ws, c, x)
+    check_tensor(op, "bs", bs, (c,), x)
+    check_tensor(op, "w1", w1, (c, c, 1, 1), x)
+    check_tensor(op, "b1", b1, (c,), x)
+    if int(dilation) != dilation or dilation < 1:
+        raise ValueError(f"{op}: dilation must be a positive integer, got {dilation!r}")
+    backend = resolve(x.device.type)
+    if backend == "torch":
+        return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, int(dilation))
+    return library.lka_gate_forward(x, w0, b0, ws, bs, w1, b1, int(dilation), backend)

@@ -1,0 +1,110 @@
+"""``torch.library`` registration of the fused operators: custom ops, fake kernels, autograd.
+
+Each operator is a pair of custom ops, ``dlkunet::<op>_forward`` and ``dlkunet::<op>_backward``,
+taking the backend's name as a string argument; the public functions in ``dlkunet.ops`` resolve
+the backend and call them.  torch.compile sees these ops as single nodes (no graph break), and the
+fake kernels give it shapes without running anything.  Running statistics are not an input the
+ops mutate: the forward returns the batch statistics and the caller updates the buffers.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from .backends import implementation
+
+
+@torch.library.custom_op("dlkunet::dwconv_bn_act_forward", mutates_args=())
+def dwconv_bn_act_forward(
+    x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor, gamma: Tensor, beta: Tensor,
+    running_mean: Tensor, running_var: Tensor, training: bool, eps: float, relu: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    return implementation(backend).dwconv_bn_act_forward(
+        x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, training, eps, relu)
+
+
+@dwconv_bn_act_forward.register_fake
+def _(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, training, eps, relu, backend):
+    n, _, h, w = x.shape
+    y = x.new_empty((n, w_pw.shape[0], h, w), memory_format=_memory_format(x))
+    stat = x.new_empty((w_pw.shape[0],), dtype=torch.float32)
+    return y, stat, stat.clone()
+
+
+@torch.library.custom_op("dlkunet::dwconv_bn_act_backward", mutates_args=())
+def dwconv_bn_act_backward(
+    grad_y: Tensor, x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
+    gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, training: bool, eps: float, relu: bool,
+    backend: str,
+) -> List[Tensor]:
+    return list(implementation(backend).dwconv_bn_act_backward(
+        grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, training, eps, relu))
+
+
+@dwconv_bn_act_backward.register_fake
+def _(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, training, eps, relu, backend):
+    return [torch.empty_like(t) for t in (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)]
+
+
+def _dwconv_setup(ctx, inputs, output):
+    x, w_dw, b_dw, w_pw, b_pw, gamma, beta, _rm, _rv, training, eps, relu, backend = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var)
+    ctx.options = (training, eps, relu, backend)
+
+
+def _dwconv_backward(ctx, grad_y, _grad_mean, _grad_var):
+    training, eps, relu, backend = ctx.options
+    grads = dwconv_bn_act_backward(grad_y.contiguous(memory_format=_memory_format(grad_y)),
+                                   *ctx.saved_tensors, training, eps, relu, backend)
+    return (*grads, None, None, None, None, None, None)
+
+
+dwconv_bn_act_forward.register_autograd(_dwconv_backward, setup_context=_dwconv_setup)
+
+
+@torch.library.custom_op("dlkunet::lka_gate_forward", mutates_args=())
+def lka_gate_forward(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tensor, b1: Tensor,
+                     dilation: int, backend: str) -> Tensor:
+    return implementation(backend).lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation)
+
+
+@lka_gate_forward.register_fake
+def _(x, w0, b0, ws, bs, w1, b1, dilation, backend):
+    return torch.empty_like(x, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op("dlkunet::lka_gate_backward", mutates_args=())
+def lka_gate_backward(grad_out: Tensor, x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor,
+                      w1: Tensor, b1: Tensor, dilation: int, backend: str) -> List[Tensor]:
+    return list(implementation(backend).lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation))
+
+
+@lka_gate_backward.register_fake
+def _(grad_out, x, w0, b0, ws, bs, w1, b1, dilation, backend):
+    return [torch.empty_like(t) for t in (x, w0, b0, ws, bs, w1, b1)]
+
+
+def _lka_setup(ctx, inputs, output):
+    *tensors, dilation, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.options = (dilation, backend)
+
+
+def _lka_backward(ctx, grad_out):
+    dilation, backend = ctx.options
+    grads = lka_gate_backward(grad_out.contiguous(memory_format=_memory_format(grad_out)),
+                              *ctx.saved_tensors, dilation, backend)
+    return (*grads, None, None)
+
+
+lka_gate_forward.register_autograd(_lka_backward, setup_context=_lka_setup)
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last when ``t`` is laid out so (and is not trivially both), else contiguous."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

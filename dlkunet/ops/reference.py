@@ -1,0 +1,113 @@
+"""The two fused operators written as plain PyTorch: the formulas every backend must compute.
+
+This module is both the `torch` backend and the test oracle. Each operator has a *forward* and a
+*backward* with the exact signature every backend implements (see ``dlkunet.ops.backends``):
+
+``dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
+training, eps, relu) -> (y, mean, var)``
+    ``z = conv2d(conv2d(x, w_dw, b_dw, padding=k//2, groups=Cin), w_pw, b_pw)``;
+    training: ``mean, var`` are the batch statistics of ``z`` over (N, H, W) (biased variance);
+    eval: ``mean, var`` are ``running_mean, running_var``.  ``y = act((z - mean) * rsqrt(var + eps)
+    * gamma + beta)``.  ``mean`` and ``var`` come back as float32 tensors of shape (Cout,), the
+    statistics the backward needs.  Backends never touch the running statistics: the public op
+    updates them from the returned batch statistics, exactly as ``nn.BatchNorm2d`` would.
+
+``dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, training,
+eps, relu) -> (grad_x, grad_w_dw, grad_b_dw, grad_w_pw, grad_b_pw, grad_gamma, grad_beta)``
+    Intermediates (z, the ReLU mask) are recomputed from x rather than saved.
+
+``lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation) -> out``
+    ``a1 = dwconv(x, w0, b0)`` (k0 x k0, padding (k0-1)//2), ``a2 = dwconv(a1, ws, bs)`` (ks x ks,
+    dilation d, padding d*(ks-1)//2, a1 zero-padded outside the image), ``out = x * (w1 @ a2 + b1)``.
+
+``lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation) -> (grad_x, grad_w0, grad_b0,
+grad_ws, grad_bs, grad_w1, grad_b1)``
+
+Gradients come back in the dtype of the tensor they belong to.  Computation happens in the input
+dtype (PyTorch's convolutions accumulate in float32 for half types).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor, dilation: int = 1) -> Tensor:
+    """Depthwise conv2d that keeps H x W: padding dilation * (k - 1) // 2 (k odd)."""
+    k = weight.shape[-1]
+    return F.conv2d(x, weight, bias, padding=dilation * (k - 1) // 2, dilation=dilation, groups=x.shape[1])
+
+
+def dwconv_bn_act(
+    x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
+    gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
+    training: bool, momentum: float | None, eps: float, relu: bool = True,
+) -> Tensor:
+    """The composed reference: ``relu(batch_norm(pw(dw(x))))`` via F.batch_norm (updates running stats)."""
+    z = F.conv2d(depthwise_conv(x, w_dw, b_dw), w_pw, b_pw)
+    # F.batch_norm wants momentum as a float; None (cumulative average) is resolved by the caller.
+    y = F.batch_norm(z, running_mean, running_var, gamma, beta, training, momentum or 0.0, eps)
+    return F.relu(y) if relu else y
+
+
+def _pw_bn_act(z: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float, relu: bool) -> Tensor:
+    shape = (1, -1, 1, 1)
+    scale = (torch.rsqrt(var.float() + eps) * gamma.float()).view(shape)
+    y = (z.float() - mean.float().view(shape)) * scale + beta.float().view(shape)
+    y = y.to(z.dtype)
+    return F.relu(y) if relu else y
+
+
+def dwconv_bn_act_forward(
+    x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
+    gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
+    training: bool, eps: float, relu: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    z = F.conv2d(depthwise_conv(x, w_dw, b_dw), w_pw, b_pw)
+    if training:
+        zf = z.float()
+        var, mean = torch.var_mean(zf, dim=(0, 2, 3), unbiased=False)
+    else:
+        # clone: an operator's outputs never alias its inputs (torch.library's rule).
+        mean, var = running_mean.float().clone(), running_var.float().clone()
+    return _pw_bn_act(z, gamma, beta, mean, var, eps, relu), mean, var
+
+
+def dwconv_bn_act_backward(
+    grad_y: Tensor, x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
+    gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
+    training: bool, eps: float, relu: bool,
+) -> Tuple[Tensor, ...]:
+    inputs = [t.detach().requires_grad_(True) for t in (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)]
+    with torch.enable_grad():
+        xi, wd, bd, wp, bp, g, b = inputs
+        z = F.conv2d(depthwise_conv(xi, wd, bd), wp, bp)
+        if training:
+            v, m = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
+        else:
+            m, v = mean.float(), var.float()
+        y = _pw_bn_act(z, g, b, m, v, eps, relu)
+        grads = torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+    return tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads))
+
+
+def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tensor, b1: Tensor,
+             dilation: int = 3) -> Tensor:
+    a1 = depthwise_conv(x, w0, b0)
+    a2 = depthwise_conv(a1, ws, bs, dilation)
+    return x * F.conv2d(a2, w1, b1)
+
+
+def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int) -> Tensor:
+    return lka_gate(x, w0, b0, ws, bs, w1, b1, dilation)
+
+
+def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int) -> Tuple[Tensor, ...]:
+    inputs = [t.detach().requires_grad_(True) for t in (x, w0, b0, ws, bs, w1, b1)]
+    with torch.enable_grad():
+        out = lka_gate(*inputs, dilation)
+        return torch.autograd.grad(out, inputs, grad_out)
