@@ -29,7 +29,7 @@ def dwconv_bn_act_forward(
 def _(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, training, eps, relu, backend):
     n, _, h, w = x.shape
     y = x.new_empty((n, w_pw.shape[0], h, w), memory_format=_memory_format(x))
-    stat = x.new_empty((w_pw.shape[0],), dtype=torch.float32)
+    stat = x.new_empty((w_pw.shape[0],), dtype=torch.promote_types(x.dtype, torch.float32))
     return y, stat, stat.clone()
 
 

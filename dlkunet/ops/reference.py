@@ -9,7 +9,7 @@ training, eps, relu) -> (y, mean, var)``
     training: ``mean, var`` are the batch statistics of ``z`` over (N, H, W) (biased variance);
     eval: ``mean, var`` are ``running_mean, running_var``.  ``y = act((z - mean) * rsqrt(var + eps)
     * gamma + beta)``.  ``mean`` and ``var`` come back as float32 tensors of shape (Cout,), the
-    statistics the backward needs.  Backends never touch the running statistics: the public op
+    statistics the backward needs (float64 for float64 inputs).  Backends never touch the running statistics: the public op
     updates them from the returned batch statistics, exactly as ``nn.BatchNorm2d`` would.
 
 ``dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, training,
@@ -54,10 +54,15 @@ def dwconv_bn_act(
     return F.relu(y) if relu else y
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for the half types, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _pw_bn_act(z: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float, relu: bool) -> Tensor:
-    shape = (1, -1, 1, 1)
-    scale = (torch.rsqrt(var.float() + eps) * gamma.float()).view(shape)
-    y = (z.float() - mean.float().view(shape)) * scale + beta.float().view(shape)
+    shape, acc = (1, -1, 1, 1), _acc(z.dtype)
+    scale = (torch.rsqrt(var.to(acc) + eps) * gamma.to(acc)).view(shape)
+    y = (z.to(acc) - mean.to(acc).view(shape)) * scale + beta.to(acc).view(shape)
     y = y.to(z.dtype)
     return F.relu(y) if relu else y
 
@@ -69,12 +74,20 @@ def dwconv_bn_act_forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     z = F.conv2d(depthwise_conv(x, w_dw, b_dw), w_pw, b_pw)
     if training:
-        zf = z.float()
-        var, mean = torch.var_mean(zf, dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(z.to(_acc(z.dtype)), dim=(0, 2, 3), unbiased=False)
     else:
-        # clone: an operator's outputs never alias its inputs (torch.library's rule).
-        mean, var = running_mean.float().clone(), running_var.float().clone()
+        mean, var = running_mean, running_var
+    # float32 statistics (float64 for float64 inputs); clone: outputs never alias inputs.
+    mean, var = mean.to(_acc(x.dtype)).clone(), var.to(_acc(x.dtype)).clone()
     return _pw_bn_act(z, gamma, beta, mean, var, eps, relu), mean, var
+
+
+def _conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, padding: int = 0, dilation: int = 1,
+                   groups: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of a stride-1 conv2d; plain ATen, no autograd needed."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, [weight.shape[0]], [1, 1], [padding, padding], [dilation, dilation],
+        False, [0, 0], groups, [True, True, True])
 
 
 def dwconv_bn_act_backward(
@@ -82,17 +95,29 @@ def dwconv_bn_act_backward(
     gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
     training: bool, eps: float, relu: bool,
 ) -> Tuple[Tensor, ...]:
-    inputs = [t.detach().requires_grad_(True) for t in (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)]
-    with torch.enable_grad():
-        xi, wd, bd, wp, bp, g, b = inputs
-        z = F.conv2d(depthwise_conv(xi, wd, bd), wp, bp)
-        if training:
-            v, m = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
-        else:
-            m, v = mean.float(), var.float()
-        y = _pw_bn_act(z, g, b, m, v, eps, relu)
-        grads = torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
-    return tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads))
+    # Recompute the intermediates from x (nothing but the statistics was saved).
+    k = w_dw.shape[-1]
+    a = depthwise_conv(x, w_dw, b_dw)
+    z = F.conv2d(a, w_pw, b_pw)
+    shape, acc = (1, -1, 1, 1), _acc(z.dtype)
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    xhat = (z.to(acc) - mean.to(acc).view(shape)) * invstd.view(shape)
+    g = grad_y.to(acc)
+    if relu:
+        g = g * ((xhat * gamma.to(acc).view(shape) + beta.to(acc).view(shape)) > 0)
+    grad_gamma = (g * xhat).sum((0, 2, 3))
+    grad_beta = g.sum((0, 2, 3))
+    scale = (gamma.to(acc) * invstd).view(shape)
+    if training:  # the batch statistics depend on z too
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        grad_z = scale * (g - grad_beta.view(shape) / count - xhat * (grad_gamma.view(shape) / count))
+    else:
+        grad_z = g * scale
+    grad_z = grad_z.to(z.dtype)
+    grad_a, grad_w_pw, grad_b_pw = _conv_backward(grad_z, a, w_pw)
+    grad_x, grad_w_dw, grad_b_dw = _conv_backward(grad_a, x, w_dw, k // 2, 1, x.shape[1])
+    return (grad_x, grad_w_dw, grad_b_dw, grad_w_pw, grad_b_pw,
+            grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype))
 
 
 def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tensor, b1: Tensor,
@@ -107,7 +132,11 @@ def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int) -> Tensor:
 
 
 def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int) -> Tuple[Tensor, ...]:
-    inputs = [t.detach().requires_grad_(True) for t in (x, w0, b0, ws, bs, w1, b1)]
-    with torch.enable_grad():
-        out = lka_gate(*inputs, dilation)
-        return torch.autograd.grad(out, inputs, grad_out)
+    a1 = depthwise_conv(x, w0, b0)
+    a2 = depthwise_conv(a1, ws, bs, dilation)
+    a3 = F.conv2d(a2, w1, b1)
+    grad_a2, grad_w1, grad_b1 = _conv_backward(grad_out * x, a2, w1)
+    grad_a1, grad_ws, grad_bs = _conv_backward(grad_a2, a1, ws, dilation * (ws.shape[-1] - 1) // 2, dilation,
+                                               x.shape[1])
+    grad_x, grad_w0, grad_b0 = _conv_backward(grad_a1, x, w0, (w0.shape[-1] - 1) // 2, 1, x.shape[1])
+    return grad_x + grad_out * a3, grad_w0, grad_b0, grad_ws, grad_bs, grad_w1, grad_b1

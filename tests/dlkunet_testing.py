@@ -1,0 +1,67 @@
+"""Helpers shared by the test suite: backends to test, error measures, input makers."""
+from __future__ import annotations
+
+import contextlib
+from typing import List
+
+import pytest
+import torch
+
+from dlkunet.ops import availability
+
+# Relative-error budgets of ../shared/spec/kernels.md (float32 without TF32; half types).
+BUDGET = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def fused_backends() -> List:
+    """pytest params (backend, device) for every fused backend; unavailable ones skip with the reason."""
+    params = []
+    for name, device in (("triton", "cuda" if HAS_CUDA else "cpu"), ("cpu", "cpu"), ("cuda", "cuda")):
+        ok, why = availability(name, device)
+        marks = [pytest.mark.skipif(not ok, reason=f"{name} backend unavailable: {why}")]
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(name, device, marks=marks, id=name))
+    return params
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN/inf give inf, so they never pass)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = float(ref64.norm()) if scale is None else scale
+    return float((out64 - ref64).norm()) / max(denom, 1e-300)
+
+
+def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values as ``t`` in memory layout ``kind``: contiguous, channels_last or strided."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # a view with a gap between rows: neither layout is contiguous
+        n, c, h, w = t.shape
+        big = torch.empty(n, c, h, w + 3, dtype=t.dtype, device=t.device).normal_()
+        big[..., 1:w + 1] = t
+        view = big[..., 1:w + 1]
+        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+        return view
+    raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every torch.empty inside is filled with NaN (PyTorch's deterministic-mode fill), so an
+    output element a kernel forgot to write shows up as NaN and fails the comparison."""
+    prev_det, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
