@@ -1,0 +1,214 @@
+"""``dlkunet train | evaluate | predict | demo | info`` (also ``python -m dlkunet``).
+
+Expected failures (missing data, bad checkpoints, mismatched classes, bad values) print one
+``dlkunet: error: ...`` line and exit with status 2; ``--traceback`` shows the full stack.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _slices(text: str) -> List[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated slice indices, got {text!r}") from None
+
+
+def _add_train(sub) -> None:
+    from .training import PRESETS, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a DLKUNet", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train on Synapse / ACDC / a NIfTI folder, or (without --data) on the "
+                                   "built-in synthetic set.  Flags override the preset; the defaults shown "
+                                   "are the paper's settings (see dlkunet.training for the choices).  "
+                                   "Multi-GPU: torchrun --nproc_per_node N -m dlkunet train ...")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a data set")
+    p.add_argument("--data", help="data set folder (default: the synthetic set, generated under --output)")
+    p.add_argument("--format", dest="fmt", choices=["auto", "synapse", "acdc", "nifti"], help=f"[{d.fmt}]")
+    p.add_argument("--output", "-o", help=f"run folder for checkpoints and logs [{d.output}]")
+    p.add_argument("--variant", choices=["S", "M", "L", "s", "m", "l"], help=f"[{d.variant}]")
+    p.add_argument("--base-width", type=_positive, help=f"C, the first level's width [{d.base_width}]")
+    p.add_argument("--image-size", type=_positive, help=f"training slice size [{d.image_size}]")
+    p.add_argument("--epochs", type=_positive, help=f"[{d.epochs}]")
+    p.add_argument("--batch-size", type=_positive, help=f"per process [{d.batch_size}]")
+    p.add_argument("--lr", type=float, help=f"[{d.lr}]")
+    p.add_argument("--weight-decay", type=float, help=f"[{d.weight_decay}]")
+    p.add_argument("--lr-step", type=_positive, help=f"epochs between lr decays [{d.lr_step}]")
+    p.add_argument("--lr-gamma", type=float, help=f"lr factor per step [{d.lr_gamma:.4f}]")
+    p.add_argument("--min-lr", type=float, help=f"lr floor [{d.min_lr}]")
+    p.add_argument("--loss", choices=["ordinary", "phase", "dynamic"], help=f"[{d.loss}]")
+    p.add_argument("--seed", type=int, help=f"[{d.seed}]")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: fp16 mixed precision on CUDA, fp32 on CPU [auto]")
+    p.add_argument("--workers", type=int, help="data loader workers (-1: 0 on CPU, up to 8 per GPU) [-1]")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                   help="no random flips / rotations")
+    p.add_argument("--val-every", type=_positive, help=f"epochs between validations [{d.val_every}]")
+    p.add_argument("--resume", nargs="?", const="auto",
+                   help="continue from a checkpoint (alone: <output>/last.pt); its settings are the defaults")
+    p.add_argument("--stop-after", type=_positive, help="stop after this many epochs of this run")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
+    p.add_argument("--no-safetensors", dest="safetensors", action="store_const", const=False,
+                   help="do not also write best.safetensors")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from .training import make_config, train
+
+    keys = ("data", "fmt", "output", "variant", "base_width", "image_size", "epochs", "batch_size", "lr",
+            "weight_decay", "lr_step", "lr_gamma", "min_lr", "loss", "seed", "device", "precision", "workers",
+            "augment", "val_every", "stop_after", "tensorboard", "safetensors", "progress")
+    overrides = {k: getattr(args, k) for k in keys}
+    if overrides["variant"]:
+        overrides["variant"] = overrides["variant"].upper()
+    cfg = make_config(args.preset, args.resume, **overrides)
+    result = train(cfg, resume=args.resume)
+    if result["rank"] == 0:
+        name, best = result["best_metric_name"], result["best_metric"]
+        state = "finished" if result["finished"] else "stopped (resume with --resume)"
+        print(f"{state} after epoch {result['epochs_done']}/{cfg.epochs}; best {name} "
+              f"{'n/a' if best is None else f'{best:.4f}'}; checkpoints: {result['best']}, {result['last']}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="volume-wise DSC / HD95 on a data set's test volumes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a .pt checkpoint (or .safetensors) written by dlkunet train")
+    p.add_argument("--data", required=True, help="data set folder")
+    p.add_argument("--format", dest="fmt", default="auto", choices=["auto", "synapse", "acdc", "nifti"])
+    p.add_argument("--output", "-o", default="eval", help="folder for cases.csv, summary.json, table.md")
+    p.add_argument("--hd95-protocol", default="transunet", choices=["transunet", "mm"],
+                   help="transunet: voxel units, as the paper's tables; mm: physical spacing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--batch-size", type=_positive, default=16, help="slices per forward pass")
+    p.add_argument("--limit", type=_positive, help="evaluate only the first N cases")
+    p.add_argument("--overlays", type=int, default=0, help="write overlay PNGs of the first N cases")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args) -> int:
+    from .evaluation import evaluate, markdown_table
+
+    summary = evaluate(args.checkpoint, args.data, args.fmt, args.output, args.device, args.batch_size,
+                       args.hd95_protocol, args.progress, args.precision, args.limit, args.overlays)
+    print(markdown_table(summary))
+    print(f"reports: {', '.join(summary['reports'].values())}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment NIfTI / .npy.h5 / .npz volumes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("inputs", help="a volume file or a folder of them")
+    p.add_argument("--output", "-o", required=True, help="folder for the label volumes (same names and format)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--batch-size", type=_positive, default=16, help="slices per forward pass")
+    p.add_argument("--intensity", default="auto", choices=["auto", "none", "ct", "percentile"],
+                   help="input normalisation; auto: what the training data set used")
+    p.add_argument("--overlay", action="store_true", help="write an overlay PNG per volume (busiest slice)")
+    p.add_argument("--overlay-slices", type=_slices, help="comma-separated slice indices for the overlays")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_predict)
+
+
+def _predict(args) -> int:
+    from .prediction import predict
+
+    written = predict(args.checkpoint, args.inputs, args.output, args.device, args.batch_size, args.intensity,
+                      args.overlay_slices, args.overlay, args.precision, args.progress)
+    print(f"wrote {len(written)} label volume(s) to {args.output}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    from .demo import DEMO
+
+    p = sub.add_parser("demo", help="synthetic data -> train DLKUNet-S -> evaluate (minutes on a CPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output", "-o", default="dlkunet-demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=_positive, help=f"[{DEMO['epochs']}]")
+    p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.output, seed=args.seed, device=args.device, progress=args.progress,
+                       epochs=args.epochs)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "cases"}, indent=2))
+    return 0
+
+
+def _info(args) -> int:
+    from .info import print_info
+
+    print_info()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dlkunet", description="DLKUNet: train, evaluate and run "
+                                     "the lightweight large-kernel U-Net for medical image segmentation.")
+    parser.add_argument("--version", action="version", version=f"dlkunet {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--backend", choices=["auto", "torch", "triton", "cuda", "cpu"],
+                        help="operator backend (default: DLKUNET_BACKEND or auto)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_demo(sub)
+    info = sub.add_parser("info", help="versions, backends and parameter counts")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .checkpointing import CheckpointError
+
+    try:
+        if args.backend:
+            from .ops import set_backend
+            set_backend(args.backend)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dlkunet: interrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
+        # DataError is a ValueError.  RuntimeError covers unavailable backends and CUDA errors.
+        if args.traceback:
+            raise
+        print(f"dlkunet: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,197 @@
+"""Training loop, exact resume, checkpoints (atomic writes, weights_only, RNG, safetensors)."""
+from __future__ import annotations
+
+import csv
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dlkunet.checkpointing import (CheckpointError, atomic_save, atomic_write, get_rng_state, load_checkpoint,
+                                   load_model, make_checkpoint, save_safetensors, set_rng_state)
+from dlkunet.data.synthetic import make_synthetic
+from dlkunet.models import build_model
+from dlkunet.training import PAPER_GAMMA, TrainConfig, make_config, resolve_precision, step_lr_factor, train
+
+TINY = dict(variant="S", base_width=8, image_size=32, batch_size=4, device="cpu", progress=False,
+            tensorboard=False, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("data"), num_train=2, num_test=1, size=32, depth=4, seed=3)
+
+
+def _run(data, out, **kw):
+    cfg = TrainConfig(data=str(data), output=str(out), **{**TINY, **kw})
+    return cfg, train(cfg)
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    # The dynamic loss depends on the epoch, the lr on the scheduler, Adam on its moments and the
+    # batches on the shuffling and augmentation of each epoch: all must survive the restart.
+    _run(tiny_data, tmp_path / "straight", epochs=2, loss="dynamic", lr_step=1, lr_gamma=0.5)
+    _, first = _run(tiny_data, tmp_path / "split", epochs=2, loss="dynamic", lr_step=1, lr_gamma=0.5,
+                    stop_after=1)
+    assert first["epochs_done"] == 1 and not first["finished"]
+    cfg = make_config(resume=tmp_path / "split" / "last.pt", output=str(tmp_path / "split"))
+    assert cfg.epochs == 2 and cfg.loss == "dynamic" and cfg.stop_after is None  # settings come from the file
+    second = train(cfg, resume=tmp_path / "split" / "last.pt")
+    assert second["epochs_done"] == 2 and second["finished"]
+
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    with open(tmp_path / "split" / "log.csv", newline="") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2]
+
+
+def test_resume_changes_nothing_if_run_differs(tiny_data, tmp_path):
+    # Guard against a vacuous resume test: another seed must give other weights.
+    _run(tiny_data, tmp_path / "a", epochs=1)
+    _run(tiny_data, tmp_path / "b", epochs=1, seed=8)
+    a, b = (load_checkpoint(tmp_path / d / "last.pt")["model"] for d in "ab")
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+
+
+def test_checkpoint_contents_and_rebuild(tiny_data, tmp_path):
+    _, result = _run(tiny_data, tmp_path, epochs=1, safetensors=True)
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)  # plain containers and tensors only
+    assert raw["epoch"] == 1 and raw["model_config"]["base_width"] == 8
+    assert raw["data"]["num_classes"] == 5 and raw["data"]["image_size"] == 32
+    assert result["best_metric_name"] == "train_loss"  # the synthetic set has no validation split
+    model, _ = load_model(tmp_path / "best.pt")
+    x = torch.rand(2, 1, 32, 32)
+    trained = build_model("S", num_classes=5, base_width=8)
+    trained.load_state_dict(raw["model"])
+    trained.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+    if (tmp_path / "best.safetensors").exists():
+        model2, ckpt2 = load_model(tmp_path / "best.safetensors")
+        assert ckpt2["data"]["num_classes"] == 5
+        with torch.no_grad():
+            assert torch.equal(model2(x), trained(x))
+    else:
+        pytest.importorskip("safetensors")  # installed but not written: that is a failure below
+        pytest.fail("safetensors is installed but best.safetensors was not written")
+
+
+def test_tensorboard_missing_is_reported_once(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    _run(tiny_data, tmp_path, epochs=2, tensorboard=True)
+    err = capsys.readouterr().err
+    assert err.count("tensorboard is not installed") == 1
+    with open(tmp_path / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[0]["train_loss"]) > 0
+
+
+def test_resume_with_other_classes_is_an_error(tiny_data, tmp_path):
+    _run(tiny_data, tmp_path / "run", epochs=1)
+    other = make_synthetic(tmp_path / "other", num_train=1, num_test=0, size=32, depth=2, num_classes=3)
+    cfg = TrainConfig(data=str(other), output=str(tmp_path / "run"), epochs=2, **{**TINY})
+    with pytest.raises(CheckpointError, match="5 classes.*has 3"):
+        train(cfg, resume=tmp_path / "run" / "last.pt")
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    from dlkunet.data import DataError
+
+    with pytest.raises(DataError, match="not found"):
+        _run(tmp_path / "nope", tmp_path / "run", epochs=1)
+
+
+def test_step_lr_schedule():
+    floor = 1e-5 / 1e-3
+    assert step_lr_factor(0, 20, PAPER_GAMMA, floor) == 1.0
+    assert step_lr_factor(19, 20, PAPER_GAMMA, floor) == 1.0
+    assert step_lr_factor(20, 20, PAPER_GAMMA, floor) == pytest.approx(PAPER_GAMMA)
+    assert step_lr_factor(180, 20, PAPER_GAMMA, floor) == pytest.approx(10 ** -1.8)
+    assert step_lr_factor(200, 20, PAPER_GAMMA, floor) == pytest.approx(floor)  # 1e-5 at epoch 200
+    assert step_lr_factor(399, 20, PAPER_GAMMA, floor) == pytest.approx(floor)
+    assert step_lr_factor(40, 20, 0.1, floor) == pytest.approx(floor)  # the literal "90%" reading
+
+
+def test_presets_and_overrides():
+    cfg = make_config("synapse", batch_size=8)
+    assert (cfg.epochs, cfg.batch_size, cfg.image_size, cfg.loss, cfg.fmt) == (400, 8, 224, "phase", "synapse")
+    assert (cfg.lr, cfg.weight_decay, cfg.lr_step) == (1e-3, 1e-5, 20)
+    assert make_config("acdc").loss == "dynamic"
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("brats")
+    with pytest.raises(TypeError, match="unknown training options"):
+        make_config(epoch=3)
+
+
+def test_precision_choices():
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_atomic_write_keeps_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "last.pt"
+    model = build_model("S", num_classes=3, base_width=4)
+    atomic_save(make_checkpoint(model, {"num_classes": 3}), path)
+    before = path.read_bytes()
+
+    def dies_halfway(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(before[: len(before) // 2])
+        raise KeyboardInterrupt  # e.g. Ctrl-C, or the job's time limit, during the save
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies_halfway)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+    load_model(path)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a dlkunet checkpoint"):
+        load_checkpoint(foreign)
+    broken = make_checkpoint(build_model("S", num_classes=3, base_width=4))
+    broken["model_config"]["base_width"] = 8
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(tmp_path / "broken.pt")
+
+
+def test_rng_state_roundtrip_through_weights_only(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached value in numpy's legacy state
+    torch.save(get_rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(3), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (random.random(), np.random.standard_normal(3), torch.rand(3))
+    assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+
+
+def test_safetensors_export_roundtrip(tmp_path):
+    pytest.importorskip("safetensors")
+    model = build_model("S", num_classes=3, base_width=4).eval()
+    ckpt = make_checkpoint(model, {"num_classes": 3, "image_size": 32}, variant="S")
+    save_safetensors(ckpt, tmp_path / "m.safetensors")
+    rebuilt, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["data"]["image_size"] == 32
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
