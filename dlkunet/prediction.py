@@ -43,9 +43,9 @@ def predict(checkpoint, inputs, output, device: str = "auto", batch_size: int = 
     from .evaluation import predict_volume
     from .training import resolve_precision
 
-    files = find_inputs(inputs)
     dev = pick_device(device)
     model, ckpt = load_model(checkpoint, dev)
+    files = find_inputs(inputs)
     meta = ckpt.get("data") or {}
     size = int(meta.get("image_size") or 224)
     mode = meta.get("intensity", "none") if intensity == "auto" else intensity
