@@ -1,0 +1,113 @@
+"""The one place the measured peers come from.
+
+Every row of the suite is one of these "backends":
+
+``eager``     plain PyTorch modules in NCHW: nn.Conv2d (depthwise) + nn.Conv2d (1x1) + nn.BatchNorm2d
+              + nn.ReLU, and the LKA module written with three nn.Conv2d and the gate (cuDNN / oneDNN).
+              For models: DLKUNet on the ``torch`` backend (the same modules' formulas).
+``eager_cl``  the same, weights and activations in channels_last.
+``compile``   ``torch.compile`` of the eager module (dynamic=False; the backend the size asks for).
+``triton`` / ``cuda`` / ``cpu``  dlkunet's modules (DWConvBNAct, LKA, DLKUNet) with that backend
+              selected; skipped, with ``dlkunet.ops.availability``'s reason, where it cannot run.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+from torch import nn
+
+import dlkunet.ops as ops
+from dlkunet.models import build_model
+from dlkunet.models.blocks import LKA, DWConvBNAct
+
+PEERS = ("eager", "eager_cl", "compile")
+FUSED = ("triton", "cuda", "cpu")
+BACKENDS = PEERS + FUSED
+
+
+class EagerDWConvBNAct(nn.Module):
+    """What a DLKUNet Block's convolution is without dlkunet: four standard modules."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3):
+        super().__init__()
+        self.depthwise = nn.Conv2d(cin, cin, k, padding=k // 2, groups=cin, bias=True)
+        self.pointwise = nn.Conv2d(cin, cout, 1, bias=True)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.act(self.bn(self.pointwise(self.depthwise(x))))
+
+
+class EagerLKA(nn.Module):
+    """Large-kernel attention as VAN / the DLKUNet authors write it."""
+
+    def __init__(self, dim: int, kernels=(5, 7, 3)):
+        super().__init__()
+        k0, ks, d = kernels
+        self.conv0 = nn.Conv2d(dim, dim, k0, padding=(k0 - 1) // 2, groups=dim)
+        self.conv_spatial = nn.Conv2d(dim, dim, ks, padding=d * (ks - 1) // 2, dilation=d, groups=dim)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x):
+        return x * self.conv1(self.conv_spatial(self.conv0(x)))
+
+
+def availability(backend: str, device_type: str) -> Tuple[bool, str]:
+    if backend in PEERS:
+        return True, ""
+    return ops.availability(backend, device_type)
+
+
+def memory_format(backend: str) -> torch.memory_format:
+    return torch.channels_last if backend == "eager_cl" else torch.contiguous_format
+
+
+def _cast(module: nn.Module, dtype: torch.dtype, backend: str) -> nn.Module:
+    """Convolutions in ``dtype``; BatchNorm stays float32 (as under autocast) for every peer."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(dtype)
+    return module.to(memory_format=memory_format(backend))
+
+
+def _compiled(module: nn.Module, compile_backend: str) -> Callable:
+    # A fresh dynamo cache per case: results never depend on which cases ran before, and the
+    # recompile limit can never silently turn a "compile" row into eager.
+    torch._dynamo.reset()
+    return torch.compile(module, backend=compile_backend, dynamic=False)
+
+
+def _with_backend(module: nn.Module, backend: str) -> Callable:
+    def run(*args):
+        with ops.use_backend(backend):
+            return module(*args)
+    return run
+
+
+def dwconv(backend: str, cin: int, cout: int, k: int, dtype, device, compile_backend: str = "inductor"):
+    """(module, callable) for one dwconv_bn_act peer."""
+    if backend in PEERS:
+        module = _cast(EagerDWConvBNAct(cin, cout, k).to(device), dtype, backend)
+        return module, (_compiled(module, compile_backend) if backend == "compile" else module)
+    module = _cast(DWConvBNAct(cin, cout, k).to(device), dtype, backend)
+    return module, _with_backend(module, backend)
+
+
+def lka(backend: str, c: int, kernels, dtype, device, compile_backend: str = "inductor"):
+    if backend in PEERS:
+        module = _cast(EagerLKA(c, kernels).to(device), dtype, backend)
+        return module, (_compiled(module, compile_backend) if backend == "compile" else module)
+    module = _cast(LKA(c, kernels).to(device), dtype, backend)
+    return module, _with_backend(module, backend)
+
+
+def model(backend: str, variant: str, base_width: int, device, compile_backend: str = "inductor"):
+    """DLKUNet-<variant>; eager peers run it on the pure-PyTorch ``torch`` backend."""
+    net = build_model(variant, base_width=base_width).to(device)
+    net = net.to(memory_format=memory_format(backend))
+    if backend in PEERS:
+        run = _compiled(net, compile_backend) if backend == "compile" else net
+        return net, _with_backend(run, "torch")
+    return net, _with_backend(net, backend)

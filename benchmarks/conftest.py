@@ -1,0 +1,166 @@
+"""pytest configuration of the benchmark suite.  Entry point:
+
+    pytest benchmarks --benchmark-only [--bench-size full|cpu|quick] [--bench-json PATH]
+                                       [--bench-device auto|cuda|cpu] [--bench-budget SECONDS]
+
+``--bench-size`` defaults to ``full`` with a GPU and ``cpu`` without; CI runs ``quick``.
+``--bench-json`` (or env ``DLKUNET_BENCH_OUT``) writes the run's JSON record (rewritten after every
+row); ``python benchmarks/report.py`` turns it into a markdown table and a chart.
+``--bench-budget`` skips, with that reason, every case that would start after SECONDS; cases run
+most-informative first (fused backends and eager peers before torch.compile) so a short budget
+keeps what matters.  Nothing here asserts anything about speed.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# The suite's helper modules live beside this file.  Only this directory goes on sys.path, never
+# the repository root (that would import the source tree's dlkunet instead of the installed one).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baselines  # noqa: E402
+import harness  # noqa: E402
+import shapes  # noqa: E402
+
+_state = {}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dlkunet benchmarks")
+    group.addoption("--bench-size", choices=shapes.SIZES, default=None,
+                    help="shapes and effort: full (GPU default), cpu (CPU default), quick (CI smoke run)")
+    group.addoption("--bench-device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="where to run (auto: cuda if available)")
+    group.addoption("--bench-json", default=None, metavar="PATH",
+                    help="write the results JSON here (default: env DLKUNET_BENCH_OUT, else none)")
+    group.addoption("--bench-budget", type=float, default=0.0, metavar="SECONDS",
+                    help="skip cases that would start after this many seconds (0: no limit)")
+
+
+def _device(config) -> torch.device:
+    choice = config.getoption("--bench-device")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--bench-device cuda: no CUDA GPU is visible to PyTorch")
+    return torch.device(choice)
+
+
+def pytest_configure(config):
+    device = _device(config)
+    size = shapes.get_size(config.getoption("--bench-size") or ("full" if device.type == "cuda" else "cpu"))
+    path = config.getoption("--bench-json") or os.environ.get("DLKUNET_BENCH_OUT") or None
+    _state.update(device=device, size=size, path=path, start=time.monotonic(), bench=None)
+    # Compile rows reset dynamo per case; never let a recompile limit silently fall back to eager.
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def pytest_generate_tests(metafunc):
+    size, device = _state["size"], _state["device"]
+    names = metafunc.fixturenames
+    if "dw_case" in names:
+        cases = shapes.dwconv_cases(size)
+        metafunc.parametrize("dw_case", cases, ids=[c.id for c in cases])
+    if "lka_case" in names:
+        cases = shapes.lka_cases(size)
+        metafunc.parametrize("lka_case", cases, ids=[c.id for c in cases])
+    if "model_case" in names:
+        cases = shapes.model_cases(size)
+        metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])
+    if "dtype" in names:
+        dts = shapes.dtypes(device.type)
+        metafunc.parametrize("dtype", dts, ids=[str(d).replace("torch.", "") for d in dts])
+    if "backend" in names:
+        metafunc.parametrize("backend", baselines.BACKENDS)
+
+
+def _priority(item):
+    """Run order: what a short budget must not lose comes first."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    backend = params.get("backend", "")
+    combo = (params.get("mode"), params.get("pass_"))
+    is_model = "model_case" in params
+    main_combo = is_model or combo in shapes.DW_COMBOS[:2] or combo in shapes.LKA_COMBOS
+    compiled = backend == "compile"
+    if not compiled:
+        tier = 0 if (main_combo and not is_model) else 1 if is_model else 2
+    else:
+        tier = 4 if is_model else 3
+    case = params.get("dw_case") or params.get("lka_case") or params.get("model_case")
+    dts = shapes.dtypes(_state["device"].type)
+    return (tier, item.fspath.basename, item.originalname, getattr(case, "index", 0),
+            dts.index(params["dtype"]) if params.get("dtype") in dts else 0,
+            str(combo), baselines.BACKENDS.index(backend) if backend in baselines.BACKENDS else 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_priority)
+    if _state["device"].type == "cuda":
+        # pytest-benchmark reads its clock from this marker: GPU time between CUDA events.
+        timer = harness.CudaEventTimer()
+        for item in items:
+            item.add_marker(pytest.mark.benchmark(timer=timer))
+
+
+@pytest.fixture(autouse=True)
+def _budget():
+    budget = _state["config"].getoption("--bench-budget") if "config" in _state else 0.0
+    if budget and time.monotonic() - _state["start"] > budget:
+        pytest.skip(f"--bench-budget of {budget:.0f} s used up before this case started")
+
+
+def pytest_sessionstart(session):
+    _state["config"] = session.config
+
+
+@pytest.fixture(scope="session")
+def bench():
+    device, size = _state["device"], _state["size"]
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        copy_bytes = min(1 << 30, free // 8)
+    else:
+        copy_bytes = (64 << 20) if size.name == "quick" else (256 << 20)
+    env = harness.environment(device, size.name)
+    env["size_notes"] = size.notes
+    env["timing"] = dict(size.timing.__dict__, clock="cuda events" if device.type == "cuda" else "perf_counter")
+    env["compile_backend"] = size.compile_backend
+    record = harness.Record(_state["path"], env)
+    _state["bench"] = harness.Bench(device, size, record, copy_bytes)
+    return _state["bench"]
+
+
+def pytest_runtest_logreport(report):
+    bench = _state.get("bench")
+    if bench is None:
+        return
+    if report.skipped and report.when in ("setup", "call"):
+        bench.record.skipped.append({"test": report.nodeid, "reason": harness.short_reason(report.longrepr)})
+    elif report.failed:
+        bench.record.failed.append({"test": report.nodeid, "when": report.when,
+                                    "error": harness.short_reason(report.longreprtext)})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bench = _state.get("bench")
+    if bench is not None:
+        bench.record.save()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bench = _state.get("bench")
+    if bench is None or not bench.record.rows:
+        return
+    import report
+
+    terminalreporter.section("dlkunet benchmark results")
+    terminalreporter.write_line(report.markdown(bench.record.document()))
+    if bench.record.path:
+        terminalreporter.write_line(f"results JSON: {bench.record.path}")

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# The one-call GPU runbook: build the extension, list backends, run the GPU tests, benchmark, report.
+#
+#   benchmarks/gpu_check.sh OUTDIR [--no-build] [--size full|cpu|quick] [--total SECONDS]
+#
+# Run from anywhere; it works in the repository that holds it.  Every step has a time limit cut
+# from a total budget (default 420 s, so it ends well inside 8 minutes), and a failed or timed-out
+# step never stops the next one.  OUTDIR ends with at most 8 files:
+#   summary.txt  each step's status and time, availability, test and benchmark tails
+#   env.txt      nvidia-smi, nvcc, versions, CPU, installed packages, backend availability
+#   build.log    pip install of the extension (sm_90 only)
+#   tests.log    pytest of the GPU-marked tests
+#   bench.json   benchmark results (written after every row, so a timeout keeps what ran)
+#   bench.md     the markdown report        bench.png  speedup chart (needs matplotlib)
+#   more.tar.gz  junit.xml and bench.log (pytest output of the benchmarks)
+# Environment: PYTHON (default python), GPU_CHECK_TESTS (pytest selection, default "tests -m gpu"),
+# GPU_CHECK_TOTAL_S (the total budget).  --no-build uses the dlkunet already installed (for
+# trying the script on a machine without nvcc or CUDA).
+set -u
+
+usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+BUILD=1
+SIZE=""
+TOTAL=${GPU_CHECK_TOTAL_S:-420}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-build) BUILD=0 ;;
+    --size) SIZE=$2; shift ;;
+    --total) TOTAL=$2; shift ;;
+    *) usage ;;
+  esac
+  shift
+done
+
+PY=${PYTHON:-python}
+TESTS=${GPU_CHECK_TESTS:-tests -m gpu}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONUNBUFFERED=1
+# -P: never put the current directory on sys.path, so the *installed* dlkunet (with its compiled
+# extension) is imported rather than the source tree next to us.
+PYP="$PY -P"
+START=$SECONDS
+SUMMARY=$OUT/summary.txt
+: > "$SUMMARY"
+echo "gpu_check.sh in $(pwd) -> $OUT, total budget ${TOTAL}s, started $(date -u +%FT%TZ)" >> "$SUMMARY"
+
+# A step's time limit: its cap, or what the total leaves after keeping `reserve` for later steps.
+limit() {
+  local cap=$1 reserve=$2
+  local left=$(( TOTAL - (SECONDS - START) - reserve ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  [ "$cap" -lt 15 ] && cap=15
+  echo "$cap"
+}
+
+# run NAME CAP RESERVE LOG CMD...: run with a limit, append output to LOG, record the status.
+run() {
+  local name=$1 cap=$2 reserve=$3 log=$4; shift 4
+  local t0=$SECONDS lim; lim=$(limit "$cap" "$reserve")
+  echo "### $name (limit ${lim}s): $*" >> "$log"
+  timeout -s INT -k 20 "$lim" "$@" >> "$log" 2>&1
+  local rc=$?
+  local status="ok"
+  case $rc in
+    0) ;;
+    124|137) status="TIMEOUT(${lim}s)" ;;
+    *) status="FAIL(rc=$rc)" ;;
+  esac
+  printf '%-10s %-16s %4ss\n' "$name" "$status" "$(( SECONDS - t0 ))" >> "$SUMMARY"
+  return $rc
+}
+
+env_report() {
+  date -u
+  nvidia-smi || echo "nvidia-smi: not available"
+  nvcc --version || echo "nvcc: not available"
+  $PY -V
+  $PYP -c 'import sys, torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"cudnn", torch.backends.cudnn.version(), "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as e: print("triton: missing", e)'
+  grep -m1 'model name' /proc/cpuinfo; echo "cores $(nproc)"; free -g | head -2
+  $PY -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|pytest-benchmark|numpy|scipy|h5py|tqdm|matplotlib|setuptools|ninja|dlkunet) '
+}
+
+backends_report() {
+  $PYP -c 'import dlkunet, dlkunet.ops as o
+print("dlkunet from", dlkunet.__file__)
+for b in o.BACKENDS:
+    print(f"backend {b:7s} cuda={o.availability(b, \"cuda\")} cpu={o.availability(b, \"cpu\")}")'
+  if command -v dlkunet >/dev/null; then dlkunet info; fi
+}
+
+# `timeout` runs programs, not shell functions: the two report functions go through bash -c.
+export PY PYP
+export -f env_report backends_report
+run env 30 0 "$OUT/env.txt" bash -c env_report
+
+if [ "$BUILD" = 1 ]; then
+  : > "$OUT/build.log"
+  if ! run build 200 240 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DLKUNET_BUILD_EXT=1 \
+       $PY -m pip install --no-build-isolation --no-deps -v . ; then
+    # Keep the rest of the check useful: install without the extension (torch and triton backends).
+    run build-noext 60 200 "$OUT/build.log" env DLKUNET_BUILD_EXT=0 \
+      $PY -m pip install --no-build-isolation --no-deps .
+  fi
+else
+  echo "build skipped (--no-build): using the installed dlkunet" > "$OUT/build.log"
+  printf '%-10s %-16s\n' build "skipped" >> "$SUMMARY"
+fi
+
+run backends 60 200 "$OUT/env.txt" bash -c backends_report
+grep -E '^(dlkunet from|backend )' "$OUT/env.txt" >> "$SUMMARY"
+
+# shellcheck disable=SC2086  # TESTS is a word list on purpose
+run tests 150 170 "$OUT/tests.log" $PYP -m pytest $TESTS -q -rfEs -p no:cacheprovider \
+  --junitxml="$OUT/junit.xml" --maxfail=25
+if [ $? = 5 ]; then
+  echo "(no test selected by '$TESTS'; running tests/ops tests/kernels instead)" >> "$SUMMARY"
+  run tests-all 120 150 "$OUT/tests.log" $PYP -m pytest tests/ops tests/kernels -x -q -rfEs \
+    -p no:cacheprovider --junitxml="$OUT/junit.xml"
+fi
+
+BENCH_LIMIT=$(limit 300 40)
+SIZE_ARGS=()
+[ -n "$SIZE" ] && SIZE_ARGS=(--bench-size "$SIZE")
+run bench 300 40 "$OUT/bench.log" $PYP -m pytest benchmarks --benchmark-only "${SIZE_ARGS[@]}" -q -rfE \
+  -p no:cacheprovider --bench-json "$OUT/bench.json" --bench-budget $(( BENCH_LIMIT - 50 > 30 ? BENCH_LIMIT - 50 : 30 )) \
+  --benchmark-columns=median,iqr,rounds
+
+if [ -f "$OUT/bench.json" ]; then
+  run report 40 0 "$OUT/bench.log" $PY benchmarks/report.py "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png"
+else
+  printf '%-10s %-16s\n' report "skipped (no bench.json)" >> "$SUMMARY"
+fi
+
+{
+  echo
+  echo "== tests.log (tail)"; tail -n 25 "$OUT/tests.log" 2>/dev/null
+  echo
+  echo "== bench.log (tail)"; grep -vE '^test_' "$OUT/bench.log" 2>/dev/null | tail -n 40
+  echo
+  echo "total $(( SECONDS - START ))s, finished $(date -u +%FT%TZ)"
+} >> "$SUMMARY"
+
+rm -f "$OUT"/*.tmp
+extras=()
+for f in junit.xml bench.log; do [ -f "$OUT/$f" ] && extras+=("$f"); done
+if [ ${#extras[@]} -gt 0 ]; then
+  tar -C "$OUT" -czf "$OUT/more.tar.gz" "${extras[@]}" && (cd "$OUT" && rm -f "${extras[@]}")
+fi
+cat "$SUMMARY"

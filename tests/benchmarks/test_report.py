@@ -1,0 +1,131 @@
+"""Unit tests of the benchmark suite's pure parts: the report script, the byte floors, the shapes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    # By path, under a private name: the benchmarks directory is not a package on sys.path.
+    spec = importlib.util.spec_from_file_location(f"_dlkunet_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+report, floors, shapes = _load("report"), _load("floors"), _load("shapes")
+
+
+def _row(backend, ms, kind="op", op="dwconv_bn_act", mode="eval", pass_="fwd", **extra):
+    shape = dict(N=16, Cin=96, Cout=96, H=224, W=224, k=3) if kind == "op" else dict(variant="L", N=8, H=224, W=224, C=96)
+    row = dict(kind=kind, op=op, backend=backend, mode=mode, dtype="float32", shape=shape, median_ms=ms,
+               bytes=616_000_000, bandwidth_fraction=0.5)
+    row["pass"] = pass_
+    row.update(extra)
+    return row
+
+
+def _doc(rows, **extra):
+    env = {"device_name": "Test GPU", "torch": "2.x", "bandwidth": {"bytes_per_s": 3.0e12, "method": "copy"},
+           "backends": {"cuda": {"available": False, "reason": "not built"}}}
+    return dict({"schema": "dlkunet-bench/1", "environment": env, "rows": rows}, **extra)
+
+
+def test_markdown_pivots_backends_and_computes_speedups():
+    rows = [_row("eager", 4.0), _row("triton", 1.0), _row("eager_cl", 8.0),
+            _row("eager", 100.0, kind="model", op="DLKUNet-L", mode="infer", images_per_s=80.0, peak_mem_bytes=2e9),
+            _row("compile", 50.0, kind="model", op="DLKUNet-L", mode="infer", images_per_s=160.0)]
+    text = report.markdown(_doc(rows, skipped=[{"test": "t", "reason": "backend cuda unavailable"}] * 3,
+                                failed=[{"test": "u", "when": "call", "error": "boom"}]))
+    op_lines = [line for line in text.splitlines() if line.startswith("| dwconv_bn_act")]
+    assert len(op_lines) == 1  # one row per case, one column per backend
+    header = next(line for line in text.splitlines() if line.startswith("| op |"))
+    assert header.split("|")[-4:-1] == [" eager ", " eager_cl ", " triton "]
+    assert "(4.00x, 50%)" in op_lines[0] and "(0.50x, 50%)" in op_lines[0]
+    # floor: 616 MB at 3 TB/s is 0.205 ms
+    assert "| 0.205 |" in op_lines[0]
+    model_line = next(line for line in text.splitlines() if line.startswith("| DLKUNet-L"))
+    assert "(2.00x" in model_line and "160 img/s" in model_line and "2 GB" in model_line
+    assert "3 x backend cuda unavailable" in text and "u (call): boom" in text
+    assert "cuda (not built)" in text
+
+
+def test_rows_without_eager_twin_have_no_speedup():
+    text = report.markdown(_doc([_row("triton", 1.0)]))
+    line = next(line for line in text.splitlines() if line.startswith("| dwconv_bn_act"))
+    assert "| 1 |" in line and "x," not in line
+
+
+def test_main_writes_markdown_and_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(_doc([_row("eager", 2.0), _row("cpu", 1.0),
+                                    _row("eager", 2.0, pass_="fwd+bwd"), _row("compile", 4.0, pass_="fwd+bwd")])))
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert report.main([str(src), "--md", str(md), "--png", str(png)]) == 0
+    assert "| dwconv_bn_act |" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_main_rejects_a_file_that_is_not_results(tmp_path, capsys):
+    src = tmp_path / "x.json"
+    src.write_text("[1, 2]")
+    assert report.main([str(src)]) == 2
+    assert "not a dlkunet benchmark results file" in capsys.readouterr().err
+
+
+def test_floor_of_eval_dwconv_at_the_spec_shape():
+    # kernels.md: float32 NCHW at N=16, C=96, 224x224, one tensor is 308 MB; eval moves at least two.
+    one = 16 * 96 * 224 * 224 * 4
+    assert one == pytest.approx(308e6, rel=0.002)
+    fwd = floors.dwconv_bytes(16, 96, 96, 224, 224, 3, torch.float32, backward=False)
+    conv_w, bn = (96 * 9 + 96 + 96 * 96 + 96) * 4, 4 * 96 * 4  # bn: gamma, beta, running mean, var
+    assert fwd == 2 * one + conv_w + bn
+    # backward: grad_y and x read, grad_x written; weights read, conv/gamma/beta gradients written
+    bwd = floors.dwconv_bytes(16, 96, 96, 224, 224, 3, torch.float32, backward=True) - fwd
+    assert bwd == 3 * one + (conv_w + bn) + (conv_w + 2 * 96 * 4)
+    assert floors.dwconv_bytes(16, 192, 96, 224, 224, 3, torch.bfloat16, False) > 3 * one / 2
+
+
+def test_floor_of_lka():
+    act = 2 * 8 * 10 * 12 * 2
+    weights = (8 * 25 + 8 + 8 * 49 + 8 + 64 + 8) * 2
+    assert floors.lka_bytes(2, 8, 10, 12, 5, 7, torch.bfloat16, False) == 2 * act + weights
+    assert floors.lka_bytes(2, 8, 10, 12, 5, 7, torch.bfloat16, True) == 5 * act + 3 * weights
+
+
+def test_model_floor_counts_every_unit():
+    from dlkunet.models import DLKUNetS
+
+    torch.manual_seed(0)
+    net = DLKUNetS(base_width=4)
+    x = torch.randn(2, 1, 16, 16)
+    got = floors.model_bytes(net.eval(), x, train=False)
+    # At least: each of the 3 Blocks' 2 DWConvBNActs and 1 LKA per level reads and writes a tensor.
+    act0 = 2 * 4 * 16 * 16 * 4
+    assert got["fwd"] > 2 * 3 * act0
+    params = sum(p.numel() for p in net.parameters()) * 4
+    assert got["fwd"] > params
+    trained = floors.model_bytes(net.train(), x, train=True)
+    assert trained["train_step"] > 2 * trained["fwd"] + 5 * params - 1
+
+
+def test_full_size_has_the_spec_shapes():
+    full = shapes.get_size("full")
+    dw = shapes.dwconv_cases(full)
+    levels = [(96, 224), (192, 112), (384, 56), (768, 28), (1536, 14)]
+    assert [(c.cin, c.h) for c in dw if c.where == "enc"] == levels
+    assert all(c.cout == c.cin for c in dw if c.where == "enc")
+    assert [(c.cin, c.cout, c.h) for c in dw if c.where == "dec"] == [(2 * c, c, h) for c, h in levels[:4]]
+    assert all(c.n == 16 for c in dw) and [(c.c, c.h) for c in shapes.lka_cases(full)] == levels
+    assert {(m.variant, m.batch) for m in shapes.model_cases(full)} == {(v, b) for v in "SML" for b in (1, 8, 16)}
+    with pytest.raises(ValueError, match="unknown --bench-size"):
+        shapes.get_size("huge")
