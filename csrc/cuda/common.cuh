@@ -1,0 +1,608 @@
+// Device building blocks shared by the four .cu files (CUDA headers only; each .cu instantiates
+// what it uses, so everything here has internal linkage).
+//
+// Two tiled fp32 SIMT GEMMs carry all the channel mixing (no tensor cores, so float32 stays exact
+// fp32 math, never TF32):
+// - pix_gemm_kernel:   out[r][p] = sum_k W[r][k] * A(k, p) over a 64-pixel x 64-row tile, where
+//                      the A loader computes its operand on the fly (a depthwise conv of x, a
+//                      product of two activations, or a float32 plane), and an epilogue functor
+//                      finishes the tile (bias, BN, ReLU, gate, statistics).
+// - wgrad_gemm_kernel: part[s][r][c] = sum_{p in split s} A(r, p) * B(c, p): weight gradients,
+//                      split over pixels; reduce_splits_kernel then sums the splits in double.
+// "Plane" buffers are float32 scratch laid out [C][P] with P = N*H*W, p = (n*H + h)*W + w.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "launch.h"
+
+namespace dlkunet {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <class T>
+struct Act {  // a strided activation tensor
+  T* data;
+  int64_t sn, sc, sh, sw;
+  __device__ __forceinline__ int64_t off(int n, int c, int h, int w) const {
+    return n * sn + c * sc + h * sh + w * sw;
+  }
+  __device__ __forceinline__ float load(int n, int c, int h, int w) const { return to_f(data[off(n, c, h, w)]); }
+  __device__ __forceinline__ void store(int n, int c, int h, int w, float v) const {
+    data[off(n, c, h, w)] = from_f<T>(v);
+  }
+};
+template <class T>
+Act<T> act(View4 v) {
+  return Act<T>{static_cast<T*>(v.data), v.sn, v.sc, v.sh, v.sw};
+}
+
+struct Geo {
+  int N, H, W, P;  // P = N*H*W
+};
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Host-side dispatch on dtype and on the specialised depthwise sizes (0 = generic runtime size).
+template <class T> struct Tag { using type = T; };
+template <class F>
+void with_t(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F16: f(Tag<__half>{}); break;
+    case DType::BF16: f(Tag<__nv_bfloat16>{}); break;
+    default: f(Tag<float>{}); break;
+  }
+}
+template <class F>
+void with_k(int k, F&& f) {
+  switch (k) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+constexpr int BM = 64;   // pixels per pix_gemm tile; rows/cols per wgrad tile
+constexpr int BN = 64;   // rows per tile
+constexpr int BK = 16;   // reduction step
+constexpr int NT = 256;  // threads per GEMM block: 16 x 16, each owning 4 x 4 outputs
+
+// ---------------------------------------------------------------- operand loaders: (k, n, h, w, p)
+
+// Depthwise k x k conv of x (zero padding k/2) plus its bias, at channel c and pixel (n, h, w).
+template <class T, int K>
+struct LoadDw {
+  Act<T> x;
+  const float* __restrict__ w;
+  const float* __restrict__ b;
+  int k_rt, H, W;
+  __device__ __forceinline__ float operator()(int c, int n, int h, int wo, int) const {
+    const int k = K > 0 ? K : k_rt;
+    const int r = k / 2;
+    const float* wc = w + (int64_t)c * k * k;
+    const T* base = x.data + n * x.sn + c * x.sc;
+    float acc = __ldg(b + c);
+#pragma unroll
+    for (int ky = 0; ky < (K > 0 ? K : k); ++ky) {
+      const int hh = h + ky - r;
+      if (hh < 0 || hh >= H) continue;
+#pragma unroll
+      for (int kx = 0; kx < (K > 0 ? K : k); ++kx) {
+        const int ww = wo + kx - r;
+        if (ww < 0 || ww >= W) continue;
+        acc = fmaf(__ldg(wc + ky * k + kx), to_f(base[hh * x.sh + ww * x.sw]), acc);
+      }
+    }
+    return acc;
+  }
+};
+
+struct LoadPlane {  // plane[c][p]; channels >= `ones_from` read as 1 (a bias column)
+  const float* __restrict__ d;
+  int64_t P;
+  int ones_from;
+  __device__ __forceinline__ float operator()(int c, int, int, int, int p) const {
+    return c < ones_from ? d[c * P + p] : 1.f;
+  }
+};
+
+template <class T>
+struct LoadProd {  // a(n,c,h,w) * b(n,c,h,w)
+  Act<T> a, b;
+  __device__ __forceinline__ float operator()(int c, int n, int h, int w, int) const {
+    return a.load(n, c, h, w) * b.load(n, c, h, w);
+  }
+};
+
+// ---------------------------------------------------------------- outputs: (c, n, h, w, p, v)
+
+template <class T>
+struct OutAct {
+  Act<T> a;
+  __device__ __forceinline__ void operator()(int c, int n, int h, int w, int, float v) const { a.store(n, c, h, w, v); }
+};
+struct OutPlane {
+  float* d;
+  int64_t P;
+  __device__ __forceinline__ void operator()(int c, int, int, int, int p, float v) const { d[c * P + p] = v; }
+};
+
+// ---------------------------------------------------------------- pixel-tile GEMM
+
+// Epilogue contract: operator()(acc, tx, ty, p0, r0, s_n, s_h, s_w), where acc[i][j] belongs to
+// pixel p0 + tx + 16*i (valid when s_n[tx + 16*i] >= 0) and row r0 + ty + 16*j.  Every thread of
+// the block calls it (epilogues may use warp shuffles over the 16 lanes that share ty).
+template <class ALoad, class Epi>
+__global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
+                                                      int64_t w_ks, int rows, int kdim, Geo g, Epi epi) {
+  __shared__ float As[BK][BM];
+  __shared__ float Bs[BK][BN + 1];  // +1: the k-fastest fill would otherwise hit one bank
+  __shared__ int s_n[BM], s_h[BM], s_w[BM];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
+  if (tid < BM) {
+    const int p = p0 + tid;
+    if (p < g.P) {
+      const int t = p / g.W;
+      s_w[tid] = p - t * g.W;
+      s_h[tid] = t % g.H;
+      s_n[tid] = t / g.H;
+    } else {
+      s_n[tid] = -1;
+      s_h[tid] = 0;
+      s_w[tid] = 0;
+    }
+  }
+  __syncthreads();
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int k0 = 0; k0 < kdim; k0 += BK) {
+    for (int i = tid; i < BK * BM; i += NT) {
+      const int kk = i / BM, pp = i % BM, k = k0 + kk;
+      float v = 0.f;
+      if (k < kdim && s_n[pp] >= 0) v = A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp);
+      As[kk][pp] = v;
+    }
+    for (int i = tid; i < BK * BN; i += NT) {
+      const int kk = i % BK, rr = i / BK, k = k0 + kk, r = r0 + rr;
+      Bs[kk][rr] = (r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][tx + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][ty + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  epi(acc, tx, ty, p0, r0, s_n, s_h, s_w);
+}
+
+template <class ALoad, class Epi>
+void launch_pix_gemm(const ALoad& A, const float* wm, int64_t w_rs, int64_t w_ks, int rows, int kdim,
+                     Geo g, const Epi& epi, cudaStream_t stream) {
+  dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN));
+  pix_gemm_kernel<ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+}
+
+// Sum over the 16 lanes that share ty (lane = (ty & 1) * 16 + tx): xor offsets < 16 stay inside.
+__device__ __forceinline__ float sum16(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+struct EpiStorePlane {  // out[r][p] = acc
+  float* out;
+  int64_t P;
+  int rows;
+  __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
+                                             const int*, const int*) const {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = r0 + ty + 16 * j;
+      if (r >= rows) continue;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (sn[tx + 16 * i] >= 0) out[r * P + p0 + tx + 16 * i] = acc[i][j];
+    }
+  }
+};
+
+template <class T, class Out>
+struct EpiGate {  // out = gate * (acc + bias)
+  Act<T> gate;
+  const float* __restrict__ bias;
+  int rows;
+  Out out;
+  __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
+                                             const int* sh, const int* sw) const {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = r0 + ty + 16 * j;
+      if (r >= rows) continue;
+      const float b = bias[r];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int pp = tx + 16 * i;
+        if (sn[pp] < 0) continue;
+        out(r, sn[pp], sh[pp], sw[pp], p0 + pp, gate.load(sn[pp], r, sh[pp], sw[pp]) * (acc[i][j] + b));
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------- weight-gradient GEMM (split over pixels)
+
+template <class ALoad, class BLoad>
+__global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int chunk, Geo g,
+                                                        float* __restrict__ part) {
+  __shared__ float As[BK][BN + 1];  // [pixel][row]
+  __shared__ float Bs[BK][BN + 1];  // [pixel][col]
+  __shared__ int s_n[BK], s_h[BK], s_w[BK];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int c0 = blockIdx.x * BN, r0 = blockIdx.y * BN, s = blockIdx.z;
+  const int pbeg = s * chunk;
+  const int pend = min(g.P, pbeg + chunk);
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  for (int q0 = pbeg; q0 < pend; q0 += BK) {
+    if (tid < BK) {
+      const int p = q0 + tid;
+      if (p < pend) {
+        const int t = p / g.W;
+        s_w[tid] = p - t * g.W;
+        s_h[tid] = t % g.H;
+        s_n[tid] = t / g.H;
+      } else {
+        s_n[tid] = -1;
+        s_h[tid] = 0;
+        s_w[tid] = 0;
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < BK * BN; i += NT) {
+      const int kk = i % BK, rr = i / BK;
+      const bool pv = s_n[kk] >= 0;
+      const int r = r0 + rr, c = c0 + rr;
+      As[kk][rr] = (pv && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
+      Bs[kk][rr] = (pv && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = r0 + ty + 16 * i;
+    if (r >= R) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = c0 + tx + 16 * j;
+      if (c < Ccols) part[((int64_t)s * R + r) * Ccols + c] = acc[i][j];
+    }
+  }
+}
+
+// How many pixel splits the weight-gradient GEMM uses (and their length, a multiple of BK): enough
+// blocks to fill a large GPU, but never splits shorter than 256 pixels.
+inline int wgrad_splits(int R, int Ccols, int P, int* chunk) {
+  const int64_t tiles = cdiv(R, BN) * cdiv(Ccols, BN);
+  int64_t s = cdiv(1024, tiles);
+  const int64_t smax = cdiv(P, 256);
+  if (s > smax) s = smax;
+  if (s > 4096) s = 4096;
+  if (s < 1) s = 1;
+  int64_t len = cdiv(cdiv(P, s), BK) * BK;
+  *chunk = (int)len;
+  return (int)cdiv(P, len);
+}
+
+template <class ALoad, class BLoad>
+void launch_wgrad(const ALoad& A, const BLoad& B, int R, int Ccols, Geo g, float* part, cudaStream_t stream) {
+  int chunk = 0;
+  const int S = wgrad_splits(R, Ccols, g.P, &chunk);
+  dim3 grid((unsigned)cdiv(Ccols, BN), (unsigned)cdiv(R, BN), (unsigned)S);
+  wgrad_gemm_kernel<ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, chunk, g, part);
+}
+
+// out[r][c] (c < cols_main) and extra[r][c - cols_main] (c >= cols_main) = sum_s part[s][r][c].
+__global__ void reduce_splits_kernel(const float* __restrict__ part, int S, int64_t M, int cols, int cols_main,
+                                     float* __restrict__ out, float* __restrict__ extra) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= M) return;
+  double s = 0.0;
+  for (int k = 0; k < S; ++k) s += (double)part[k * M + i];
+  const int64_t r = i / cols;
+  const int c = (int)(i - r * cols);
+  if (c < cols_main)
+    out[r * cols_main + c] = (float)s;
+  else
+    extra[r * (cols - cols_main) + (c - cols_main)] = (float)s;
+}
+
+inline void launch_reduce_splits(const float* part, int S, int64_t M, int cols, int cols_main, float* out,
+                                 float* extra, cudaStream_t stream) {
+  reduce_splits_kernel<<<(unsigned)cdiv(M, 256), 256, 0, stream>>>(part, S, M, cols, cols_main, out, extra);
+}
+
+// ---------------------------------------------------------------- depthwise backward
+
+// Gradient w.r.t. the input of a depthwise conv (k x k, dilation dil, 'same' padding):
+// out(c, q) = extra[c][q] + sum_taps w[c][tap] * gin[c][q - dil * (tap - k/2)], q inside the image.
+template <int K, class Out>
+__global__ void __launch_bounds__(256) dw_bwd_input_kernel(const float* __restrict__ gin, const float* __restrict__ w,
+                                                           int k_rt, int dil, Geo g, int C,
+                                                           const float* __restrict__ extra, Out out) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)C * g.P) return;
+  const int c = (int)(idx / g.P);
+  const int p = (int)(idx - (int64_t)c * g.P);
+  const int t = p / g.W, wo = p - t * g.W, h = t % g.H, n = t / g.H;
+  const int k = K > 0 ? K : k_rt, r = k / 2;
+  const float* gc = gin + (int64_t)c * g.P + (int64_t)n * g.H * g.W;
+  const float* wc = w + (int64_t)c * k * k;
+  float acc = extra ? extra[idx] : 0.f;
+#pragma unroll
+  for (int ky = 0; ky < (K > 0 ? K : k); ++ky) {
+    const int hh = h - dil * (ky - r);
+    if (hh < 0 || hh >= g.H) continue;
+#pragma unroll
+    for (int kx = 0; kx < (K > 0 ? K : k); ++kx) {
+      const int ww = wo - dil * (kx - r);
+      if (ww < 0 || ww >= g.W) continue;
+      acc = fmaf(__ldg(wc + ky * k + kx), gc[hh * g.W + ww], acc);
+    }
+  }
+  out(c, n, h, wo, p, acc);
+}
+
+template <int K, class Out>
+void launch_dw_bwd_input(const float* gin, const float* w, int k, int dil, Geo g, int C, const float* extra,
+                         const Out& out, cudaStream_t stream) {
+  const int64_t total = (int64_t)C * g.P;
+  dw_bwd_input_kernel<K, Out><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(gin, w, k, dil, g, C, extra, out);
+}
+
+template <class T>
+struct SrcAct {
+  Act<T> x;
+  __device__ __forceinline__ float operator()(int n, int c, int h, int w) const { return x.load(n, c, h, w); }
+};
+struct SrcPlane {
+  const float* __restrict__ d;
+  int64_t P;
+  int H, W;
+  __device__ __forceinline__ float operator()(int n, int c, int h, int w) const {
+    return d[c * P + ((int64_t)n * H + h) * W + w];
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Weight and bias gradients of a depthwise conv, one block per (channel, pixel split[, tap]):
+// part[s][c][tap] = sum_p gin[c][p] * src(c, p + dil * (tap - k/2)), part[s][c][k*k] = sum_p gin[c][p].
+// Specialised K keeps all taps in registers; the generic path (K = 0) gives each tap its own
+// block (blockIdx.z) and lets block z = 0 also sum the bias.
+template <int K, class Src>
+__global__ void __launch_bounds__(256) dw_bwd_weight_kernel(const float* __restrict__ gin, Src src, int k_rt, int dil,
+                                                            Geo g, int C, int chunk, float* __restrict__ part) {
+  constexpr int NTAP = K > 0 ? K * K : 1;
+  const int k = K > 0 ? K : k_rt, r = k / 2, taps = k * k;
+  const int c = blockIdx.x, s = blockIdx.y, tap0 = K > 0 ? 0 : (int)blockIdx.z;
+  const int pbeg = s * chunk, pend = min(g.P, pbeg + chunk);
+  const float* gc = gin + (int64_t)c * g.P;
+  float acc[NTAP + 1];
+#pragma unroll
+  for (int t = 0; t <= NTAP; ++t) acc[t] = 0.f;
+  for (int p = pbeg + (int)threadIdx.x; p < pend; p += 256) {
+    const int t2 = p / g.W, wo = p - t2 * g.W, h = t2 % g.H, n = t2 / g.H;
+    const float gv = gc[p];
+    acc[NTAP] += gv;
+    if (K > 0) {
+      constexpr int KK = K > 0 ? K : 1;
+#pragma unroll
+      for (int ky = 0; ky < KK; ++ky) {
+        const int hh = h + dil * (ky - r);
+        if (hh < 0 || hh >= g.H) continue;
+#pragma unroll
+        for (int kx = 0; kx < KK; ++kx) {
+          const int ww = wo + dil * (kx - r);
+          if (ww >= 0 && ww < g.W) acc[ky * KK + kx] = fmaf(gv, src(n, c, hh, ww), acc[ky * KK + kx]);
+        }
+      }
+    } else {
+      const int ky = tap0 / k, kx = tap0 - ky * k;
+      const int hh = h + dil * (ky - r), ww = wo + dil * (kx - r);
+      if (hh >= 0 && hh < g.H && ww >= 0 && ww < g.W) acc[0] = fmaf(gv, src(n, c, hh, ww), acc[0]);
+    }
+  }
+  __shared__ float red[8][NTAP + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int t = 0; t <= NTAP; ++t) {
+    const float v = warp_sum(acc[t]);
+    if (lane == 0) red[warp][t] = v;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t <= NTAP; t += 256) {
+    float v = 0.f;
+#pragma unroll
+    for (int w8 = 0; w8 < 8; ++w8) v += red[w8][t];
+    float* dst = part + ((int64_t)s * C + c) * (taps + 1);
+    if (t < NTAP)
+      dst[tap0 + t] = v;
+    else if (tap0 == 0)
+      dst[taps] = v;
+  }
+}
+
+inline int dw_weight_splits(int C, int P, int* chunk) {
+  int64_t s = cdiv(2048, C);
+  const int64_t smax = cdiv(P, 1024);
+  if (s > smax) s = smax;
+  if (s > 65535) s = 65535;
+  if (s < 1) s = 1;
+  const int64_t len = cdiv(P, s);
+  *chunk = (int)len;
+  return (int)cdiv(P, len);
+}
+
+inline int64_t dw_weight_workspace(int C, int P, int k) {
+  int chunk = 0;
+  return (int64_t)dw_weight_splits(C, P, &chunk) * C * (k * k + 1);
+}
+
+// Writes grad_w (C, k*k) and grad_b (C) from gin (plane) and src; `part` holds dw_weight_workspace floats.
+template <int K, class Src>
+void launch_dw_bwd_weight(const float* gin, const Src& src, int k, int dil, Geo g, int C, float* part,
+                          float* grad_w, float* grad_b, cudaStream_t stream) {
+  int chunk = 0;
+  const int S = dw_weight_splits(C, g.P, &chunk);
+  dim3 grid((unsigned)C, (unsigned)S, K > 0 ? 1u : (unsigned)(k * k));
+  dw_bwd_weight_kernel<K, Src><<<grid, 256, 0, stream>>>(gin, src, k, dil, g, C, chunk, part);
+  launch_reduce_splits(part, S, (int64_t)C * (k * k + 1), k * k + 1, k * k, grad_w, grad_b, stream);
+}
+
+// ---------------------------------------------------------------- LKA depthwise stages
+
+// a1 = dw(x, w0, b0) (k0 x k0), a2 = dw(a1, ws, bs) (ks x ks, dilation d), for one (n, c) and a
+// TH x TW output tile.  Shared memory holds the x tile with both halos (r2 + r0) and the a1 tile
+// with its dilated halo (r2); a1 is zero outside the image, exactly as two separate convolutions
+// with zero padding see it.  Writes a2 (and, when a1_out is set, a1) as float32 planes.
+constexpr int LKA_TH = 16, LKA_TW = 32;
+
+inline int64_t lka_stage_smem_floats(int k0, int ks, int d) {
+  const int r0 = k0 / 2, r2 = d * (ks / 2);
+  const int64_t AH = LKA_TH + 2 * r2, AW = LKA_TW + 2 * r2;
+  return (AH + 2 * r0) * (AW + 2 * r0) + AH * AW;
+}
+
+template <class T, int K0, int KS, int D>
+__global__ void __launch_bounds__(256, 4) lka_stage_kernel(Act<T> x, const float* __restrict__ w0,
+                                                        const float* __restrict__ b0, const float* __restrict__ ws,
+                                                        const float* __restrict__ bs, int k0_rt, int ks_rt, int d_rt,
+                                                        Geo g, int tiles_w, float* __restrict__ a1_out,
+                                                        float* __restrict__ a2_out) {
+  extern __shared__ float smem[];
+  const int k0 = K0 > 0 ? K0 : k0_rt, ks = KS > 0 ? KS : ks_rt, d = D > 0 ? D : d_rt;
+  const int r0 = k0 / 2, r2 = d * (ks / 2);
+  const int AH = LKA_TH + 2 * r2, AW = LKA_TW + 2 * r2, XW = AW + 2 * r0, XH = AH + 2 * r0;
+  float* xs = smem;
+  float* as = smem + XH * XW;
+  const int c = blockIdx.y, n = blockIdx.z;
+  const int h0 = (blockIdx.x / tiles_w) * LKA_TH, wb = (blockIdx.x % tiles_w) * LKA_TW;
+  const int H = g.H, W = g.W;
+  const int64_t plane = (int64_t)c * g.P + (int64_t)n * H * W;
+
+  for (int i = threadIdx.x; i < XH * XW; i += 256) {
+    const int yy = i / XW, xx = i - yy * XW;
+    const int gh = h0 - r2 - r0 + yy, gw = wb - r2 - r0 + xx;
+    xs[i] = (gh >= 0 && gh < H && gw >= 0 && gw < W) ? x.load(n, c, gh, gw) : 0.f;
+  }
+  __syncthreads();
+
+  const float* w0c = w0 + (int64_t)c * k0 * k0;
+  const float bias0 = b0[c];
+  for (int i = threadIdx.x; i < AH * AW; i += 256) {
+    const int ay = i / AW, ax = i - ay * AW;
+    const int gh = h0 - r2 + ay, gw = wb - r2 + ax;
+    float v = 0.f;
+    if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+      v = bias0;
+#pragma unroll
+      for (int ky = 0; ky < (K0 > 0 ? K0 : k0); ++ky)
+#pragma unroll
+        for (int kx = 0; kx < (K0 > 0 ? K0 : k0); ++kx)
+          v = fmaf(__ldg(w0c + ky * k0 + kx), xs[(ay + ky) * XW + ax + kx], v);
+      if (a1_out && ay >= r2 && ay < r2 + LKA_TH && ax >= r2 && ax < r2 + LKA_TW) a1_out[plane + gh * W + gw] = v;
+    }
+    as[i] = v;
+  }
+  __syncthreads();
+
+  const float* wsc = ws + (int64_t)c * ks * ks;
+  const float biass = bs[c];
+  for (int i = threadIdx.x; i < LKA_TH * LKA_TW; i += 256) {
+    const int oy = i / LKA_TW, ox = i - oy * LKA_TW;
+    const int gh = h0 + oy, gw = wb + ox;
+    if (gh >= H || gw >= W) continue;
+    float v = biass;
+#pragma unroll
+    for (int ky = 0; ky < (KS > 0 ? KS : ks); ++ky)
+#pragma unroll
+      for (int kx = 0; kx < (KS > 0 ? KS : ks); ++kx)
+        v = fmaf(__ldg(wsc + ky * ks + kx), as[(oy + d * ky) * AW + ox + d * kx], v);
+    a2_out[plane + gh * W + gw] = v;
+  }
+}
+
+template <class T>
+void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, float* a1_out, float* a2_out,
+                      cudaStream_t stream) {
+  const int tiles_w = (int)cdiv(p.W, LKA_TW);
+  const dim3 grid((unsigned)(cdiv(p.H, LKA_TH) * tiles_w), (unsigned)p.C, (unsigned)p.N);
+  const size_t smem = sizeof(float) * lka_stage_smem_floats(p.k0, p.ks, p.dilation);
+  const int a = p.k0, b = p.ks, d = p.dilation;
+#define DLK_STAGE(K0, KS, D)                                                                         \
+  lka_stage_kernel<T, K0, KS, D><<<grid, 256, smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, a, b, d, g, \
+                                                              tiles_w, a1_out, a2_out)
+  if (a == 5 && b == 7 && d == 3)
+    DLK_STAGE(5, 7, 3);
+  else if (a == 3 && b == 7 && d == 3)
+    DLK_STAGE(3, 7, 3);
+  else if (a == 5 && b == 5 && d == 3)
+    DLK_STAGE(5, 5, 3);
+  else
+    DLK_STAGE(0, 0, 0);
+#undef DLK_STAGE
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dlkunet

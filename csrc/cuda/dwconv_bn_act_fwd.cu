@@ -1,0 +1,186 @@
+// dwconv_bn_act forward: y = act(BN(pw(dw(x)))).
+// Eval: one pass.  Each 64-pixel x 64-channel tile computes the depthwise conv on the fly into
+// shared memory, accumulates the pointwise product in registers, and applies bias, BN (as one
+// per-channel scale and shift) and ReLU in the epilogue.
+// Training: the same pass writes z and per-tile (mean, M2) statistics of each channel (exact two-pass
+// within the tile, in float32); a per-channel kernel merges the tiles in double (Chan et al.), and an
+// elementwise pass normalises z in place.
+#include "common.cuh"
+
+namespace dlkunet {
+namespace cuda {
+namespace {
+
+template <class T>
+struct EpiDwEval {
+  Act<T> y;
+  const float *b_pw, *gamma, *beta, *mean, *var;
+  float eps;
+  bool relu;
+  int rows;
+  __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
+                                             const int* sh, const int* sw) const {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = r0 + ty + 16 * j;
+      if (r >= rows) continue;
+      const float scale = gamma[r] * rsqrtf(var[r] + eps);
+      const float shift = (b_pw[r] - mean[r]) * scale + beta[r];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int pp = tx + 16 * i;
+        if (sn[pp] < 0) continue;
+        float v = fmaf(acc[i][j], scale, shift);
+        if (relu) v = fmaxf(v, 0.f);
+        y.store(sn[pp], r, sh[pp], sw[pp], v);
+      }
+    }
+  }
+};
+
+template <class T>
+struct EpiDwTrain {  // y = z (pre-normalisation); part_mean/part_m2[tile][row]: the tile's statistics
+  Act<T> y;
+  const float* b_pw;
+  int rows, P;
+  float *part_mean, *part_m2;
+  __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
+                                             const int* sh, const int* sw) const {
+    const int nvalid = min(BM, P - p0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int r = r0 + ty + 16 * j;
+      const bool rv = r < rows;  // no early exit: all 16 lanes take part in the shuffles
+      const float bias = rv ? b_pw[r] : 0.f;
+      float z[4], s = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int pp = tx + 16 * i;
+        z[i] = acc[i][j] + bias;
+        if (sn[pp] >= 0) {
+          s += z[i];
+          if (rv) y.store(sn[pp], r, sh[pp], sw[pp], z[i]);
+        }
+      }
+      const float m = sum16(s) / (float)nvalid;
+      float q = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float d = z[i] - m;
+        if (sn[tx + 16 * i] >= 0) q = fmaf(d, d, q);
+      }
+      q = sum16(q);
+      if (tx == 0 && rv) {
+        part_mean[(int64_t)blockIdx.x * rows + r] = m;
+        part_m2[(int64_t)blockIdx.x * rows + r] = q;
+      }
+    }
+  }
+};
+
+// Block-wide sum of a double over 256 threads; every thread gets the result.
+__device__ double block_sum_256(double v, double* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int o = 128; o > 0; o >>= 1) {
+    if ((int)threadIdx.x < o) red[threadIdx.x] += red[threadIdx.x + o];
+    __syncthreads();
+  }
+  const double s = red[0];
+  __syncthreads();  // red is reused by the next call
+  return s;
+}
+
+// One block per channel: merge the tiles' (count, mean, M2) into the batch mean and biased variance.
+__global__ void __launch_bounds__(256) bn_stats_finalize_kernel(const float* __restrict__ part_mean,
+                                                                const float* __restrict__ part_m2, int nblk,
+                                                                int rows, int P, float* mean_out, float* var_out) {
+  __shared__ double red[256];
+  const int r = blockIdx.x;
+  double s = 0.0;
+  for (int b = threadIdx.x; b < nblk; b += 256) s += (double)min(BM, P - b * BM) * part_mean[(int64_t)b * rows + r];
+  const double mean = block_sum_256(s, red) / P;
+  double q = 0.0;
+  for (int b = threadIdx.x; b < nblk; b += 256) {
+    const double d = (double)part_mean[(int64_t)b * rows + r] - mean;
+    q += (double)part_m2[(int64_t)b * rows + r] + (double)min(BM, P - b * BM) * d * d;
+  }
+  const double m2 = block_sum_256(q, red);
+  if (threadIdx.x == 0) {
+    mean_out[r] = (float)mean;
+    var_out[r] = (float)(m2 / P);
+  }
+}
+
+// In place: y = act((y - mean) * gamma * rsqrt(var + eps) + beta).  The flat index runs in y's
+// storage order (channels fastest when y is channels_last) so that accesses stay coalesced.
+template <class T>
+__global__ void __launch_bounds__(256) bn_apply_kernel(Act<T> y, int N, int C, int H, int W, bool cl,
+                                                       const float* __restrict__ mean, const float* __restrict__ var,
+                                                       const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                       float eps, bool relu) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)N * C * H * W) return;
+  int n, c, h, w;
+  if (cl) {
+    c = (int)(idx % C);
+    int64_t t = idx / C;
+    w = (int)(t % W);
+    t /= W;
+    h = (int)(t % H);
+    n = (int)(t / H);
+  } else {
+    w = (int)(idx % W);
+    int64_t t = idx / W;
+    h = (int)(t % H);
+    t /= H;
+    c = (int)(t % C);
+    n = (int)(t / C);
+  }
+  const float scale = gamma[c] * rsqrtf(var[c] + eps);
+  float v = (y.load(n, c, h, w) - mean[c]) * scale + beta[c];
+  if (relu) v = fmaxf(v, 0.f);
+  y.store(n, c, h, w, v);
+}
+
+}  // namespace
+
+int64_t dwconv_forward_workspace(const DwConvProblem& p, bool training) {
+  if (!training) return 0;
+  const int64_t P = (int64_t)p.N * p.H * p.W;
+  return 2 * cdiv(P, BM) * p.Cout;
+}
+
+cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& w, const float* mean_in,
+                           const float* var_in, bool training, float eps, bool relu, View4 y, float* mean_out,
+                           float* var_out, float* workspace, cudaStream_t stream) {
+  const Geo g{p.N, p.H, p.W, p.N * p.H * p.W};
+  const int nblk = (int)cdiv(g.P, BM);
+  with_t(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Act<T> xa = act<T>(x), ya = act<T>(y);
+    with_k(p.k, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
+      if (!training) {
+        const EpiDwEval<T> epi{ya, w.b_pw, w.gamma, w.beta, mean_in, var_in, eps, relu, p.Cout};
+        launch_pix_gemm(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      } else {
+        const EpiDwTrain<T> epi{ya, w.b_pw, p.Cout, g.P, workspace, workspace + (int64_t)nblk * p.Cout};
+        launch_pix_gemm(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      }
+    });
+    if (training) {
+      bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(workspace, workspace + (int64_t)nblk * p.Cout, nblk,
+                                                           p.Cout, g.P, mean_out, var_out);
+      const int64_t total = (int64_t)g.P * p.Cout;
+      const bool cl = y.sc < y.sw;
+      bn_apply_kernel<T><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(ya, p.N, p.Cout, p.H, p.W, cl, mean_out,
+                                                                         var_out, w.gamma, w.beta, eps, relu);
+    }
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace dlkunet
