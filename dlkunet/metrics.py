@@ -22,7 +22,7 @@ one-voxel margin where the image allows), which gives the same distances as the 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage

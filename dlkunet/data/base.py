@@ -6,7 +6,6 @@ classes here load them on access, check them and turn them into tensors.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 

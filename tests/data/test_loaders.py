@@ -173,3 +173,15 @@ def test_unknown_layout_and_format(tmp_path):
         open_dataset(tmp_path / "something", fmt="brats")
     with pytest.raises(DataError, match="not a Synapse folder"):
         open_dataset(tmp_path / "something", fmt="synapse")
+
+
+def test_worker_count_does_not_change_augmentation(synapse_dir):
+    """Items depend on (seed, epoch, index) only: 0 or 2 workers give the same epoch."""
+    root, _ = synapse_dir
+    ds = open_dataset(root).train_slices(8, augment=True, seed=11)
+    ds.set_epoch(3)
+    single = [b["image"] for b in DataLoader(ds, batch_size=1, num_workers=0)]
+    multi = [b["image"] for b in DataLoader(ds, batch_size=1, num_workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(single, multi)) and len(single) == len(multi) == 3
+    ds.set_epoch(4)
+    assert any(not torch.equal(a, b["image"]) for a, b in zip(single, DataLoader(ds, batch_size=1)))

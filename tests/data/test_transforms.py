@@ -30,7 +30,7 @@ def classify(result, image):
 
 def test_rot_flip_statistics():
     image, label = asymmetric_pair()
-    identity = rotated = flipped = 0
+    identity = 0
     seen = set()
     n = 2000
     for i in range(n):
