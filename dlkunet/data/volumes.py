@@ -109,7 +109,8 @@ def load_npz_pair(path, image_keys: Sequence[str] = ("image", "img"), label_key:
     return image, label
 
 
-def _load_h5_pair(path, need_label: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def _load_h5_pair(path, need_label: bool):
+    """(image, label or None, spacing or None) from TransUNet's .npy.h5 (spacing: ours only)."""
     import h5py
 
     _require_file(path)
@@ -122,13 +123,14 @@ def _load_h5_pair(path, need_label: bool) -> Tuple[np.ndarray, Optional[np.ndarr
                 raise DataError(f"{path}: no 'label' dataset (found {keys})")
             image = np.asarray(data["image"][()])
             label = np.asarray(data["label"][()]) if "label" in keys else None
+            spacing = np.asarray(data["spacing"][()]) if "spacing" in keys else None
     except DataError:
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise DataError(f"{path}: cannot read as HDF5 ({type(exc).__name__}: {exc})") from exc
     if label is not None and label.shape != image.shape:
         raise DataError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
-    return image, label
+    return image, label, spacing
 
 
 def _nibabel():
@@ -156,6 +158,19 @@ def load_nifti(path) -> Tuple[np.ndarray, Tuple[float, float, float], np.ndarray
     return np.transpose(data, (2, 1, 0)), (zooms[2], zooms[1], zooms[0]), np.array(img.affine, dtype=np.float64)
 
 
+def _npz_spacing(path) -> Optional[np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return np.asarray(data["spacing"]) if "spacing" in data.files else None
+
+
+def _check_spacing(spacing: np.ndarray, path) -> Tuple[float, float, float]:
+    """The optional ``spacing`` entry write_volume adds to .h5/.npz: three positive numbers."""
+    values = np.asarray(spacing, dtype=np.float64).ravel()
+    if values.shape != (3,) or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise DataError(f"{path}: 'spacing' must hold three positive numbers (z, y, x), got {spacing!r}")
+    return tuple(float(v) for v in values)
+
+
 def _as_3d(array: np.ndarray, path, what: str) -> np.ndarray:
     if array.ndim == 2:  # a single slice is a volume of depth 1
         array = array[None]
@@ -168,8 +183,10 @@ def read_volume(path, label_path=None, num_classes: Optional[int] = None) -> Vol
     """One case from ``.nii``/``.nii.gz``, ``.npy.h5``/``.h5`` (image, label) or ``.npz`` (image|img, label).
 
     The label is optional in every format (None when absent).  For NIfTI the label lives in a
-    separate file, ``label_path``; its shape must match the image's.  Images are returned as
-    float32 without intensity normalisation (see :func:`normalize_intensity`).
+    separate file, ``label_path``; its shape must match the image's.  Spacing comes from the
+    NIfTI header, or from a ``spacing`` entry in .h5/.npz files (TransUNet's and the ACDC files
+    have none: spacing is then None).  Images are returned as float32 without intensity
+    normalisation (see :func:`normalize_intensity`).
     """
     path = str(path)
     fmt = volume_format(path)
@@ -183,9 +200,12 @@ def read_volume(path, label_path=None, num_classes: Optional[int] = None) -> Vol
                 raise DataError(f"{label_path}: label shape {label.shape} differs from image "
                                 f"shape {image.shape} of {path}")
     elif fmt == "h5":
-        image, label = _load_h5_pair(path, need_label=False)
+        image, label, spacing = _load_h5_pair(path, need_label=False)
     else:
         image, label = load_npz_pair(path, need_label=False)
+        spacing = _npz_spacing(path)
+    if fmt != "nifti" and spacing is not None:
+        spacing = _check_spacing(spacing, path)
     image = _as_3d(np.asarray(image), path, "image")
     if not np.issubdtype(image.dtype, np.number):
         raise DataError(f"{path}: image has non-numeric dtype {image.dtype}")

@@ -76,6 +76,17 @@ def test_h5_npz_round_trip(tmp_path, name):
     assert back.name == "case0001"
     np.testing.assert_array_equal(back.image, like.image)
     np.testing.assert_array_equal(back.label, pred)
+    assert back.spacing == pytest.approx(like.spacing)
+    # Files as TransUNet / ACDC write them carry no spacing.
+    plain = like._replace(spacing=None)
+    assert read_volume(write_volume(tmp_path / ("plain_" + name), pred, plain)).spacing is None
+
+
+def test_bad_spacing_entry(tmp_path):
+    path = tmp_path / "v.npz"
+    np.savez(path, image=np.zeros((2, 2, 2)), label=np.zeros((2, 2, 2)), spacing=np.array([1.0, -2.0, 1.0]))
+    with pytest.raises(DataError, match="three positive numbers"):
+        read_volume(path)
 
 
 def test_h5_as_transunet_writes_it(tmp_path):
