@@ -15,6 +15,10 @@ Synapse/ACDC files): TransUNet's CT window when dataset.json names the channel `
 per-volume 0.5-99.5 percentile rescale; see :func:`dlkunet.data.volumes.normalize_intensity`.
 Test volumes come back normalised too, with the source affine and spacing.
 
+Test cases are imagesTs/ (with labelsTs/ where present).  Most nnU-Net folders have no test
+labels; ``holdout`` (a fraction, default 0) then moves the last cases of imagesTr, in sorted
+order, to the test set (``open_dataset(root, holdout=0.2)``).
+
 Training slices are the axial (D) slices of every training volume.  Volumes are loaded whole and
 kept in a small per-process LRU cache (``cache_volumes``), so a shuffled epoch over many large
 gzipped volumes re-reads files; for big datasets, convert to slices first.
@@ -22,6 +26,7 @@ gzipped volumes re-reads files; for big datasets, convert to slices first.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -118,7 +123,7 @@ class NiftiSlices(SliceSource):
 class NiftiData(SegmentationData):
     fmt = "nifti"
 
-    def __init__(self, root, cache_volumes: int = 4):
+    def __init__(self, root, cache_volumes: int = 4, holdout: float = 0.0):
         super().__init__(root)
         if not looks_like_nifti(self.root):
             raise DataError(f"{self.root}: not a NIfTI dataset folder (no imagesTr/ or imagesTs/)")
@@ -133,6 +138,13 @@ class NiftiData(SegmentationData):
         self.test_pairs = _pairs(self.root / "imagesTs", self.root / "labelsTs", need_labels=False)
         if not self.train_pairs and not self.test_pairs:
             raise DataError(f"{self.root}: no NIfTI images in imagesTr/ or imagesTs/")
+        if not 0.0 <= holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+        if holdout and not any(label for _, _, label in self.test_pairs):
+            count = min(len(self.train_pairs) - 1, math.ceil(holdout * len(self.train_pairs)))
+            if count < 1:
+                raise DataError(f"{self.root / 'imagesTr'}: too few cases to hold out {holdout:.0%}")
+            self.train_pairs, self.test_pairs = self.train_pairs[:-count], self.train_pairs[-count:]
 
     def _scan_labels(self) -> Tuple[int, List[str]]:
         nib = _nibabel()

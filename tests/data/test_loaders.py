@@ -157,6 +157,17 @@ class TestNifti:
         assert data.num_classes == 5 and data.class_names == ["class1", "class2", "class3", "class4"]
         assert data.intensity == "percentile"
 
+    def test_holdout_moves_last_training_cases(self, tmp_path, writers):
+        root = tmp_path / "hold"
+        writers.nifti(root, cases=("case_0001", "case_0002", "case_0003", "case_0004"), test_cases=())
+        assert len(open_dataset(root).test_volumes()) == 0
+        data = open_dataset(root, holdout=0.5)
+        assert [v.name for v in data.test_volumes()] == ["case_0003", "case_0004"]
+        assert data.test_volumes()[0].label is not None
+        assert len(data.train_slices(8)) == 5 + 6   # depths of case_0001, case_0002
+        with pytest.raises(ValueError, match="holdout"):
+            open_dataset(root, holdout=1.0)
+
     def test_mri_channel_uses_percentile(self, tmp_path, writers):
         root = tmp_path / "mri"
         writers.nifti(root, modality="MRI")
