@@ -95,6 +95,7 @@ def markdown(doc: dict) -> str:
              ("torch", env.get("torch")), ("triton", env.get("triton")), ("python", env.get("python")),
              ("driver", env.get("driver")), ("CUDA", env.get("cuda_runtime")), ("CPU", env.get("cpu_model")),
              ("threads", env.get("torch_threads")),
+             ("load average at start", env.get("loadavg_at_start") if env.get("device_type") == "cpu" else None),
              ("bandwidth", f"{bw / 1e9:.4g} GB/s ({env['bandwidth'].get('method')})" if bw else None)]
     out.append(", ".join(f"{k} {v}" for k, v in facts if v not in (None, "")))
     if env.get("size_notes"):
@@ -129,6 +130,12 @@ def _geomean(values: List[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _color(backend: str) -> str:
+    """One colour per backend in every panel and every chart."""
+    palette = ("#7f7f7f", "#bcbd22", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#ff7f0e")
+    return palette[BACKEND_ORDER.index(backend)] if backend in BACKEND_ORDER else "#9467bd"
+
+
 def chart(doc: dict, path: str) -> None:
     """Bars of speedup vs eager: ops as a geometric mean over shapes, models per case."""
     import matplotlib
@@ -159,8 +166,10 @@ def chart(doc: dict, path: str) -> None:
         for i, b in enumerate(backends):
             xs = [j + i * width for j, lab in enumerate(labels) if (lab, b) in values]
             ys = [values[(lab, b)] for lab in labels if (lab, b) in values]
-            ax.bar(xs, ys, width, label=b)
+            ax.bar(xs, ys, width, label=b, color=_color(b))
         ax.axhline(1.0, color="black", linewidth=0.8)
+        if values:
+            ax.set_yscale("log")  # speedups and slowdowns alike
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
         ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
         ax.set_ylabel("speedup vs eager (x)")

@@ -117,12 +117,12 @@ _FULL = Size("full", batch=16, image=224, base_width=96, levels=(0, 1, 2, 3, 4),
              timing=Timing(warmup_rounds=2, target_s=0.15, min_rounds=5, max_rounds=25))
 _CPU = Size("cpu", batch=2, image=64, base_width=96, levels=(0, 2, 4), dec_levels=(0,),
             model_variants=("S", "M", "L"), model_batches=(1, 2), model_image=64, model_base_width=96,
-            timing=Timing(warmup_rounds=1, target_s=0.3, min_rounds=3, max_rounds=10),
+            timing=Timing(warmup_rounds=0, target_s=0.3, min_rounds=3, max_rounds=10),
             # inductor's C++ compile takes 15-50 s per graph on 2 cores: one shape per op only.
             compile_model_cases=(), compile_op_cases=(0,), compile_combos=DW_COMBOS[:2] + LKA_COMBOS,
             notes="torch.compile rows only at the first shape of each op; model compile only at full size")
 _QUICK = Size("quick", batch=2, image=16, base_width=8, levels=(0,), dec_levels=(0,),
-              model_variants=("S", "L"), model_batches=(2,), model_image=32, model_base_width=8,
+              model_variants=("S",), model_batches=(2,), model_image=16, model_base_width=8,
               timing=Timing(warmup_rounds=0, target_s=0.0, min_rounds=2, max_rounds=2),
               compile_backend="aot_eager", compile_op_cases=(0,), compile_model_cases=(0,),
               notes="smoke run: tiny shapes, 2 rounds, compile via aot_eager; no timing claims")
