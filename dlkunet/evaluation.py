@@ -151,6 +151,17 @@ def _nanmean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _json_safe(value):
+    """NaN (a class absent from every case) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_reports(summary: Dict[str, Any], out_dir, method: str = "DLKUNet") -> Dict[str, Path]:
     """``cases.csv`` (per case, per class), ``summary.json`` and ``table.md``."""
     out = Path(out_dir)
@@ -166,9 +177,9 @@ def write_reports(summary: Dict[str, Any], out_dir, method: str = "DLKUNet") -> 
             for c in range(1, len(names) + 1):
                 values += [f"{row[f'dsc_{c}']:.6f}", f"{row[f'hd95_{c}']:.6f}"]
             writer.writerow(values + [f"{row['mean_dsc']:.6f}", f"{row['mean_hd95']:.6f}"])
-    light = {k: v for k, v in summary.items() if k != "cases"}
+    light = _json_safe({k: v for k, v in summary.items() if k != "cases"})
     with open(out / "summary.json", "w") as handle:
-        json.dump(light, handle, indent=2, allow_nan=True)
+        json.dump(light, handle, indent=2, allow_nan=False)
     (out / "table.md").write_text(markdown_table(summary, method))
     return {"csv": out / "cases.csv", "json": out / "summary.json", "markdown": out / "table.md"}
 

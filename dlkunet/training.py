@@ -220,6 +220,13 @@ class _Logger:
             self.writer.close()
 
 
+def _curves(csv_path: Path, png_path: Path) -> None:
+    from .plots import have_matplotlib, plot_training_curves
+
+    if have_matplotlib():  # optional: the CSV holds the same numbers
+        plot_training_curves(csv_path, png_path)
+
+
 @torch.no_grad()
 def validate(model, dataset, num_classes: int, batch_size: int, device) -> float:
     """Mean over foreground classes of the DSC pooled over all validation slices."""
@@ -359,11 +366,9 @@ def _train(cfg: TrainConfig, resume, info: distributed.DistInfo) -> Dict[str, An
         distributed.all_reduce_sum(totals, info)
         count = max(totals[1].item(), 1.0)
         row: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": totals[0].item() / count}
-        row.update({f"loss_{k}": totals[2 + i].item() / count for i, k in enumerate(keys)})
-        weights = getattr(loss_fn, "weights", None)
-        if callable(weights):
-            alpha, beta = weights(epoch + 1)
-            row.update(alpha_dice=float(alpha), beta_ce=float(beta))
+        for i, key in enumerate(keys):  # the loss weights are logged under their own names, not as losses
+            name = {"alpha": "alpha_dice", "beta": "beta_ce"}.get(key, f"loss_{key}")
+            row[name] = totals[2 + i].item() / count
         validate_now = val_set is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
         row["val_mean_dsc"] = float("nan")
         if validate_now and info.is_main:
@@ -392,6 +397,8 @@ def _train(cfg: TrainConfig, resume, info: distributed.DistInfo) -> Dict[str, An
                            + ("  (best)" if improved else "") + f"  {row['seconds']:.1f}s")
         distributed.barrier(info)
     logger.close()
+    if info.is_main and history:
+        _curves(logger.csv_path, out / "curves.png")
     last_epoch = start_epoch + ran
     return {"output": str(out), "epochs_done": last_epoch, "finished": last_epoch >= cfg.epochs,
             "best_metric": best, "best_metric_name": metric_name, "best": str(out / "best.pt"),

@@ -95,7 +95,10 @@ def test_evaluate_writes_reports(synthetic, tmp_path):
         + ["mean_dsc", "mean_hd95"]
     assert rows[0] == expected and len(rows) == 3
     assert all(0.0 <= float(v) <= 1.0 for v in rows[1][1:-1:2])  # the DSC columns
-    saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    def no_nan(token):
+        raise AssertionError(f"summary.json is not strict JSON: {token}")
+
+    saved = json.loads((tmp_path / "eval" / "summary.json").read_text(), parse_constant=no_nan)
     assert set(saved["per_class"]) == {"1", "2", "3", "4"} and saved["num_cases"] == 2
     assert saved["mean_dsc"] == pytest.approx(np.mean([v["dsc"] for v in saved["per_class"].values()]))
     table = (tmp_path / "eval" / "table.md").read_text().splitlines()

@@ -13,6 +13,7 @@ from dlkunet.checkpointing import (CheckpointError, atomic_save, atomic_write, g
                                    load_model, make_checkpoint, save_safetensors, set_rng_state)
 from dlkunet.data.synthetic import make_synthetic
 from dlkunet.models import build_model
+from dlkunet.plots import have_matplotlib as plots_available
 from dlkunet.training import PAPER_GAMMA, TrainConfig, make_config, resolve_precision, step_lr_factor, train
 
 TINY = dict(variant="S", base_width=8, image_size=32, batch_size=4, device="cpu", progress=False,
@@ -67,6 +68,8 @@ def test_checkpoint_contents_and_rebuild(tiny_data, tmp_path):
     assert raw["epoch"] == 1 and raw["model_config"]["base_width"] == 8
     assert raw["data"]["num_classes"] == 5 and raw["data"]["image_size"] == 32
     assert result["best_metric_name"] == "train_loss"  # the synthetic set has no validation split
+    if plots_available():
+        assert (tmp_path / "curves.png").stat().st_size > 0
     model, _ = load_model(tmp_path / "best.pt")
     x = torch.rand(2, 1, 32, 32)
     trained = build_model("S", num_classes=5, base_width=8)
