@@ -85,6 +85,11 @@ class Down(nn.Module):
         self.block = Block(cin, cout, **block_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h < 2 or w < 2:
+            # The reference cannot pool a map below 2x2 (tiny inputs at deep levels); replicate it up
+            # to 2 so it pools to 1.  Sizes the reference accepts are untouched.
+            x = F.pad(x, [0, max(0, 2 - w), 0, max(0, 2 - h)], mode="replicate")
         return self.block(self.pool(x))
 
 
@@ -99,6 +104,6 @@ class Up(nn.Module):
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
         up = self.up(deep)
         dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
-        if dh or dw:  # the reference's "auto-resize"
+        if dh or dw:  # the reference's "auto-resize" (a negative difference crops: see Down)
             up = F.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
         return self.block(torch.cat([skip, up], dim=1))

@@ -23,7 +23,7 @@ __all__ = ["dwconv_bn_act", "lka_gate", "BACKENDS", "BackendUnavailableError", "
 
 def _autocast(device_type: str, *tensors: Tensor):
     """Cast to the autocast dtype, as autocast would cast a convolution's inputs."""
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
     return tensors

@@ -1,0 +1,76 @@
+"""`dlkunet info`: versions, backends (and why any is missing), and the model zoo's sizes."""
+from __future__ import annotations
+
+import platform
+from typing import Dict
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import __version__, ops
+from .models import VARIANTS
+
+
+def conv_macs(model: torch.nn.Module, height: int = 224, width: int = 224) -> int:
+    """Multiply-accumulates of the convolutions (and matmuls) for one image, on the meta device.
+
+    torch.utils.flop_counter counts 2 FLOPs per MAC and only conv/matmul; the paper's FLOPs column
+    came from a counter that also counts other layers, so the two figures differ by design."""
+    meta = model.to("meta")
+    x = torch.empty(1, model.config["in_channels"], height, width, device="meta")
+    with ops.use_backend("torch"), FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta.eval()(x)
+    return counter.get_total_flops() // 2
+
+
+def model_table(in_channels: int = 1, num_classes: int = 9, size: int = 224) -> Dict[str, Dict[str, float]]:
+    rows = {}
+    for name, cls in VARIANTS.items():
+        model = cls(in_channels=in_channels, num_classes=num_classes)
+        params = sum(p.numel() for p in model.parameters())
+        rows[name] = {"params": params, "gmacs": conv_macs(model, size, size) / 1e9}
+    return rows
+
+
+def _versions() -> Dict[str, str]:
+    versions = {"dlkunet": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "torch CUDA": str(torch.version.cuda)}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    if torch.cuda.is_available():
+        versions["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    else:
+        versions["GPU"] = "none visible"
+    return versions
+
+
+def print_info() -> None:
+    print("dlkunet: DLKUNet for medical image segmentation\n")
+    for key, value in _versions().items():
+        print(f"  {key:<11} {value}")
+    print(f"\nbackend setting: {ops.get_backend()} (DLKUNET_BACKEND, dlkunet.ops.set_backend)")
+    for device in ("cpu", "cuda"):
+        print(f"  {device} tensors run on: {_auto_choice(device)}")
+    print("backends:")
+    for name in ops.BACKENDS:
+        ok, why = ops.availability(name)
+        print(f"  {name:<7} {'available' if ok else 'unavailable: ' + why}")
+    print("\nmodels (1 input channel, 9 classes; MACs of convolutions at 1x1x224x224,\n"
+          "torch.utils.flop_counter; the paper's FLOPs column counts more layer types):")
+    for name, row in model_table().items():
+        print(f"  DLKUNet-{name}  {row['params']:>12,} parameters  {row['gmacs']:6.2f} GMACs")
+
+
+def _auto_choice(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        return "- (no GPU)"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ops.resolve(device)
+        except ops.BackendUnavailableError as exc:
+            return f"error: {exc}"

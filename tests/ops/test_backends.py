@@ -1,0 +1,68 @@
+"""The backend registry: setting, context manager, environment variable, auto, and errors."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dlkunet import ops
+from dlkunet.ops import backends
+
+
+def test_set_get_and_context_manager_restore():
+    before = ops.get_backend()
+    with ops.use_backend("torch"):
+        assert ops.get_backend() == "torch"
+        with ops.use_backend("auto"):
+            assert ops.get_backend() == "auto"
+        assert ops.get_backend() == "torch"
+    assert ops.get_backend() == before
+    ops.set_backend("torch")
+    try:
+        assert ops.resolve("cpu") == "torch"
+    finally:
+        ops.set_backend(before)
+
+
+def test_unknown_backend_name_is_an_error():
+    with pytest.raises(ValueError, match="unknown dlkunet backend 'cudnn'"):
+        ops.set_backend("cudnn")
+
+
+def test_explicit_unavailable_backend_says_why():
+    with ops.use_backend("cuda"):
+        if ops.availability("cuda", "cpu")[0]:
+            pytest.fail("the cuda backend must not claim CPU tensors")
+        with pytest.raises(ops.BackendUnavailableError, match="'cuda' is not available: .+"):
+            ops.resolve("cpu")
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, "cpu", ("cuda",))  # never available for CPU tensors
+    monkeypatch.setattr(backends, "_state", {"setting": "auto", "warned": set()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.resolve("cpu") == "torch"
+        assert backends.resolve("cpu") == "torch"
+    messages = [str(w.message) for w in caught if "no fused backend" in str(w.message)]
+    assert len(messages) == 1 and "cuda:" in messages[0]
+
+
+def test_environment_variable_sets_the_default():
+    code = "import dlkunet.ops as o; print(o.get_backend())"
+    env = dict(os.environ, DLKUNET_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch"
+    env["DLKUNET_BACKEND"] = "nonsense"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown dlkunet backend 'nonsense'" in bad.stderr
+
+
+def test_every_backend_reports_availability_with_a_reason():
+    for name in ops.BACKENDS:
+        ok, why = ops.availability(name)
+        assert isinstance(ok, bool)
+        assert ok or why, f"{name} is unavailable but gives no reason"
+    assert ops.availability("torch") == (True, "")
