@@ -125,7 +125,7 @@ def _budget(request):
         return
     params = getattr(getattr(request.node, "callspec", None), "params", {})
     need = 0.0
-    if params.get("backend") == "compile":
+    if params.get("backend") == "compile" and _state["size"].compile_backend == "inductor":
         need = _COMPILE_COST["model" if "model_case" in params else "op"]
     if time.monotonic() - _state["start"] + need > budget:
         pytest.skip(f"--bench-budget of {budget:.0f} s used up before this case started"

@@ -92,7 +92,7 @@ backends_report() {
   $PYP -c 'import dlkunet, dlkunet.ops as o
 print("dlkunet from", dlkunet.__file__)
 for b in o.BACKENDS:
-    print(f"backend {b:7s} cuda={o.availability(b, \"cuda\")} cpu={o.availability(b, \"cpu\")}")'
+    print("backend %-7s cuda=%s cpu=%s" % (b, o.availability(b, "cuda"), o.availability(b, "cpu")))' || return
   if command -v dlkunet >/dev/null; then dlkunet info; fi
 }
 
