@@ -2,6 +2,7 @@
 
     pytest benchmarks --benchmark-only [--bench-size full|cpu|quick] [--bench-json PATH]
                                        [--bench-device auto|cuda|cpu] [--bench-budget SECONDS]
+                                       [--bench-threads N]
 
 ``--bench-size`` defaults to ``full`` with a GPU and ``cpu`` without; CI runs ``quick``.
 ``--bench-json`` (or env ``DLKUNET_BENCH_OUT``) writes the run's JSON record (rewritten after every
@@ -41,6 +42,8 @@ def pytest_addoption(parser):
                     help="write the results JSON here (default: env DLKUNET_BENCH_OUT, else none)")
     group.addoption("--bench-budget", type=float, default=0.0, metavar="SECONDS",
                     help="skip cases that would start after this many seconds (0: no limit)")
+    group.addoption("--bench-threads", type=int, default=0, metavar="N",
+                    help="torch.set_num_threads(N) for the run (0: torch's default); recorded")
 
 
 def _device(config) -> torch.device:
@@ -57,6 +60,11 @@ def pytest_configure(config):
     size = shapes.get_size(config.getoption("--bench-size") or ("full" if device.type == "cuda" else "cpu"))
     path = config.getoption("--bench-json") or os.environ.get("DLKUNET_BENCH_OUT") or None
     _state.update(device=device, size=size, path=path, start=time.monotonic(), bench=None)
+    threads = config.getoption("--bench-threads")
+    if threads < 0:
+        raise pytest.UsageError(f"--bench-threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
     # Compile rows reset dynamo per case; never let a recompile limit silently fall back to eager.
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True

@@ -13,7 +13,8 @@
 #   bench.json   benchmark results (written after every row, so a timeout keeps what ran)
 #   bench.md     the markdown report        bench.png  speedup chart (needs matplotlib)
 #   more.tar.gz  junit.xml and bench.log (pytest output of the benchmarks)
-# Environment: PYTHON (default python), GPU_CHECK_TESTS (pytest selection, default "tests -m gpu"),
+# Environment: PYTHON (default python3), GPU_CHECK_TESTS (pytest selection, default "tests -m gpu"),
+# GPU_CHECK_WORKERS (pytest-xdist workers for the tests, default 6 where xdist is installed; 0: none),
 # GPU_CHECK_TOTAL_S (the total budget).  --no-build uses the dlkunet already installed (for
 # trying the script on a machine without nvcc or CUDA).
 set -u
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 TESTS=${GPU_CHECK_TESTS:-tests -m gpu}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
@@ -117,8 +118,12 @@ fi
 run backends 60 200 "$OUT/env.txt" bash -c backends_report
 grep -E '^(dlkunet from|backend )' "$OUT/env.txt" >> "$SUMMARY"
 
+# Triton's JIT compilation dominates the GPU tests and is CPU-bound: spread it over workers.
+WORKERS=${GPU_CHECK_WORKERS:-6}
+XDIST=()
+if [ "$WORKERS" != 0 ] && $PY -c 'import xdist' 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
 # shellcheck disable=SC2086  # TESTS is a word list on purpose
-run tests 150 170 "$OUT/tests.log" $PYP -m pytest $TESTS -q -rfEs -p no:cacheprovider \
+run tests 150 170 "$OUT/tests.log" $PYP -m pytest $TESTS "${XDIST[@]}" -q -rfEs -p no:cacheprovider \
   --junitxml="$OUT/junit.xml" --maxfail=25
 if [ $? = 5 ]; then
   echo "(no test selected by '$TESTS'; running tests/ops tests/kernels instead)" >> "$SUMMARY"

@@ -24,18 +24,25 @@ import torch
 
 
 class CudaEventTimer:
-    """A clock that reads GPU time: seconds from a base event to a freshly recorded one."""
+    """A clock that reads GPU time, in seconds, advanced by the time between consecutive events.
+
+    cudaEventElapsedTime returns float32 milliseconds: measured from one old base event its
+    resolution would decay to tens of microseconds after minutes, so each reading adds only the
+    (short) interval since the previous event to a float64 total.
+    """
 
     def __init__(self):
-        self.base = torch.cuda.Event(enable_timing=True)
-        self.base.record()
-        self.base.synchronize()
+        self.last = None
+        self.now = 0.0
 
     def __call__(self) -> float:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         event.synchronize()
-        return self.base.elapsed_time(event) * 1e-3
+        if self.last is not None:
+            self.now += self.last.elapsed_time(event) * 1e-3
+        self.last = event
+        return self.now
 
     def __repr__(self):
         return "CudaEventTimer"

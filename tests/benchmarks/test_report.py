@@ -129,3 +129,49 @@ def test_full_size_has_the_spec_shapes():
     assert {(m.variant, m.batch) for m in shapes.model_cases(full)} == {(v, b) for v in "SML" for b in (1, 8, 16)}
     with pytest.raises(ValueError, match="unknown --bench-size"):
         shapes.get_size("huge")
+
+
+harness = _load("harness")
+
+
+def test_cuda_event_timer_keeps_microsecond_resolution_late_in_a_run(monkeypatch):
+    # Events at t = 10 min and 10 min + 3 us: float32 ms from a base event would lose the 3 us.
+    times = iter([0.0, 600_000.0, 600_000.003, 600_000.0035])
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.t = next(times)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            import numpy as np
+            return float(np.float32(other.t - self.t))  # CUDA returns float32 milliseconds
+
+    monkeypatch.setattr(harness.torch.cuda, "Event", FakeEvent)
+    clock = harness.CudaEventTimer()
+    readings = [clock() for _ in range(4)]
+    assert readings[0] == 0.0 and readings[1] == pytest.approx(600.0)
+    assert readings[2] - readings[1] == pytest.approx(3e-6, rel=1e-3)
+    assert readings[3] - readings[2] == pytest.approx(0.5e-6, rel=1e-3)
+
+
+def test_speedups_pair_rows_of_the_same_case_only():
+    rows = [_row("eager", 4.0), _row("cuda", 2.0), _row("cuda", 1.0, dtype="bfloat16"),
+            _row("eager", 10.0, mode="train", pass_="fwd+bwd"), _row("triton", 20.0, mode="train", pass_="fwd+bwd")]
+    harness.annotate_speedups(rows)
+    assert [r["speedup_vs_eager"] for r in rows] == [1.0, 2.0, None, 1.0, 0.5]
+
+
+def test_rotation_cycles_sets_and_prepares_each():
+    seen = []
+    rot = harness.Rotation([("a",), ("b",), ("c",)], prepare=seen.append)
+    assert [rot()[0] for _ in range(5)] == ["a", "b", "c", "a", "b"]
+    assert len(seen) == 5
+    big = harness.rotation_count(1 << 40, torch.device("cpu"))
+    small = harness.rotation_count(1, torch.device("cpu"))
+    assert big == 2 and small == 8
