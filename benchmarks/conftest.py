@@ -23,7 +23,8 @@ import torch
 
 # The suite's helper modules live beside this file.  Only this directory goes on sys.path, never
 # the repository root (that would import the source tree's dlkunet instead of the installed one).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
 
 import baselines  # noqa: E402
 import harness  # noqa: E402
@@ -112,12 +113,18 @@ def _priority(item):
             baselines.BACKENDS.index(backend) if backend in baselines.BACKENDS else 0)
 
 
+def _ours(path) -> bool:
+    """Whether a test or report belongs to this suite (these hooks see every test in a session)."""
+    return Path(str(path)).resolve().is_relative_to(_HERE)
+
+
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_priority)
+    mine = sorted((i for i in items if _ours(i.path)), key=_priority)
+    items[:] = [i for i in items if not _ours(i.path)] + mine
     if _state["device"].type == "cuda":
         # pytest-benchmark reads its clock from this marker: GPU time between CUDA events.
         timer = harness.CudaEventTimer()
-        for item in items:
+        for item in mine:
             item.add_marker(pytest.mark.benchmark(timer=timer))
 
 
@@ -159,7 +166,7 @@ def bench():
 
 def pytest_runtest_logreport(report):
     bench = _state.get("bench")
-    if bench is None:
+    if bench is None or not _ours(report.fspath):
         return
     if report.skipped and report.when in ("setup", "call"):
         bench.record.skipped.append({"test": report.nodeid, "reason": harness.short_reason(report.longrepr)})
