@@ -145,13 +145,15 @@ struct OutPlane {
 // ---------------------------------------------------------------- pixel-tile GEMM
 
 // Epilogue contract: operator()(acc, tx, ty, p0, r0, s_n, s_h, s_w), where acc[i][j] belongs to
-// pixel p0 + tx + 16*i (valid when s_n[tx + 16*i] >= 0) and row r0 + ty + 16*j.  Every thread of
+// pixel p0 + tx + 16*i (valid when s_n[tx + 16*i] >= 0; lanes stay on consecutive pixels, so
+// stores coalesce) and row r0 + 4*ty + j (four consecutive rows: one float4 read of Bs per step).  Every thread of
 // the block calls it (epilogues may use warp shuffles over the 16 lanes that share ty).
 template <class ALoad, class Epi>
 __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
                                                       int64_t w_ks, int rows, int kdim, Geo g, Epi epi) {
   __shared__ float As[BK][BM];
-  __shared__ float Bs[BK][BN + 1];  // +1: the k-fastest fill would otherwise hit one bank
+  // Rows padded to BN + 4: float4 reads stay 16-byte aligned and the k-fastest fill spreads over banks.
+  __shared__ __align__(16) float Bs[BK][BN + 4];
   __shared__ int s_n[BM], s_h[BM], s_w[BM];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
@@ -192,8 +194,8 @@ __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __re
       float a[4], b[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) a[i] = As[kk][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][ty + 16 * j];
+      const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][ty * 4]);  // one broadcast LDS.128
+      b[0] = bv.x, b[1] = bv.y, b[2] = bv.z, b[3] = bv.w;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -226,7 +228,7 @@ struct EpiStorePlane {  // out[r][p] = acc
                                              const int*, const int*) const {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ty + 16 * j;
+      const int r = r0 + ty * 4 + j;
       if (r >= rows) continue;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
@@ -245,7 +247,7 @@ struct EpiGate {  // out = gate * (acc + bias)
                                              const int* sh, const int* sw) const {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ty + 16 * j;
+      const int r = r0 + ty * 4 + j;
       if (r >= rows) continue;
       const float b = bias[r];
 #pragma unroll
@@ -263,8 +265,8 @@ struct EpiGate {  // out = gate * (acc + bias)
 template <class ALoad, class BLoad>
 __global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int chunk, Geo g,
                                                         float* __restrict__ part) {
-  __shared__ float As[BK][BN + 1];  // [pixel][row]
-  __shared__ float Bs[BK][BN + 1];  // [pixel][col]
+  __shared__ __align__(16) float As[BK][BN + 4];  // [pixel][row]; + 4 as in pix_gemm_kernel
+  __shared__ __align__(16) float Bs[BK][BN + 4];  // [pixel][col]
   __shared__ int s_n[BK], s_h[BK], s_w[BK];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int c0 = blockIdx.x * BN, r0 = blockIdx.y * BN, s = blockIdx.z;
@@ -301,11 +303,9 @@ __global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R,
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+      const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+      const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+      const float a[4] = {av.x, av.y, av.z, av.w}, b[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -315,11 +315,11 @@ __global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R,
   }
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int r = r0 + ty + 16 * i;
+    const int r = r0 + ty * 4 + i;
     if (r >= R) continue;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int c = c0 + tx + 16 * j;
+      const int c = c0 + tx * 4 + j;
       if (c < Ccols) part[((int64_t)s * R + r) * Ccols + c] = acc[i][j];
     }
   }

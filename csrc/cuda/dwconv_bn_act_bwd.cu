@@ -29,7 +29,7 @@ struct EpiBwdStats {
                                              const int* sh, const int* sw) const {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ty + 16 * j;
+      const int r = r0 + ty * 4 + j;
       const bool rv = r < rows;  // no early exit: all 16 lanes take part in the shuffles
       float sg = 0.f, sgx = 0.f;
       if (rv) {
@@ -68,7 +68,7 @@ struct EpiBwdDz {
                                              const int* sh, const int* sw) const {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ty + 16 * j;
+      const int r = r0 + ty * 4 + j;
       if (r >= rows) continue;
       const float bias = bn.b_pw[r], m = bn.mean[r], rstd = rsqrtf(bn.var[r] + bn.eps);
       const float ga = bn.gamma[r], be = bn.beta[r], a = cA[r], b = cB[r], c = cC[r];

@@ -22,7 +22,7 @@ struct EpiDwEval {
                                              const int* sh, const int* sw) const {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ty + 16 * j;
+      const int r = r0 + ty * 4 + j;
       if (r >= rows) continue;
       const float scale = gamma[r] * rsqrtf(var[r] + eps);
       const float shift = (b_pw[r] - mean[r]) * scale + beta[r];
@@ -49,7 +49,7 @@ struct EpiDwTrain {  // y = z (pre-normalisation); part_mean/part_m2[tile][row]:
     const int nvalid = min(BM, P - p0);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ty + 16 * j;
+      const int r = r0 + ty * 4 + j;
       const bool rv = r < rows;  // no early exit: all 16 lanes take part in the shuffles
       const float bias = rv ? b_pw[r] : 0.f;
       float z[4], s = 0.f;
