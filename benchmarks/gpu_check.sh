@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh OUTDIR [--no-build] [--size full|cpu|quick] [--total SECONDS]
 #
 # Run from anywhere; it works in the repository that holds it.  Every step has a time limit cut
-# from a total budget (default 420 s, so it ends well inside 8 minutes), and a failed or timed-out
+# from a total budget (default 370 s: about 6 minutes, well inside 8), and a failed or timed-out
 # step never stops the next one.  OUTDIR ends with at most 8 files:
 #   summary.txt  each step's status and time, availability, test and benchmark tails
 #   env.txt      nvidia-smi, nvcc, versions, CPU, installed packages, backend availability
@@ -24,7 +24,7 @@ usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 OUT=$1; shift
 BUILD=1
 SIZE=""
-TOTAL=${GPU_CHECK_TOTAL_S:-420}
+TOTAL=${GPU_CHECK_TOTAL_S:-370}
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0 ;;
@@ -101,13 +101,14 @@ for b in o.BACKENDS:
 export PY PYP
 export -f env_report backends_report
 run env 30 0 "$OUT/env.txt" bash -c env_report
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$SUMMARY" 2>/dev/null
 
 if [ "$BUILD" = 1 ]; then
   : > "$OUT/build.log"
-  if ! run build 200 240 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DLKUNET_BUILD_EXT=1 \
+  if ! run build 200 180 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DLKUNET_BUILD_EXT=1 \
        $PY -m pip install --no-build-isolation --no-deps -v . ; then
     # Keep the rest of the check useful: install without the extension (torch and triton backends).
-    run build-noext 60 200 "$OUT/build.log" env DLKUNET_BUILD_EXT=0 \
+    run build-noext 60 170 "$OUT/build.log" env DLKUNET_BUILD_EXT=0 \
       $PY -m pip install --no-build-isolation --no-deps .
   fi
 else
@@ -115,7 +116,7 @@ else
   printf '%-10s %-16s\n' build "skipped" >> "$SUMMARY"
 fi
 
-run backends 60 200 "$OUT/env.txt" bash -c backends_report
+run backends 40 150 "$OUT/env.txt" bash -c backends_report
 grep -E '^(dlkunet from|backend )' "$OUT/env.txt" >> "$SUMMARY"
 
 # Triton's JIT compilation dominates the GPU tests and is CPU-bound: spread it over workers.
@@ -123,19 +124,19 @@ WORKERS=${GPU_CHECK_WORKERS:-6}
 XDIST=()
 if [ "$WORKERS" != 0 ] && $PY -c 'import xdist' 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
 # shellcheck disable=SC2086  # TESTS is a word list on purpose
-run tests 150 170 "$OUT/tests.log" $PYP -m pytest $TESTS "${XDIST[@]}" -q -rfEs -p no:cacheprovider \
+run tests 150 110 "$OUT/tests.log" $PYP -m pytest $TESTS "${XDIST[@]}" -q -rfEs -p no:cacheprovider \
   --junitxml="$OUT/junit.xml" --maxfail=25
 if [ $? = 5 ]; then
   echo "(no test selected by '$TESTS'; running tests/ops tests/kernels instead)" >> "$SUMMARY"
-  run tests-all 120 150 "$OUT/tests.log" $PYP -m pytest tests/ops tests/kernels -x -q -rfEs \
+  run tests-all 120 100 "$OUT/tests.log" $PYP -m pytest tests/ops tests/kernels -x -q -rfEs \
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
 fi
 
-BENCH_LIMIT=$(limit 300 40)
+BENCH_LIMIT=$(limit 300 25)
 SIZE_ARGS=()
 [ -n "$SIZE" ] && SIZE_ARGS=(--bench-size "$SIZE")
-run bench 300 40 "$OUT/bench.log" $PYP -m pytest benchmarks --benchmark-only "${SIZE_ARGS[@]}" -q -rfE \
-  -p no:cacheprovider --bench-json "$OUT/bench.json" --bench-budget $(( BENCH_LIMIT - 50 > 30 ? BENCH_LIMIT - 50 : 30 )) \
+run bench 300 25 "$OUT/bench.log" $PYP -m pytest benchmarks --benchmark-only "${SIZE_ARGS[@]}" -q -rfE \
+  -p no:cacheprovider --bench-json "$OUT/bench.json" --bench-budget $(( BENCH_LIMIT - 40 > 20 ? BENCH_LIMIT - 40 : 20 )) \
   --benchmark-columns=median,iqr,rounds
 
 if [ -f "$OUT/bench.json" ]; then
@@ -145,6 +146,9 @@ else
 fi
 
 {
+  [ -f "$OUT/bench.json" ] && $PY -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+print("bench.json: %d rows, %d skipped, %d failed" % (len(d["rows"]), len(d["skipped"]), len(d["failed"])))' "$OUT/bench.json"
   echo
   echo "== tests.log (tail)"; tail -n 25 "$OUT/tests.log" 2>/dev/null
   echo
