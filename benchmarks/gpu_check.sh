@@ -63,7 +63,7 @@ run() {
   local name=$1 cap=$2 reserve=$3 log=$4; shift 4
   local t0=$SECONDS lim; lim=$(limit "$cap" "$reserve")
   echo "### $name (limit ${lim}s): $*" >> "$log"
-  timeout -s INT -k 20 "$lim" "$@" >> "$log" 2>&1
+  timeout -s INT -k 10 "$lim" "$@" >> "$log" 2>&1
   local rc=$?
   local status="ok"
   case $rc in
