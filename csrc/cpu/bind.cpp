@@ -1,0 +1,46 @@
+// Registers the CPU kernels on dlkunet._C under the names dlkunet/ops/extension.py looks up.
+#include "common.h"
+#include "../bindings.h"
+
+namespace dlkunet {
+namespace cpu {
+std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x, const Tensor& w_dw, const Tensor& b_dw,
+                                                          const Tensor& w_pw, const Tensor& b_pw,
+                                                          const Tensor& gamma, const Tensor& beta,
+                                                          const Tensor& running_mean, const Tensor& running_var,
+                                                          bool training, double eps, bool relu);
+std::vector<Tensor> dwconv_bn_act_backward(const Tensor& grad_y, const Tensor& x, const Tensor& w_dw,
+                                           const Tensor& b_dw, const Tensor& w_pw, const Tensor& b_pw,
+                                           const Tensor& gamma, const Tensor& beta, const Tensor& mean,
+                                           const Tensor& var, bool training, double eps, bool relu);
+Tensor lka_gate_forward(const Tensor& x, const Tensor& w0, const Tensor& b0, const Tensor& ws, const Tensor& bs,
+                        const Tensor& w1, const Tensor& b1, int64_t dilation);
+std::vector<Tensor> lka_gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& w0, const Tensor& b0,
+                                      const Tensor& ws, const Tensor& bs, const Tensor& w1, const Tensor& b1,
+                                      int64_t dilation);
+}  // namespace cpu
+
+void bind_cpu(pybind11::module_& m) {
+  namespace py = pybind11;
+  // The kernels run without the GIL: they touch no Python objects.
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("cpu_dwconv_bn_act_forward", &cpu::dwconv_bn_act_forward, nogil,
+        "(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, training, eps, relu) -> (y, mean, var)",
+        py::arg("x"), py::arg("w_dw"), py::arg("b_dw"), py::arg("w_pw"), py::arg("b_pw"), py::arg("gamma"),
+        py::arg("beta"), py::arg("running_mean"), py::arg("running_var"), py::arg("training"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("cpu_dwconv_bn_act_backward", &cpu::dwconv_bn_act_backward, nogil,
+        "(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, training, eps, relu) -> 7 gradients",
+        py::arg("grad_y"), py::arg("x"), py::arg("w_dw"), py::arg("b_dw"), py::arg("w_pw"), py::arg("b_pw"),
+        py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("var"), py::arg("training"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("cpu_lka_gate_forward", &cpu::lka_gate_forward, nogil,
+        "(x, w0, b0, ws, bs, w1, b1, dilation) -> out", py::arg("x"), py::arg("w0"), py::arg("b0"), py::arg("ws"),
+        py::arg("bs"), py::arg("w1"), py::arg("b1"), py::arg("dilation"));
+  m.def("cpu_lka_gate_backward", &cpu::lka_gate_backward, nogil,
+        "(grad_out, x, w0, b0, ws, bs, w1, b1, dilation) -> 7 gradients", py::arg("grad_out"), py::arg("x"),
+        py::arg("w0"), py::arg("b0"), py::arg("ws"), py::arg("bs"), py::arg("w1"), py::arg("b1"),
+        py::arg("dilation"));
+}
+
+}  // namespace dlkunet
