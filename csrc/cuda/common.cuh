@@ -146,8 +146,9 @@ struct OutPlane {
 
 // Epilogue contract: operator()(acc, tx, ty, p0, r0, s_n, s_h, s_w), where acc[i][j] belongs to
 // pixel p0 + tx + 16*i (valid when s_n[tx + 16*i] >= 0; lanes stay on consecutive pixels, so
-// stores coalesce) and row r0 + 4*ty + j (four consecutive rows: one float4 read of Bs per step).  Every thread of
-// the block calls it (epilogues may use warp shuffles over the 16 lanes that share ty).
+// stores coalesce) and row r0 + 4*ty + j (four consecutive rows: one float4 read of Bs per step).
+// Every thread of the block calls it (epilogues may use warp shuffles over the 16 lanes that
+// share ty).
 template <class ALoad, class Epi>
 __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
                                                       int64_t w_ks, int rows, int kdim, Geo g, Epi epi) {
