@@ -109,7 +109,7 @@ def _evaluate(args) -> int:
 
     summary = evaluate(args.checkpoint, args.data, args.fmt, args.output, args.device, args.batch_size,
                        args.hd95_protocol, args.progress, args.precision, args.limit, args.overlays)
-    print(markdown_table(summary))
+    print(markdown_table(summary, summary.get("method", "DLKUNet")))
     print(f"reports: {', '.join(summary['reports'].values())}")
     return 0
 

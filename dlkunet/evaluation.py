@@ -229,7 +229,8 @@ def evaluate(checkpoint, data=None, fmt: str = "auto", output="eval", device: st
                              on_case=overlay if overlays else None)
     summary["checkpoint"] = str(checkpoint)
     summary["image_size"] = image_size
-    summary["reports"] = {k: str(v) for k, v in write_reports(summary, out, _method(ckpt)).items()}
+    summary["method"] = _method(ckpt)
+    summary["reports"] = {k: str(v) for k, v in write_reports(summary, out, summary["method"]).items()}
     return summary
 
 
