@@ -516,28 +516,35 @@ void launch_dw_bwd_weight(const float* gin, const Src& src, int k, int dil, Geo 
 // TH x TW output tile.  Shared memory holds the x tile with both halos (r2 + r0) and the a1 tile
 // with its dilated halo (r2); a1 is zero outside the image, exactly as two separate convolutions
 // with zero padding see it.  Writes a2 (and, when a1_out is set, a1) as float32 planes.
-constexpr int LKA_TH = 16, LKA_TW = 32;
+// Specialised sizes (K0, KS, D > 0) use 64-wide tiles and give each thread 4 horizontally adjacent
+// outputs with the weights in registers, so neighbouring outputs share their shared-memory reads;
+// the generic path (all 0) computes one output per step from 32-wide tiles.
+constexpr int LKA_TH = 16, LKA_TW_SPEC = 64, LKA_TW_GENERIC = 32;
+inline int lka_tile_w(bool specialised) { return specialised ? LKA_TW_SPEC : LKA_TW_GENERIC; }
 
-inline int64_t lka_stage_smem_floats(int k0, int ks, int d) {
+inline int64_t lka_stage_smem_floats(int k0, int ks, int d, int tw) {
   const int r0 = k0 / 2, r2 = d * (ks / 2);
-  const int64_t AH = LKA_TH + 2 * r2, AW = LKA_TW + 2 * r2;
+  const int64_t AH = LKA_TH + 2 * r2, AW = tw + 2 * r2;
   return (AH + 2 * r0) * (AW + 2 * r0) + AH * AW;
 }
 
 template <class T, int K0, int KS, int D>
-__global__ void __launch_bounds__(256, 4) lka_stage_kernel(Act<T> x, const float* __restrict__ w0,
-                                                        const float* __restrict__ b0, const float* __restrict__ ws,
-                                                        const float* __restrict__ bs, int k0_rt, int ks_rt, int d_rt,
-                                                        Geo g, int tiles_w, float* __restrict__ a1_out,
-                                                        float* __restrict__ a2_out) {
+__global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float* __restrict__ w0,
+                                                           const float* __restrict__ b0, const float* __restrict__ ws,
+                                                           const float* __restrict__ bs, int k0_rt, int ks_rt,
+                                                           int d_rt, Geo g, int tiles_w, float* __restrict__ a1_out,
+                                                           float* __restrict__ a2_out) {
+  constexpr bool SPEC = K0 > 0;
+  constexpr int TW = SPEC ? LKA_TW_SPEC : LKA_TW_GENERIC;
+  constexpr int G = SPEC ? 4 : 1;  // outputs per thread and step, along W
   extern __shared__ float smem[];
-  const int k0 = K0 > 0 ? K0 : k0_rt, ks = KS > 0 ? KS : ks_rt, d = D > 0 ? D : d_rt;
+  const int k0 = SPEC ? K0 : k0_rt, ks = SPEC ? KS : ks_rt, d = SPEC ? D : d_rt;
   const int r0 = k0 / 2, r2 = d * (ks / 2);
-  const int AH = LKA_TH + 2 * r2, AW = LKA_TW + 2 * r2, XW = AW + 2 * r0, XH = AH + 2 * r0;
+  const int AH = LKA_TH + 2 * r2, AW = TW + 2 * r2, XW = AW + 2 * r0, XH = AH + 2 * r0;
   float* xs = smem;
   float* as = smem + XH * XW;
   const int c = blockIdx.y, n = blockIdx.z;
-  const int h0 = (blockIdx.x / tiles_w) * LKA_TH, wb = (blockIdx.x % tiles_w) * LKA_TW;
+  const int h0 = (blockIdx.x / tiles_w) * LKA_TH, wb = (blockIdx.x % tiles_w) * TW;
   const int H = g.H, W = g.W;
   const int64_t plane = (int64_t)c * g.P + (int64_t)n * H * W;
 
@@ -546,49 +553,106 @@ __global__ void __launch_bounds__(256, 4) lka_stage_kernel(Act<T> x, const float
     const int gh = h0 - r2 - r0 + yy, gw = wb - r2 - r0 + xx;
     xs[i] = (gh >= 0 && gh < H && gw >= 0 && gw < W) ? x.load(n, c, gh, gw) : 0.f;
   }
+  constexpr int NW0 = SPEC ? K0 * K0 : 1, NWS = SPEC ? KS * KS : 1;
+  float w0r[NW0];
+  if (SPEC) {
+#pragma unroll
+    for (int t = 0; t < NW0; ++t) w0r[t] = __ldg(w0 + (int64_t)c * NW0 + t);
+  }
   __syncthreads();
 
+  // Stage 1: a1 over the tile plus its dilated halo, G adjacent columns per thread.
   const float* w0c = w0 + (int64_t)c * k0 * k0;
   const float bias0 = b0[c];
-  for (int i = threadIdx.x; i < AH * AW; i += 256) {
-    const int ay = i / AW, ax = i - ay * AW;
-    const int gh = h0 - r2 + ay, gw = wb - r2 + ax;
-    float v = 0.f;
-    if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
-      v = bias0;
+  const int groups = (AW + G - 1) / G;
+  for (int i = threadIdx.x; i < AH * groups; i += 256) {
+    const int ay = i / groups, ax0 = (i - ay * groups) * G;
+    const int gh = h0 - r2 + ay;
+    float v[G];
 #pragma unroll
-      for (int ky = 0; ky < (K0 > 0 ? K0 : k0); ++ky)
+    for (int j = 0; j < G; ++j) v[j] = bias0;
+    if (SPEC) {
+      constexpr int KK0 = SPEC ? K0 : 1;
 #pragma unroll
-        for (int kx = 0; kx < (K0 > 0 ? K0 : k0); ++kx)
-          v = fmaf(__ldg(w0c + ky * k0 + kx), xs[(ay + ky) * XW + ax + kx], v);
-      if (a1_out && ay >= r2 && ay < r2 + LKA_TH && ax >= r2 && ax < r2 + LKA_TW) a1_out[plane + gh * W + gw] = v;
+      for (int ky = 0; ky < KK0; ++ky) {
+        const float* row = xs + (ay + ky) * XW + ax0;
+        float xr[G + KK0 - 1];
+#pragma unroll
+        for (int t = 0; t < G + KK0 - 1; ++t) xr[t] = ax0 + t < XW ? row[t] : 0.f;  // last group may overhang
+#pragma unroll
+        for (int kx = 0; kx < KK0; ++kx)
+#pragma unroll
+          for (int j = 0; j < G; ++j) v[j] = fmaf(w0r[ky * KK0 + kx], xr[j + kx], v[j]);
+      }
+    } else {
+      for (int ky = 0; ky < k0; ++ky)
+        for (int kx = 0; kx < k0; ++kx) v[0] = fmaf(__ldg(w0c + ky * k0 + kx), xs[(ay + ky) * XW + ax0 + kx], v[0]);
     }
-    as[i] = v;
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const int ax = ax0 + j, gw = wb - r2 + ax;
+      if (ax >= AW) continue;
+      const bool inside = gh >= 0 && gh < H && gw >= 0 && gw < W;
+      as[ay * AW + ax] = inside ? v[j] : 0.f;
+      if (a1_out && inside && ay >= r2 && ay < r2 + LKA_TH && ax >= r2 && ax < r2 + TW)
+        a1_out[plane + gh * W + gw] = v[j];
+    }
+  }
+  float wsr[NWS];
+  if (SPEC) {
+#pragma unroll
+    for (int t = 0; t < NWS; ++t) wsr[t] = __ldg(ws + (int64_t)c * NWS + t);
   }
   __syncthreads();
 
+  // Stage 2: a2 over the tile, G adjacent columns per thread (TW is a multiple of G, so every
+  // read stays inside the a1 tile).
   const float* wsc = ws + (int64_t)c * ks * ks;
   const float biass = bs[c];
-  for (int i = threadIdx.x; i < LKA_TH * LKA_TW; i += 256) {
-    const int oy = i / LKA_TW, ox = i - oy * LKA_TW;
-    const int gh = h0 + oy, gw = wb + ox;
-    if (gh >= H || gw >= W) continue;
-    float v = biass;
+  for (int i = threadIdx.x; i < LKA_TH * (TW / G); i += 256) {
+    const int oy = i / (TW / G), ox0 = (i - oy * (TW / G)) * G;
+    float v[G];
 #pragma unroll
-    for (int ky = 0; ky < (KS > 0 ? KS : ks); ++ky)
+    for (int j = 0; j < G; ++j) v[j] = biass;
+    if (SPEC) {
+      constexpr int KKS = SPEC ? KS : 1, DD = SPEC ? D : 1;
 #pragma unroll
-      for (int kx = 0; kx < (KS > 0 ? KS : ks); ++kx)
-        v = fmaf(__ldg(wsc + ky * ks + kx), as[(oy + d * ky) * AW + ox + d * kx], v);
-    a2_out[plane + gh * W + gw] = v;
+      for (int ky = 0; ky < KKS; ++ky) {
+        const float* row = as + (oy + DD * ky) * AW + ox0;
+#pragma unroll
+        for (int kx = 0; kx < KKS; ++kx)
+#pragma unroll
+          for (int j = 0; j < G; ++j) v[j] = fmaf(wsr[ky * KKS + kx], row[j + DD * kx], v[j]);
+      }
+    } else {
+      for (int ky = 0; ky < ks; ++ky)
+        for (int kx = 0; kx < ks; ++kx)
+          v[0] = fmaf(__ldg(wsc + ky * ks + kx), as[(oy + d * ky) * AW + ox0 + d * kx], v[0]);
+    }
+    const int gh = h0 + oy;
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const int gw = wb + ox0 + j;
+      if (gh < H && gw < W) a2_out[plane + gh * W + gw] = v[j];
+    }
   }
+}
+
+inline bool lka_specialised(int k0, int ks, int d) {
+  return d == 3 && ((k0 == 5 && ks == 7) || (k0 == 3 && ks == 7) || (k0 == 5 && ks == 5));
+}
+
+inline int64_t lka_stage_smem_bytes(int k0, int ks, int d) {
+  return (int64_t)sizeof(float) * lka_stage_smem_floats(k0, ks, d, lka_tile_w(lka_specialised(k0, ks, d)));
 }
 
 template <class T>
 void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, float* a1_out, float* a2_out,
                       cudaStream_t stream) {
-  const int tiles_w = (int)cdiv(p.W, LKA_TW);
+  const int tw = lka_tile_w(lka_specialised(p.k0, p.ks, p.dilation));
+  const int tiles_w = (int)cdiv(p.W, tw);
   const dim3 grid((unsigned)(cdiv(p.H, LKA_TH) * tiles_w), (unsigned)p.C, (unsigned)p.N);
-  const size_t smem = sizeof(float) * lka_stage_smem_floats(p.k0, p.ks, p.dilation);
+  const size_t smem = (size_t)lka_stage_smem_bytes(p.k0, p.ks, p.dilation);
   const int a = p.k0, b = p.ks, d = p.dilation;
 #define DLK_STAGE(K0, KS, D)                                                                         \
   lka_stage_kernel<T, K0, KS, D><<<grid, 256, smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, a, b, d, g, \

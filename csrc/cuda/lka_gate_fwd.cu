@@ -8,7 +8,7 @@ namespace dlkunet {
 namespace cuda {
 
 int64_t lka_shared_bytes(const LkaProblem& p) {
-  return (int64_t)sizeof(float) * lka_stage_smem_floats(p.k0, p.ks, p.dilation);
+  return lka_stage_smem_bytes(p.k0, p.ks, p.dilation);
 }
 
 int64_t lka_forward_workspace(const LkaProblem& p) { return (int64_t)p.C * p.N * p.H * p.W; }

@@ -190,7 +190,8 @@ def test_dwconv_bn_act_emulated(lib, case):
 
 LKA_CASES = [  # N, C, H, W, k0, ks, dilation, dtype, channels_last
     (2, 5, 9, 11, 5, 7, 3, torch.float32, False),
-    (1, 67, 20, 35, 3, 7, 3, torch.float32, True),    # several spatial tiles, C > 64
+    (1, 67, 20, 35, 3, 7, 3, torch.float32, True),    # two tile rows, C > 64
+    (2, 3, 17, 70, 5, 5, 3, torch.float32, False),    # partial tiles in both directions
     (1, 6, 3, 2, 5, 5, 3, torch.float32, False),      # image smaller than the kernels
     (1, 4, 7, 5, 3, 3, 2, torch.float32, False),      # generic path
     (2, 8, 6, 7, 5, 7, 3, torch.float16, True),

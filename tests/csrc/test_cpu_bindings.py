@@ -1,0 +1,222 @@
+"""The CPU kernels' bindings in dlkunet._C, called directly: bad inputs raise a clear Python error
+(never a crash), and good inputs give the reference's values without touching the inputs.
+
+Numerics over the full grid of shapes/dtypes/layouts live in tests/ops (every backend); here a
+few small cases check the binding-level contract the ops layer relies on.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlkunet.ops import extension, reference
+
+_C, _why = extension.load_extension()
+_missing = _why or extension.unavailable_reason("cpu")
+pytestmark = pytest.mark.skipif(bool(_missing), reason=f"CPU kernels of dlkunet._C unavailable: {_missing}")
+
+F64 = torch.float64
+
+
+def _dw_args(n=2, cin=3, cout=5, h=6, w=7, k=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).to(dtype)  # noqa: E731
+    x, wd, bd, wp, bp = r(n, cin, h, w), r(cin, 1, k, k), r(cin), r(cout, cin, 1, 1), r(cout)
+    gamma, beta = r(cout).abs() + 0.5, r(cout)
+    rm, rv = r(cout) * 0.1, r(cout).abs() + 0.5
+    return [x, wd, bd, wp, bp, gamma, beta, rm, rv]
+
+
+def _lka_args(n=2, c=4, h=9, w=8, k0=5, ks=7, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64).to(dtype)  # noqa: E731
+    return [r(n, c, h, w), r(c, 1, k0, k0), r(c), r(c, 1, ks, ks), r(c), r(c, c, 1, 1), r(c)]
+
+
+def _dw_fwd(args, training=True, eps=1e-5, relu=True):
+    return _C.cpu_dwconv_bn_act_forward(*args, training, eps, relu)
+
+
+def _dw_bwd(args, grad_y=None, training=True, eps=1e-5, relu=True):
+    x, wd, bd, wp, bp, gamma, beta, m, v = args
+    if grad_y is None:
+        grad_y = torch.randn(x.shape[0], wp.shape[0], *x.shape[2:], dtype=x.dtype)
+    return _C.cpu_dwconv_bn_act_backward(grad_y, x, wd, bd, wp, bp, gamma, beta, m, v, training, eps, relu)
+
+
+def _lka_fwd(args, dilation=3):
+    return _C.cpu_lka_gate_forward(*args, dilation)
+
+
+def _lka_bwd(args, grad_out=None, dilation=3):
+    if grad_out is None:
+        grad_out = torch.randn_like(args[0])
+    return _C.cpu_lka_gate_backward(grad_out, *args, dilation)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+# ---- bad inputs: one clear RuntimeError each --------------------------------------------------
+
+def _replace(args, i, value):
+    out = list(args)
+    out[i] = value
+    return out
+
+
+DW_BAD = [
+    ("x on the meta device", lambda a: _replace(a, 0, a[0].to("meta")), "must be a CPU tensor"),
+    ("w_pw on the meta device", lambda a: _replace(a, 3, a[3].to("meta")), "w_pw must be a CPU tensor"),
+    ("integer x", lambda a: _replace(a, 0, a[0].to(torch.int32)), "must be float32, float16, bfloat16 or float64"),
+    ("float64 weights for float32 x", lambda a: _replace(a, 1, a[1].double()), "w_dw has dtype"),
+    ("half bias for float32 x", lambda a: _replace(a, 4, a[4].half()), "b_pw has dtype"),
+    ("3-D x", lambda a: _replace(a, 0, a[0][0]), "must be 4-D"),
+    ("empty x", lambda a: _replace(a, 0, a[0][:0]), "is empty"),
+    ("even depthwise kernel", lambda a: _replace(a, 1, torch.randn(3, 1, 4, 4)), "odd kernel size"),
+    ("non-square depthwise kernel", lambda a: _replace(a, 1, torch.randn(3, 1, 3, 5)), "depthwise weight"),
+    ("depthwise channel mismatch", lambda a: _replace(a, 1, torch.randn(4, 1, 3, 3)), "w_dw must have shape"),
+    ("2-D pointwise weight", lambda a: _replace(a, 3, a[3].flatten(1)), "w_pw must have shape"),
+    ("pointwise Cin mismatch", lambda a: _replace(a, 3, torch.randn(5, 4, 1, 1)), "w_pw must have shape"),
+    ("b_dw of the wrong length", lambda a: _replace(a, 2, torch.randn(4)), "b_dw must have shape"),
+    ("gamma of the wrong length", lambda a: _replace(a, 5, torch.randn(6)), "gamma must have shape"),
+    ("running_var of rank 2", lambda a: _replace(a, 8, a[8].view(5, 1)), "var must have shape"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,message", DW_BAD, ids=[c[0] for c in DW_BAD])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_dwconv_bad_inputs_raise(what, mutate, message, direction):
+    args = mutate(_dw_args())
+    with pytest.raises(RuntimeError, match=message):
+        if direction == "forward":
+            _dw_fwd(args)
+        else:
+            x = args[0]
+            gy = torch.randn(2, 5, 6, 7) if x.dim() != 4 or x.numel() == 0 or x.device.type != "cpu" or \
+                not x.is_floating_point() else torch.randn(x.shape[0], 5, *x.shape[2:], dtype=x.dtype)
+            _dw_bwd(args, grad_y=gy)
+
+
+def test_dwconv_bad_scalars_and_grads_raise():
+    args = _dw_args()
+    with pytest.raises(RuntimeError, match="eps must be a finite"):
+        _dw_fwd(args, eps=float("nan"))
+    with pytest.raises(RuntimeError, match="more than one value per channel"):
+        _dw_fwd(_dw_args(n=1, h=1, w=1), training=True)
+    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+        _dw_bwd(args, grad_y=torch.randn(2, 4, 6, 7))
+    with pytest.raises(RuntimeError, match="grad_y has dtype"):
+        _dw_bwd(args, grad_y=torch.randn(2, 5, 6, 7, dtype=F64))
+    with pytest.raises(RuntimeError, match="grad_y must be a CPU tensor"):
+        _dw_bwd(args, grad_y=torch.randn(2, 5, 6, 7, device="meta"))
+    with pytest.raises(TypeError):  # pybind11 rejects a non-tensor before any kernel runs
+        _C.cpu_dwconv_bn_act_forward("x", *args[1:], True, 1e-5, True)
+
+
+LKA_BAD = [
+    ("x on the meta device", lambda a: _replace(a, 0, a[0].to("meta")), "must be a CPU tensor"),
+    ("integer x", lambda a: _replace(a, 0, a[0].long()), "must be float32, float16, bfloat16 or float64"),
+    ("bfloat16 w1 for float32 x", lambda a: _replace(a, 5, a[5].bfloat16()), "w1 has dtype"),
+    ("5-D x", lambda a: _replace(a, 0, a[0][None]), "must be 4-D"),
+    ("even spatial kernel", lambda a: _replace(a, 3, torch.randn(4, 1, 6, 6)), "odd kernel size"),
+    ("w0 channel mismatch", lambda a: _replace(a, 1, torch.randn(3, 1, 5, 5)), "w0 must have shape"),
+    ("w1 not square in channels", lambda a: _replace(a, 5, torch.randn(4, 3, 1, 1)), "w1 must have shape"),
+    ("bs of the wrong length", lambda a: _replace(a, 4, torch.randn(5)), "bs must have shape"),
+    ("b1 on the meta device", lambda a: _replace(a, 6, a[6].to("meta")), "b1 must be a CPU tensor"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,message", LKA_BAD, ids=[c[0] for c in LKA_BAD])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_lka_bad_inputs_raise(what, mutate, message, direction):
+    args = mutate(_lka_args())
+    with pytest.raises(RuntimeError, match=message):
+        if direction == "forward":
+            _lka_fwd(args)
+        else:
+            _lka_bwd(args, grad_out=torch.randn(2, 4, 9, 8))
+
+
+def test_lka_bad_dilation_and_grads_raise():
+    args = _lka_args()
+    for d in (0, -3):
+        with pytest.raises(RuntimeError, match="dilation must be in"):
+            _lka_fwd(args, dilation=d)
+        with pytest.raises(RuntimeError, match="dilation must be in"):
+            _lka_bwd(args, dilation=d)
+    with pytest.raises(RuntimeError, match="grad_out must have the shape of x"):
+        _lka_bwd(args, grad_out=torch.randn(2, 4, 9, 7))
+    with pytest.raises(RuntimeError, match="grad_out has dtype"):
+        _lka_bwd(args, grad_out=torch.randn(2, 4, 9, 8).half())
+
+
+# ---- good inputs: the contract the ops layer relies on ----------------------------------------
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dwconv_outputs_are_new_and_inputs_untouched(training):
+    args = _dw_args()
+    before = [t.clone() for t in args]
+    y, mean, var = _dw_fwd(args, training=training)
+    gy = torch.randn_like(y)
+    gy_before = gy.clone()
+    grads = _dw_bwd(args, grad_y=gy, training=training)
+    for t, b in zip(args + [gy], before + [gy_before]):
+        assert torch.equal(t, b), "a kernel wrote into one of its inputs"
+    for out in (y, mean, var):
+        assert all(out.data_ptr() != t.data_ptr() for t in args)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (5,)
+    assert [g.dtype for g in grads] == [t.dtype for t in args[:7]]
+    assert [g.shape for g in grads] == [t.shape for t in args[:7]]
+    if not training:
+        assert torch.equal(mean, args[7]) and torch.equal(var, args[8])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_dwconv_matches_reference_on_any_strides(layout):
+    args = _dw_args(k=5, h=3, w=2)  # H, W smaller than the kernel
+    ref_args = [t.double() for t in args]
+    x = args[0]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(*x.shape[:3], x.shape[3] * 2)[..., ::2].copy_(x)
+        assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    y, mean, var = _dw_fwd([x] + args[1:], training=True)
+    y_ref, m_ref, v_ref = reference.dwconv_bn_act_forward(*ref_args, True, 1e-5, True)
+    assert _rel(y, y_ref) < 1e-5 and _rel(mean, m_ref) < 1e-5 and _rel(var, v_ref) < 1e-5
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    gy = torch.randn_like(y_ref)
+    grads = _C.cpu_dwconv_bn_act_backward(gy.float(), x, *args[1:7], mean, var, True, 1e-5, True)
+    want = reference.dwconv_bn_act_backward(gy, *ref_args[:7], m_ref, v_ref, True, 1e-5, True)
+    for name, g, w in zip(("x", "w_dw", "w_pw", "gamma", "beta"), [grads[i] for i in (0, 1, 3, 5, 6)],
+                          [want[i] for i in (0, 1, 3, 5, 6)]):
+        assert _rel(g, w) < 1e-5, name
+
+
+def test_dwconv_float64_statistics_stay_float64():
+    args = _dw_args(dtype=F64)
+    y, mean, var = _dw_fwd(args, training=True)
+    y_ref, m_ref, v_ref = reference.dwconv_bn_act_forward(*args, True, 1e-5, True)
+    assert mean.dtype == var.dtype == F64
+    assert _rel(y, y_ref) < 1e-12 and _rel(mean, m_ref) < 1e-12 and _rel(var, v_ref) < 1e-12
+
+
+@pytest.mark.parametrize("dilation", [1, 3])
+def test_lka_matches_reference_and_leaves_inputs(dilation):
+    args = _lka_args(h=4, w=11)  # H smaller than the dilated kernel's reach
+    before = [t.clone() for t in args]
+    out = _lka_fwd(args, dilation)
+    go = torch.randn_like(out)
+    grads = _lka_bwd(args, grad_out=go, dilation=dilation)
+    for t, b in zip(args, before):
+        assert torch.equal(t, b)
+    ref_args = [t.double() for t in args]
+    assert _rel(out, reference.lka_gate_forward(*ref_args, dilation)) < 1e-5
+    want = reference.lka_gate_backward(go.double(), *ref_args, dilation)
+    assert [g.dtype for g in grads] == [t.dtype for t in args]
+    for i, (g, w) in enumerate(zip(grads, want)):
+        assert _rel(g, w) < 1e-5, f"gradient {i}"
