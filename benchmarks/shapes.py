@@ -3,8 +3,8 @@
 ``full``  the spec's real shapes (GPU default): DLKUNet-L at batch 16 from 224x224, so Blocks see
           (C, H) = (96, 224), (192, 112), (384, 56), (768, 28), (1536, 14) and decoder Blocks 2C
           inputs; models S / M / L at batch 1, 8, 16.
-``cpu``   the same channel counts at 64x64 and batch 2, a subset of levels (CPU default; a few
-          minutes on 2 cores).
+``cpu``   the same channel counts at 64x64 and batch 2, a subset of levels; models at 48x48,
+          batch 1 and 2 (CPU default; a few minutes on 2 idle cores).
 ``quick`` tiny shapes, one or two rounds: CI runs it so the suite never rots.  No timing claims.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ _FULL = Size("full", batch=16, image=224, base_width=96, levels=(0, 1, 2, 3, 4),
              model_variants=("S", "M", "L"), model_batches=(1, 8, 16), model_image=224, model_base_width=96,
              timing=Timing(warmup_rounds=2, target_s=0.15, min_rounds=5, max_rounds=25))
 _CPU = Size("cpu", batch=2, image=64, base_width=96, levels=(0, 2, 4), dec_levels=(0,),
-            model_variants=("S", "M", "L"), model_batches=(1, 2), model_image=64, model_base_width=96,
+            model_variants=("S", "M", "L"), model_batches=(1, 2), model_image=48, model_base_width=96,
             timing=Timing(warmup_rounds=0, target_s=0.3, min_rounds=3, max_rounds=10),
             # inductor's C++ compile takes 15-50 s per graph on 2 cores: one shape per op only.
             compile_model_cases=(), compile_op_cases=(0,), compile_combos=DW_COMBOS[:2] + LKA_COMBOS,
