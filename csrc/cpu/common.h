@@ -86,6 +86,17 @@ inline Tensor taps_major(const Tensor& w, at::ScalarType t, bool flip) {
   return v.to(t).reshape({w.size(0), w.size(2) * w.size(3)}).t().contiguous();
 }
 
+// MKL, when torch has it (MKL_Set_Num_Threads_Local is the C entry point; the lower-case symbol is
+// the Fortran one, which takes a pointer): inside at::parallel_for each worker must run its GEMMs on one thread,
+// or MKL starts its own team per call and the cores are oversubscribed (seen: 80x slower tiles).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() { if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1); }
+  ~SingleThreadedBlas() { if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous); }
+};
+
 // ---- tile GEMM ----------------------------------------------------------------------------------
 
 // Row-major C (M x N, leading dim ldc) = op(A) op(B) (+ C when accumulate); A is M x K (K x M when

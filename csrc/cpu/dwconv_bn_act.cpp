@@ -209,6 +209,7 @@ void for_each_dw_tile(const T* X, const Shapes& s, const T* wd, const T* bd, int
                       const Body& body) {
   const int64_t per_img = (s.H + rows - 1) / rows;
   at::parallel_for(0, s.N * per_img, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     std::vector<T> tile(static_cast<size_t>(rows * s.W * s.Cin + extra_scratch));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / per_img, r0 = (t % per_img) * rows, r1 = std::min(s.H, r0 + rows);
@@ -284,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
       else gemm<T>(false, Wfp, Cin, true, tile, Cin, O, ldo, Cout, P, Cin, false);
       epilogue<T, scalar_t>(O, ldo, dst, ld, P, Cout, cl, nullptr, bfp, relu);
     });
-    return {y, running_mean.to(at::kFloat).clone(), running_var.to(at::kFloat).clone()};
+    return {y, running_mean.to(ct).clone(), running_var.to(ct).clone()};
   }
 
   // Training pass 1: z and per-tile mean and M2.  Half types keep z in float until it is
@@ -351,11 +352,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
     mp[o] = mu;
     vp[o] = m2 / cnt;
   }
-  Tensor mean32 = mean.to(at::kFloat), var32 = var.to(at::kFloat);
+  // float32 statistics (float64 for float64 inputs), as the reference returns them.
+  Tensor mean_out = mean.to(ct), var_out = var.to(ct);
 
-  // Pass 2: normalise in place, with the float32 statistics the backward will see.
-  Tensor scale = (g * at::rsqrt(var32.to(ct) + eps)).contiguous();
-  Tensor shift = (be - mean32.to(ct) * scale).contiguous();
+  // Pass 2: normalise, with exactly the statistics the backward will see.
+  Tensor scale = (g * at::rsqrt(var_out + eps)).contiguous();
+  Tensor shift = (be - mean_out * scale).contiguous();
   const T* ap = scale.data_ptr<T>();
   const T* bq = shift.data_ptr<T>();
   if (cl) {
@@ -383,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
       }
     });
   }
-  return {y, mean32, var32};
+  return {y, mean_out, var_out};
 }
 
 template <typename scalar_t>

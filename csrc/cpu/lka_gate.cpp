@@ -55,6 +55,7 @@ void for_each_a2_tile(const T* A1, const Shapes& s, const T* wst, const T* bs, i
                       const Body& body) {
   const int64_t per_img = (s.H + rows - 1) / rows, img = s.H * s.W * s.C;
   at::parallel_for(0, s.N * per_img, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
     std::vector<T> buf(static_cast<size_t>(rows * s.W * s.C + scratch_elems));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / per_img, r0 = (t % per_img) * rows, r1 = std::min(s.H, r0 + rows);
