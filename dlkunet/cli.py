@@ -29,7 +29,7 @@ def _add_train(sub) -> None:
     from .training import PRESETS, TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a DLKUNet", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("train", help="train a DLKUNet",  # defaults are written into each help text
                        description="Train on Synapse / ACDC / a NIfTI folder, or (without --data) on the "
                                    "built-in synthetic set.  Flags override the preset; the defaults shown "
                                    "are the paper's settings (see dlkunet.training for the choices).  "
