@@ -248,6 +248,42 @@ void epilogue(const T* O, int64_t ldo, out_t* dst, int64_t lddst, int64_t P, int
   }
 }
 
+// The BatchNorm + ReLU backward of one tile, in place: Z (P x Cout) holds z minus its bias on entry
+// and dz on exit (unless !WRITE).  Per channel: shift = b_pw - mean, the centring; sc = gamma *
+// invstd; mg, mgx: the batch means of g and g * xhat (training only).  Sums of g, g * xhat and dz
+// are added to sg, sgx, sdz.  Templated flags and restrict pointers let the loop vectorise.
+template <typename T, bool TRAINING, bool RELU, bool WRITE>
+void bn_act_backward_tile(T* __restrict Z, const T* __restrict G, int64_t P, int64_t Cout,
+                          const T* __restrict shift, const T* __restrict invstd, const T* __restrict gamma,
+                          const T* __restrict beta, const T* __restrict sc, const T* __restrict mg,
+                          const T* __restrict mgx, T* __restrict sg, T* __restrict sgx, T* __restrict sdz) {
+  for (int64_t p = 0; p < P; ++p) {
+    T* __restrict z = Z + p * Cout;
+    const T* __restrict gy = G + p * Cout;
+    for (int64_t o = 0; o < Cout; ++o) {
+      const T xh = (z[o] + shift[o]) * invstd[o];
+      const T gv = (RELU && !(xh * gamma[o] + beta[o] > T(0))) ? T(0) : gy[o];
+      sg[o] += gv;
+      sgx[o] += gv * xh;
+      if (WRITE) {
+        const T dz = TRAINING ? sc[o] * (gv - mg[o] - xh * mgx[o]) : sc[o] * gv;
+        sdz[o] += dz;
+        z[o] = dz;
+      }
+    }
+  }
+}
+
+template <typename T, bool WRITE>
+void bn_act_backward_dispatch(bool training, bool relu, T* Z, const T* G, int64_t P, int64_t Cout, const T* shift,
+                              const T* invstd, const T* gamma, const T* beta, const T* sc, const T* mg,
+                              const T* mgx, T* sg, T* sgx, T* sdz) {
+  if (training && relu) bn_act_backward_tile<T, true, true, WRITE>(Z, G, P, Cout, shift, invstd, gamma, beta, sc, mg, mgx, sg, sgx, sdz);
+  else if (training) bn_act_backward_tile<T, true, false, WRITE>(Z, G, P, Cout, shift, invstd, gamma, beta, sc, mg, mgx, sg, sgx, sdz);
+  else if (relu) bn_act_backward_tile<T, false, true, WRITE>(Z, G, P, Cout, shift, invstd, gamma, beta, sc, mg, mgx, sg, sgx, sdz);
+  else bn_act_backward_tile<T, false, false, WRITE>(Z, G, P, Cout, shift, invstd, gamma, beta, sc, mg, mgx, sg, sgx, sdz);
+}
+
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w_dw, const Tensor& b_dw,
                                                 const Tensor& w_pw, const Tensor& b_pw, const Tensor& gamma,
@@ -402,9 +438,11 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   Tensor invstd = at::rsqrt(var.to(ct) + eps).contiguous();
   Tensor gm = gamma.to(ct).contiguous(), bt = beta.to(ct).contiguous(), mu = mean.to(ct).contiguous();
   Tensor DD = at::empty({s.N, s.H, W, Cin}, X.options());  // d(loss)/d(depthwise output)
-  const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *Wpp = Wp.data_ptr<T>(), *bpp = bp.data_ptr<T>();
-  const T *isp = invstd.data_ptr<T>(), *gmp = gm.data_ptr<T>(), *btp = bt.data_ptr<T>(), *mup = mu.data_ptr<T>();
+  const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *Wpp = Wp.data_ptr<T>();
+  const T *isp = invstd.data_ptr<T>(), *gmp = gm.data_ptr<T>(), *btp = bt.data_ptr<T>();
   T* DDp = DD.data_ptr<T>();
+  Tensor shift = (bp - mu).contiguous(), sc = (gm * invstd).contiguous();
+  const T *shp = shift.data_ptr<T>(), *scp = sc.data_ptr<T>();
   const int64_t rows = tile_rows(s.H, W, Cin + Cout, sizeof(T));
   const double M = static_cast<double>(s.N * s.H * W);
 
@@ -419,17 +457,8 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
       gemm<T>(false, tile, Cin, true, Wpp, Cin, Z, Cout, P, Cout, Cin, false);
       T* acc = Z + rows * W * Cout;
       std::fill(acc, acc + 2 * Cout, T(0));
-      const T* Gt = Gp + (n * s.H + r0) * W * Cout;
-      for (int64_t p = 0; p < P; ++p) {
-        const T* z = Z + p * Cout;
-        const T* gy = Gt + p * Cout;
-        for (int64_t o = 0; o < Cout; ++o) {
-          const T xh = (z[o] + bpp[o] - mup[o]) * isp[o];
-          const T gv = (relu && !(xh * gmp[o] + btp[o] > T(0))) ? T(0) : gy[o];
-          acc[o] += gv;
-          acc[Cout + o] += gv * xh;
-        }
-      }
+      bn_act_backward_dispatch<T, false>(training, relu, Z, Gp + (n * s.H + r0) * W * Cout, P, Cout, shp, isp,
+                                         gmp, btp, scp, nullptr, nullptr, acc, acc + Cout, nullptr);
       double* mine = sums.mine();
       for (int64_t o = 0; o < 2 * Cout; ++o) mine[o] += acc[o];
     });
@@ -447,23 +476,10 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
                       [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* tile, T* Z) {
     const int64_t P = (r1 - r0) * W;
     gemm<T>(false, tile, Cin, true, Wpp, Cin, Z, Cout, P, Cout, Cin, false);
-    const T* Gt = Gp + (n * s.H + r0) * W * Cout;
     T* acc = Z + rows * W * Cout;
     std::fill(acc, acc + 3 * Cout, T(0));
-    for (int64_t p = 0; p < P; ++p) {
-      T* z = Z + p * Cout;
-      const T* gy = Gt + p * Cout;
-      for (int64_t o = 0; o < Cout; ++o) {
-        const T xh = (z[o] + bpp[o] - mup[o]) * isp[o];
-        const T gv = (relu && !(xh * gmp[o] + btp[o] > T(0))) ? T(0) : gy[o];
-        const T sc = gmp[o] * isp[o];
-        const T dz = training ? sc * (gv - mg[o] - xh * mgx[o]) : sc * gv;
-        acc[o] += gv;
-        acc[Cout + o] += gv * xh;
-        acc[2 * Cout + o] += dz;
-        z[o] = dz;
-      }
-    }
+    bn_act_backward_dispatch<T, true>(training, relu, Z, Gp + (n * s.H + r0) * W * Cout, P, Cout, shp, isp, gmp,
+                                      btp, scp, mg.data(), mgx.data(), acc, acc + Cout, acc + 2 * Cout);
     double* mine = sums2.mine();
     for (int64_t o = 0; o < 3 * Cout; ++o) mine[o] += acc[o];
     gemm<T>(true, Z, Cout, false, tile, Cin, gwp.mine(), Cin, Cout, Cin, P, true);
