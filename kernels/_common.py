@@ -1,0 +1,524 @@
+"""Building blocks shared by both fused operators: five Triton kernels and their launchers.
+
+Every activation tensor is (N, C, H, W), NCHW-contiguous or channels_last (the ``CL`` constexpr), and
+is tiled as (BLOCK_P pixels of the flattened N*H*W) x (a block of channels).  Depthwise taps are
+gathered loads (neighbouring pixels of a tile hit L1/L2), accumulated in float32 registers.
+
+- ``_dw_pw_kernel``   depthwise conv of t, fed block by block over input channels to ``tl.dot`` with
+  the pointwise weights; the epilogue (``MODE``) turns the pointwise result into the op's output,
+  BatchNorm statistics, or backward quantities, so neither the depthwise nor the pointwise result
+  is ever written.
+- ``_pw_bwd_data_kernel``  gd = gz @ W_pw (the gradient reaching the depthwise output), with the
+  depthwise weight/bias gradients reduced from gd and the recomputed taps of t.
+- ``_pw_bwd_weight_kernel``  grad W_pw = gz^T @ dw(t) (dw recomputed), grad b_pw = sum gz.
+- ``_dw_bwd_kernel``  transposed depthwise conv (the input gradient), optionally plus another
+  tensor, optionally with the weight gradients of a *preceding* depthwise conv.
+- ``_dw_fwd_kernel``  a plain depthwise conv (LKA's first conv, written once).
+
+Reductions over pixels never use atomics: each program walks a fixed set of pixel blocks
+(grid-stride over ``NUM_GROUPS`` groups) and writes one partial row; the host sums the rows in
+float64.  That keeps results deterministic and every kernel safe to re-run while autotuning.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_INTERP = tl.constexpr(INTERPRET)
+
+# Epilogues of _dw_pw_kernel.
+AFFINE, STATS, GATE, BN_BWD_STATS, BN_BWD_GZ, GATE_BWD = 0, 1, 2, 3, 4, 5
+# Rows of the float32 parameter matrix the epilogues read.
+N_PRM = 8
+
+
+def _cfg(kw, warps, stages=2):
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+# Shipped block configurations (tests/kernels/test_compile.py compiles every one of them).  Under
+# the interpreter one small configuration: autotuning there only costs time.
+if INTERPRET:
+    DW_PW_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_CI=16), 1)]
+    PW_BWD_DATA_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CI=16, BLOCK_CO=16), 1)]
+    PW_BWD_WEIGHT_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_CI=16), 1)]
+    DW_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_C=16), 1)]
+else:
+    # Kept only where ptxas reports no spills on sm_80 and sm_90a for every shipped specialisation
+    # (tests/kernels/test_compile.py); larger tiles (e.g. 128x64x32, or 64x64x16 for float32
+    # statistics on sm_80) spilled.
+    DW_PW_CONFIGS = [
+        _cfg(dict(BLOCK_P=64, BLOCK_CO=32, BLOCK_CI=16), 4),
+    ]
+    PW_BWD_DATA_CONFIGS = [
+        _cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32), 8),
+    ]
+    PW_BWD_WEIGHT_CONFIGS = [
+        _cfg(dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_CI=32), 4),
+        _cfg(dict(BLOCK_P=64, BLOCK_CO=32, BLOCK_CI=32), 8),
+    ]
+    DW_CONFIGS = [
+        _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
+    ]
+
+_KEY = ["N", "H", "W", "CIN", "COUT", "K", "DIL", "MODE", "CL"]
+_DW_KEY = ["N", "H", "W", "C", "K", "DIL", "K2", "ADD", "CL"]
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _offsets(p, n, hw, c, C, HW, CL: tl.constexpr):
+    """Element offsets of pixels (p = n*HW + hw) x channels c in an (N, C, H, W) tensor."""
+    if CL:
+        return p[:, None] * C + c[None, :]
+    else:
+        return (n * (C * HW) + hw)[:, None] + c[None, :] * HW
+
+
+@triton.jit
+def _pixel_step(C, CL: tl.constexpr):
+    """Element distance between horizontally neighbouring pixels."""
+    if CL:
+        return C
+    else:
+        return 1
+
+
+@triton.jit
+def _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W,
+             K: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """float32 depthwise conv (zero padding DIL*(K-1)//2, plus bias) at a pixel x channel tile."""
+    PAD: tl.constexpr = DIL * (K - 1) // 2
+    HW = H * W
+    step = _pixel_step(C, CL)
+    # One pointer tile; a tap is a scalar shift of it (the mask keeps it inside the image).
+    base = t_ptr + _offsets(n * HW + h * W + w, n, h * W + w, c, C, HW, CL)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    # A loop (not unrolled) over rows keeps only K taps' loads in flight: K*K unrolled gathered
+    # loads were all hoisted and spilled.
+    for ky in range(K):
+        dy = ky * DIL - PAD
+        hh = h + dy
+        hok = pmask & (hh >= 0) & (hh < H)
+        for kx in tl.static_range(K):
+            dx = kx * DIL - PAD
+            ww = w + dx
+            ok = hok & (ww >= 0) & (ww < W)
+            v = tl.load(base + (dy * W + dx) * step, mask=ok[:, None] & cmask[None, :], other=0.0)
+            wt = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0)
+            acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    return acc + bias[None, :]
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a @ b in float32; IEEE float32 products (no TF32) when a and b are float32."""
+    if _INTERP:
+        if a.dtype == tl.bfloat16:
+            # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands; bf16 -> fp32
+            # is exact, so upcasting gives what the tensor cores compute.
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _pixels(pb, P, HW, W, BLOCK_P: tl.constexpr):
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = p // HW
+    hw = p % HW
+    return p, p < P, n, hw, hw // W, hw % W
+
+
+@triton.jit
+def _groups(NUM_GROUPS, n_pb):
+    """Pixel-block stride of a program: NUM_GROUPS, or one block per program when it is 0."""
+    return tl.where(NUM_GROUPS > 0, NUM_GROUPS, n_pb)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.autotune(configs=DW_PW_CONFIGS, key=_KEY)
+@triton.jit
+def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, aux_ptr, aux2_ptr,
+                  part_ptr, N, H, W, CIN, COUT, NUM_GROUPS,
+                  K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, RELU: tl.constexpr,
+                  CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
+                  BLOCK_CI: tl.constexpr):
+    pid = tl.program_id(0)
+    n_co = tl.cdiv(COUT, BLOCK_CO)
+    pid_co = pid % n_co  # programs sharing a pixel block run together: t stays in L2
+    pid_g = pid // n_co
+    HW = H * W
+    P = N * HW
+    n_pb = tl.cdiv(P, BLOCK_P)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < COUT
+    ci_range = tl.arange(0, BLOCK_CI)
+    # Per-channel reductions carried over this program's pixel blocks.
+    r_cnt = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    r_a = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    r_b = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    for pb in range(pid_g, n_pb, _groups(NUM_GROUPS, n_pb)):
+        p, pmask, n, hw, h, w = _pixels(pb, P, HW, W, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+        for ci0 in range(0, CIN, BLOCK_CI):
+            ci = ci0 + ci_range
+            cimask = ci < CIN
+            d = _dw_tile(t_ptr, wdw_ptr, bdw_ptr, n, h, w, pmask, ci, cimask, CIN, H, W,
+                         K, DIL, CL, BLOCK_P, BLOCK_CI)
+            wp = tl.load(wpw_ptr + co[None, :] * CIN + ci[:, None],
+                         mask=cimask[:, None] & comask[None, :], other=0.0)
+            acc = _dot(d.to(wp.dtype), wp, acc)
+        # Loaded here, not before the loops: kept live across them they cost ~100 registers.
+        prm0 = tl.load(prm_ptr + co, mask=comask, other=0.0)[None, :]
+        prm1 = tl.load(prm_ptr + COUT + co, mask=comask, other=0.0)[None, :]
+        prm2 = tl.load(prm_ptr + 2 * COUT + co, mask=comask, other=0.0)[None, :]
+        prm3 = tl.load(prm_ptr + 3 * COUT + co, mask=comask, other=0.0)[None, :]
+        prm4 = tl.load(prm_ptr + 4 * COUT + co, mask=comask, other=0.0)[None, :]
+        prm5 = tl.load(prm_ptr + 5 * COUT + co, mask=comask, other=0.0)[None, :]
+        prm6 = tl.load(prm_ptr + 6 * COUT + co, mask=comask, other=0.0)[None, :]
+        off = _offsets(p, n, hw, co, COUT, HW, CL)
+        omask = pmask[:, None] & comask[None, :]
+        if MODE == 0:  # AFFINE: BN (batch or running statistics) and both biases folded into prm0/1
+            y = acc * prm0 + prm1
+            if RELU:
+                y = tl.maximum(y, 0.0)
+            tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=omask)
+        elif MODE == 1:  # STATS: centred per-block moments of z, merged (Chan et al.) into the running ones
+            z = acc + prm0
+            cnt = tl.sum(pmask.to(tl.float32), axis=0)
+            mb = tl.sum(tl.where(omask, z, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+            dev = tl.where(omask, z - mb[None, :], 0.0)
+            m2b = tl.sum(dev * dev, axis=0)
+            tot = r_cnt + cnt
+            frac = cnt / tl.maximum(tot, 1.0)
+            delta = mb - r_a
+            r_a = r_a + delta * frac
+            r_b = r_b + m2b + delta * delta * r_cnt * frac
+            r_cnt = tot
+        elif MODE == 2:  # GATE: out = x * (pointwise + b1)
+            xv = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + off, (xv * (acc + prm0)).to(out_ptr.dtype.element_ty), mask=omask)
+        elif MODE == 5:  # GATE_BWD: grad of the pointwise output (g*x) and x's direct share (g*u)
+            g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
+            xv = tl.load(aux2_ptr + off, mask=omask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + off, (g * xv).to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out2_ptr + off, (g * (acc + prm0)).to(out2_ptr.dtype.element_ty), mask=omask)
+        else:  # BN_BWD_STATS / BN_BWD_GZ; prm: rstd, (b_pw-mean)*rstd, gamma, beta, gamma*rstd, c1, c2
+            zhat = acc * prm0 + prm1
+            g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
+            if RELU:
+                g = tl.where(zhat * prm2 + prm3 > 0.0, g, 0.0)
+            r_a += tl.sum(g, axis=0)
+            r_b += tl.sum(g * zhat, axis=0)
+            if MODE == 4:
+                gz = prm4 * (g - prm5 - zhat * prm6)
+                tl.store(out_ptr + off, gz.to(out_ptr.dtype.element_ty), mask=omask)
+    if MODE == 1 or MODE == 3 or MODE == 4:
+        row = part_ptr + pid_g * (3 * COUT) + co
+        tl.store(row, r_a, mask=comask)
+        tl.store(row + COUT, r_b, mask=comask)
+        tl.store(row + 2 * COUT, r_cnt, mask=comask)
+
+
+@triton.autotune(configs=PW_BWD_DATA_CONFIGS, key=_KEY)
+@triton.jit
+def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, COUT, NUM_GROUPS,
+                        K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr,
+                        KKP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        BLOCK_CO: tl.constexpr):
+    """gd = gz @ W_pw; partial rows of grad w_dw[c, tap] = sum gd * t(tap) and grad b_dw = sum gd."""
+    PAD: tl.constexpr = DIL * (K - 1) // 2
+    pid = tl.program_id(0)
+    n_ci = tl.cdiv(CIN, BLOCK_CI)
+    pid_ci = pid % n_ci
+    pid_g = pid // n_ci
+    HW = H * W
+    P = N * HW
+    n_pb = tl.cdiv(P, BLOCK_P)
+    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    cimask = ci < CIN
+    co_range = tl.arange(0, BLOCK_CO)
+    taps = tl.arange(0, KKP)
+    wacc = tl.zeros([KKP, BLOCK_CI], dtype=tl.float32)
+    bacc = tl.zeros([BLOCK_CI], dtype=tl.float32)
+    for pb in range(pid_g, n_pb, _groups(NUM_GROUPS, n_pb)):
+        p, pmask, n, hw, h, w = _pixels(pb, P, HW, W, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, BLOCK_CI], dtype=tl.float32)
+        for co0 in range(0, COUT, BLOCK_CO):
+            co = co0 + co_range
+            comask = co < COUT
+            gz = tl.load(gz_ptr + _offsets(p, n, hw, co, COUT, HW, CL),
+                         mask=pmask[:, None] & comask[None, :], other=0.0)
+            wp = tl.load(wpw_ptr + co[:, None] * CIN + ci[None, :],
+                         mask=comask[:, None] & cimask[None, :], other=0.0)
+            acc = _dot(gz, wp.to(gz.dtype), acc)
+        tl.store(gd_ptr + _offsets(p, n, hw, ci, CIN, HW, CL), acc.to(gd_ptr.dtype.element_ty),
+                 mask=pmask[:, None] & cimask[None, :])
+        bacc += tl.sum(acc, axis=0)
+        base = t_ptr + _offsets(p, n, hw, ci, CIN, HW, CL)
+        step = _pixel_step(CIN, CL)
+        for ky in range(K):
+            dy = ky * DIL - PAD
+            hh = h + dy
+            hok = pmask & (hh >= 0) & (hh < H)
+            for kx in tl.static_range(K):
+                dx = kx * DIL - PAD
+                ww = w + dx
+                ok = hok & (ww >= 0) & (ww < W)
+                tv = tl.load(base + (dy * W + dx) * step, mask=ok[:, None] & cimask[None, :], other=0.0)
+                contrib = tl.sum(acc * tv.to(tl.float32), axis=0)
+                wacc += tl.where(taps[:, None] == ky * K + kx, contrib[None, :], 0.0)
+    row = part_ptr + pid_g * ((K * K + 1) * CIN)
+    tl.store(row + taps[:, None] * CIN + ci[None, :], wacc,
+             mask=(taps[:, None] < K * K) & cimask[None, :])
+    tl.store(row + K * K * CIN + ci, bacc, mask=cimask)
+
+
+@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS, key=_KEY)
+@triton.jit
+def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, wpart_ptr, bpart_ptr,
+                          N, H, W, CIN, COUT, NUM_GROUPS,
+                          K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """Partial rows of grad W_pw = gz^T @ dw(t) (dw recomputed) and of grad b_pw = sum gz."""
+    pid = tl.program_id(0)
+    n_co = tl.cdiv(COUT, BLOCK_CO)
+    n_ci = tl.cdiv(CIN, BLOCK_CI)
+    pid_co = pid % n_co
+    pid_ci = (pid // n_co) % n_ci
+    pid_g = pid // (n_co * n_ci)
+    HW = H * W
+    P = N * HW
+    n_pb = tl.cdiv(P, BLOCK_P)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < COUT
+    ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    cimask = ci < CIN
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=tl.float32)
+    bacc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    for pb in range(pid_g, n_pb, NUM_GROUPS):
+        p, pmask, n, hw, h, w = _pixels(pb, P, HW, W, BLOCK_P)
+        gz = tl.load(gz_ptr + _offsets(p, n, hw, co, COUT, HW, CL),
+                     mask=pmask[:, None] & comask[None, :], other=0.0)
+        d = _dw_tile(t_ptr, wdw_ptr, bdw_ptr, n, h, w, pmask, ci, cimask, CIN, H, W,
+                     K, DIL, CL, BLOCK_P, BLOCK_CI)
+        acc = _dot(tl.trans(gz), d.to(gz.dtype), acc)
+        bacc += tl.sum(gz.to(tl.float32), axis=0)
+    tl.store(wpart_ptr + pid_g * (COUT * CIN) + co[:, None] * CIN + ci[None, :], acc,
+             mask=comask[:, None] & cimask[None, :])
+    if pid_ci == 0:
+        tl.store(bpart_ptr + pid_g * COUT + co, bacc, mask=comask)
+
+
+@triton.autotune(configs=DW_CONFIGS, key=_DW_KEY)
+@triton.jit
+def _dw_bwd_kernel(g_ptr, w_ptr, add_ptr, out_ptr, t2_ptr, part_ptr, N, H, W, C, NUM_GROUPS,
+                   K: tl.constexpr, DIL: tl.constexpr, ADD: tl.constexpr, K2: tl.constexpr,
+                   KK2P: tl.constexpr, CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = transposed depthwise conv of g (+ add).  With K2 > 0, out is also the gradient at the
+    output of an earlier K2 x K2 depthwise conv of t2, whose weight and bias gradients are reduced
+    here into partial rows."""
+    PAD: tl.constexpr = DIL * (K - 1) // 2
+    PAD2: tl.constexpr = (K2 - 1) // 2
+    pid = tl.program_id(0)
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % n_c
+    pid_g = pid // n_c
+    HW = H * W
+    P = N * HW
+    n_pb = tl.cdiv(P, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    taps = tl.arange(0, KK2P)
+    wacc = tl.zeros([KK2P, BLOCK_C], dtype=tl.float32)
+    bacc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for pb in range(pid_g, n_pb, _groups(NUM_GROUPS, n_pb)):
+        p, pmask, n, hw, h, w = _pixels(pb, P, HW, W, BLOCK_P)
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        step = _pixel_step(C, CL)
+        base = g_ptr + _offsets(p, n, hw, c, C, HW, CL)
+        for ky in range(K):
+            dy = ky * DIL - PAD
+            hh = h - dy
+            hok = pmask & (hh >= 0) & (hh < H)
+            for kx in tl.static_range(K):
+                dx = kx * DIL - PAD
+                ww = w - dx
+                ok = hok & (ww >= 0) & (ww < W)
+                v = tl.load(base - (dy * W + dx) * step, mask=ok[:, None] & cmask[None, :], other=0.0)
+                wt = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0)
+                acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+        off = _offsets(p, n, hw, c, C, HW, CL)
+        omask = pmask[:, None] & cmask[None, :]
+        if ADD:
+            out = acc + tl.load(add_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        else:
+            out = acc
+        tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=omask)
+        if K2 > 0:
+            bacc += tl.sum(tl.where(omask, acc, 0.0), axis=0)
+            base2 = t2_ptr + _offsets(p, n, hw, c, C, HW, CL)
+            for ky in range(K2):
+                dy = ky - PAD2
+                hh = h + dy
+                hok = pmask & (hh >= 0) & (hh < H)
+                for kx in tl.static_range(K2):
+                    dx = kx - PAD2
+                    ww = w + dx
+                    ok = hok & (ww >= 0) & (ww < W)
+                    tv = tl.load(base2 + (dy * W + dx) * step, mask=ok[:, None] & cmask[None, :], other=0.0)
+                    contrib = tl.sum(acc * tv.to(tl.float32), axis=0)
+                    wacc += tl.where(taps[:, None] == ky * K2 + kx, contrib[None, :], 0.0)
+    if K2 > 0:
+        row = part_ptr + pid_g * ((K2 * K2 + 1) * C)
+        tl.store(row + taps[:, None] * C + c[None, :], wacc,
+                 mask=(taps[:, None] < K2 * K2) & cmask[None, :])
+        tl.store(row + K2 * K2 * C + c, bacc, mask=cmask)
+
+
+@triton.autotune(configs=DW_CONFIGS, key=_DW_KEY)
+@triton.jit
+def _dw_fwd_kernel(t_ptr, w_ptr, b_ptr, out_ptr, N, H, W, C,
+                   K: tl.constexpr, DIL: tl.constexpr, K2: tl.constexpr, ADD: tl.constexpr,
+                   CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % n_c
+    pb = pid // n_c
+    HW = H * W
+    p, pmask, n, hw, h, w = _pixels(pb, N * HW, HW, W, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    d = _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W, K, DIL, CL, BLOCK_P, BLOCK_C)
+    tl.store(out_ptr + _offsets(p, n, hw, c, C, HW, CL), d.to(out_ptr.dtype.element_ty),
+             mask=pmask[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ksize(w_dw: torch.Tensor) -> int:
+    """k of depthwise weights passed flattened as (C, k*k)."""
+    k = math.isqrt(w_dw.shape[-1])
+    assert w_dw.dim() == 2 and k * k == w_dw.shape[-1], "depthwise weights go in as (C, k*k)"
+    return k
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is laid out so (and not trivially both), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def prepare(op: str, x: torch.Tensor):
+    """x in a layout the kernels read (NCHW or channels_last, dense) and that layout's flag."""
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{op}: the triton backend supports float32, float16 and bfloat16, not {x.dtype}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    if x.numel() >= 2 ** 31 // 2:  # 32-bit offsets, with room for the widest intermediate
+        raise ValueError(f"{op}: tensors of 2**30 or more elements are not supported by the triton backend")
+    fmt = memory_format(x)
+    return x.contiguous(memory_format=fmt), fmt, fmt == torch.channels_last
+
+
+def like(x: torch.Tensor, channels: int, fmt, dtype=None) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return torch.empty((n, channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def num_groups(pixels: int, tiles: int) -> int:
+    """Programs per channel tile for the reducing kernels: enough to fill a GPU, few partial rows."""
+    if INTERPRET:
+        return max(1, min(2, triton.cdiv(pixels, 16)))
+    return max(1, min(triton.cdiv(pixels, 128), max(1, 1024 // max(tiles, 1))))
+
+
+def params(rows, cout: int, device) -> torch.Tensor:
+    """The (N_PRM, Cout) float32 matrix of per-channel epilogue parameters."""
+    prm = torch.zeros((N_PRM, cout), dtype=torch.float32, device=device)
+    for i, r in enumerate(rows):
+        prm[i] = r
+    return prm
+
+
+def dw_pw(mode, t, w_dw, b_dw, w_pw, prm, dilation, cl, relu=False, out=None, out2=None, aux=None,
+          aux2=None, groups=0):
+    """Launch _dw_pw_kernel; returns the partial-row matrix (groups, 3, Cout) when it makes one."""
+    n, cin, h, w = t.shape
+    cout = w_pw.shape[0]
+    k = _ksize(w_dw)
+    part = torch.empty((max(groups, 1), 3, cout), dtype=torch.float32, device=t.device) if groups else prm
+    dummy = t
+    grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) *
+                         (groups or triton.cdiv(n * h * w, meta["BLOCK_P"])),)
+    _dw_pw_kernel[grid](t, w_dw, b_dw, w_pw, prm, out if out is not None else dummy,
+                        out2 if out2 is not None else dummy, aux if aux is not None else dummy,
+                        aux2 if aux2 is not None else dummy, part, n, h, w, cin, cout, groups,
+                        K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl)
+    return part if groups else None
+
+
+def pw_bwd_data(gz, w_pw, t, k, dilation, cl, gd):
+    """gd = gz @ W_pw, and the (k*k + 1, Cin) float32 gradient of the depthwise weights and bias."""
+    n, cin, h, w = t.shape
+    cout = w_pw.shape[0]
+    groups = num_groups(n * h * w, triton.cdiv(cin, 32))
+    part = torch.empty((groups, k * k + 1, cin), dtype=torch.float32, device=t.device)
+    grid = lambda meta: (triton.cdiv(cin, meta["BLOCK_CI"]) * groups,)
+    _pw_bwd_data_kernel[grid](gz, w_pw, t, gd, part, n, h, w, cin, cout, groups,
+                              K=k, DIL=dilation, MODE=0, CL=cl, KKP=triton.next_power_of_2(k * k))
+    return part.double().sum(0).float()
+
+
+def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl):
+    """grad W_pw (Cout, Cin) and grad b_pw (Cout,), float32."""
+    n, cin, h, w = t.shape
+    cout = gz.shape[1]
+    groups = num_groups(n * h * w, triton.cdiv(cin, 64) * triton.cdiv(cout, 64))
+    wpart = torch.empty((groups, cout, cin), dtype=torch.float32, device=t.device)
+    bpart = torch.empty((groups, cout), dtype=torch.float32, device=t.device)
+    grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) * triton.cdiv(cin, meta["BLOCK_CI"]) * groups,)
+    _pw_bwd_weight_kernel[grid](gz, t, w_dw, b_dw, wpart, bpart, n, h, w, cin, cout, groups,
+                                K=_ksize(w_dw), DIL=dilation, MODE=0, CL=cl)
+    return wpart.double().sum(0).float(), bpart.double().sum(0).float()
+
+
+def dw_bwd(g, w_dw, dilation, cl, out, add=None, t2=None, k2=0):
+    """out = transposed depthwise conv of g (+ add); with t2, also the (k2*k2 + 1, C) gradient of
+    the weights and bias of the k2 x k2 depthwise conv that produced g's forward counterpart."""
+    n, c, h, w = g.shape
+    groups = num_groups(n * h * w, triton.cdiv(c, 32)) if k2 else 0
+    part = torch.empty((max(groups, 1), k2 * k2 + 1, c), dtype=torch.float32, device=g.device)
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) * (groups or triton.cdiv(n * h * w, meta["BLOCK_P"])),)
+    _dw_bwd_kernel[grid](g, w_dw, add if add is not None else g, out, t2 if t2 is not None else g, part,
+                         n, h, w, c, groups, K=_ksize(w_dw), DIL=dilation, ADD=add is not None,
+                         K2=k2, KK2P=triton.next_power_of_2(max(k2 * k2, 1)), CL=cl)
+    return part.double().sum(0).float() if k2 else None
+
+
+def dw_fwd(t, w_dw, b_dw, dilation, cl, out):
+    n, c, h, w = t.shape
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(n * h * w, meta["BLOCK_P"]),)
+    _dw_fwd_kernel[grid](t, w_dw, b_dw, out, n, h, w, c, K=_ksize(w_dw), DIL=dilation, K2=0, ADD=False, CL=cl)
+    return out

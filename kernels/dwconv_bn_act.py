@@ -1,0 +1,106 @@
+"""dwconv_bn_act on the Triton kernels of ``_common``: forward and backward (see
+``dlkunet.ops.reference`` for the contract).
+
+Forward, eval: one pass (BN and b_pw folded into a per-channel scale/shift of the pointwise result).
+Forward, training: a statistics pass (centred per-block moments, merged in float64: no
+E[z^2]-E[z]^2 cancellation), then the eval pass with the batch statistics.
+Backward: z is recomputed from x; gz (the gradient at z) is the one full intermediate written,
+plus gd (the gradient at the depthwise output) for the transposed depthwise conv.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _common as C
+
+
+def _merge_stats(part: torch.Tensor):
+    """Chan's merge of per-program (mean, M2, count) rows into the biased batch mean and variance."""
+    part = part.double()
+    mean_i, m2_i, cnt_i = part[:, 0], part[:, 1], part[:, 2]
+    total = cnt_i.sum(0)
+    mean = (cnt_i * mean_i).sum(0) / total
+    m2 = (m2_i + cnt_i * (mean_i - mean) ** 2).sum(0)
+    return mean.float(), (m2 / total).float()
+
+
+def _check(x, w_dw, w_pw):
+    x, fmt, cl = C.prepare("dwconv_bn_act", x)
+    cin = x.shape[1]
+    k = w_dw.shape[-1]
+    if tuple(w_dw.shape) != (cin, 1, k, k) or k % 2 == 0:
+        raise ValueError(f"dwconv_bn_act: w_dw must be ({cin}, 1, k, k) with k odd, got {tuple(w_dw.shape)}")
+    if w_pw.dim() != 4 or tuple(w_pw.shape[1:]) != (cin, 1, 1):
+        raise ValueError(f"dwconv_bn_act: w_pw must be (Cout, {cin}, 1, 1), got {tuple(w_pw.shape)}")
+    dt = x.dtype
+    wd = w_dw.to(dt).contiguous().view(cin, k * k)
+    wp = w_pw.to(dt).contiguous().view(w_pw.shape[0], cin)
+    return x, fmt, cl, k, wd, wp
+
+
+def dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
+                          training: bool, eps: float, relu: bool):
+    x, fmt, cl, k, wd, wp = _check(x, w_dw, w_pw)
+    n, cin, h, w = x.shape
+    cout = wp.shape[0]
+    dev = x.device
+    bd = b_dw.to(x.dtype).contiguous()
+    bp = b_pw.float()
+    if training:
+        groups = C.num_groups(n * h * w, triton_cdiv(cout, 64))
+        part = C.dw_pw(C.STATS, x, wd, bd, wp, C.params([bp], cout, dev), 1, cl, groups=groups)
+        mean, var = _merge_stats(part)
+    else:
+        mean, var = running_mean.float().clone(), running_var.float().clone()
+    scale = torch.rsqrt(var + eps) * gamma.float()
+    shift = (bp - mean) * scale + beta.float()
+    y = C.like(x, cout, fmt)
+    C.dw_pw(C.AFFINE, x, wd, bd, wp, C.params([scale, shift], cout, dev), 1, cl, relu=relu, out=y)
+    return y, mean, var
+
+
+def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var,
+                           training: bool, eps: float, relu: bool):
+    x_in = (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)
+    x, fmt, cl, k, wd, wp = _check(x, w_dw, w_pw)
+    n, cin, h, w = x.shape
+    cout = wp.shape[0]
+    dev = x.device
+    if tuple(grad_y.shape) != (n, cout, h, w):
+        raise ValueError(f"dwconv_bn_act: grad_y must be {(n, cout, h, w)}, got {tuple(grad_y.shape)}")
+    gy = grad_y.to(x.dtype).contiguous(memory_format=fmt)
+    bd = b_dw.to(x.dtype).contiguous()
+    rstd = torch.rsqrt(var.float() + eps)
+    g_ = gamma.float()
+    rows = [rstd, (b_pw.float() - mean.float()) * rstd, g_, beta.float(), g_ * rstd]
+    groups = C.num_groups(n * h * w, triton_cdiv(cout, 64))
+    gz = C.like(x, cout, fmt)
+    if training:
+        # grad_z = gamma*rstd*(g - mean(g) - zhat*mean(g*zhat)): the two means need a pass of their own.
+        part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, relu=relu,
+                       aux=gy, groups=groups)
+        sums = part[:, :2].double().sum(0)
+        m = float(n * h * w)
+        rows += [(sums[0] / m).float(), (sums[1] / m).float()]
+        C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, relu=relu, out=gz, aux=gy,
+                groups=groups)
+    else:
+        part = C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, relu=relu, out=gz,
+                       aux=gy, groups=groups)
+        sums = part[:, :2].double().sum(0)
+    grad_beta, grad_gamma = sums[0].float(), sums[1].float()
+    gd = C.like(x, cin, fmt)
+    dwp = C.pw_bwd_data(gz, wp, x, k, 1, cl, gd)
+    grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl)
+    grad_x = C.like(x, cin, fmt)
+    C.dw_bwd(gd, wd, 1, cl, grad_x)
+    grad_wdw, grad_bdw = dwp[:k * k].t().reshape(cin, 1, k, k), dwp[k * k]
+    if training:
+        # BatchNorm removes any per-channel constant of z, so both biases get exactly zero gradient.
+        grad_bdw, grad_bpw = torch.zeros_like(grad_bdw), torch.zeros_like(grad_bpw)
+    grads = (grad_x, grad_wdw, grad_bdw, grad_wpw.view(cout, cin, 1, 1), grad_bpw, grad_gamma, grad_beta)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, x_in))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,68 @@
+"""lka_gate on the Triton kernels of ``_common``: forward and backward (see
+``dlkunet.ops.reference`` for the contract).
+
+Forward: a1 = dw_k0(x) is written once; the dilated depthwise conv of a1, the pointwise conv and
+the gate run fused (a2 and the pointwise result stay in registers).  Computing a2 straight from x
+would need a1 at ks*ks shifted places per pixel, each costing k0*k0 taps: far more work than
+writing a1 once.  a1 is zero outside the image, as for two separate convolutions.
+Backward: a1 is recomputed; the gradients flow through gu = g*x (at the pointwise output),
+ga2 = gu @ W1, ga1 = dw_ks^T(ga2) and grad_x = g*u + dw_k0^T(ga1).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _common as C
+
+
+def _check(x, w0, ws, w1, dilation):
+    x, fmt, cl = C.prepare("lka_gate", x)
+    c = x.shape[1]
+    for name, wt in (("w0", w0), ("ws", ws)):
+        k = wt.shape[-1]
+        if tuple(wt.shape) != (c, 1, k, k) or k % 2 == 0:
+            raise ValueError(f"lka_gate: {name} must be ({c}, 1, k, k) with k odd, got {tuple(wt.shape)}")
+    if tuple(w1.shape) != (c, c, 1, 1):
+        raise ValueError(f"lka_gate: w1 must be ({c}, {c}, 1, 1), got {tuple(w1.shape)}")
+    if int(dilation) < 1:
+        raise ValueError(f"lka_gate: dilation must be >= 1, got {dilation}")
+    dt = x.dtype
+    k0, ks = w0.shape[-1], ws.shape[-1]
+    return (x, fmt, cl, k0, ks, w0.to(dt).contiguous().view(c, k0 * k0),
+            ws.to(dt).contiguous().view(c, ks * ks), w1.to(dt).contiguous().view(c, c))
+
+
+def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int):
+    x, fmt, cl, k0, ks, w0_, ws_, w1_ = _check(x, w0, ws, w1, dilation)
+    c = x.shape[1]
+    a1 = C.dw_fwd(x, w0_, b0.to(x.dtype).contiguous(), 1, cl, C.like(x, c, fmt))
+    out = C.like(x, c, fmt)
+    C.dw_pw(C.GATE, a1, ws_, bs.to(x.dtype).contiguous(), w1_, C.params([b1.float()], c, x.device),
+            int(dilation), cl, out=out, aux=x)
+    return out
+
+
+def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
+    inputs = (x, w0, b0, ws, bs, w1, b1)
+    x, fmt, cl, k0, ks, w0_, ws_, w1_ = _check(x, w0, ws, w1, dilation)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"lka_gate: grad_out must be {tuple(x.shape)}, got {tuple(grad_out.shape)}")
+    dil = int(dilation)
+    c = x.shape[1]
+    g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
+    bs_ = bs.to(x.dtype).contiguous()
+    a1 = C.dw_fwd(x, w0_, b0.to(x.dtype).contiguous(), 1, cl, C.like(x, c, fmt))
+    gu = C.like(x, c, fmt)
+    gx_direct = C.like(x, c, fmt, torch.float32)
+    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.params([b1.float()], c, x.device), dil, cl,
+            out=gu, out2=gx_direct, aux=g, aux2=x)
+    ga2 = C.like(x, c, fmt)
+    dws = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, ga2)
+    grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl)
+    ga1 = C.like(x, c, fmt)
+    dw0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
+    grad_x = C.like(x, c, fmt)
+    C.dw_bwd(ga1, w0_, 1, cl, grad_x, add=gx_direct)
+    grads = (grad_x, dw0[:k0 * k0].t().reshape(c, 1, k0, k0), dw0[k0 * k0],
+             dws[:ks * ks].t().reshape(c, 1, ks, ks), dws[ks * ks], grad_w1.view(c, c, 1, 1), grad_b1)
+    return tuple(gr.to(t.dtype) for gr, t in zip(grads, inputs))
