@@ -119,8 +119,9 @@ def availability(name: str, device_type: Optional[str] = None) -> Tuple[bool, st
         if name == "triton":
             return False, "the triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1)"
         return False, f"the {name} backend runs on {'/'.join(devices)} tensors, not {device_type} tensors"
-    if device_type is None and name in ("triton", "cuda") and not torch.cuda.is_available() and not (
-            name == "triton" and triton_interpret()):
+    needs_gpu = device_type == "cuda" if device_type is not None else (
+        name == "cuda" or (name == "triton" and not triton_interpret()))
+    if needs_gpu and not torch.cuda.is_available():
         return False, "no CUDA GPU is visible to PyTorch"
     return True, ""
 

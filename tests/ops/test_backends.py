@@ -66,3 +66,10 @@ def test_every_backend_reports_availability_with_a_reason():
         assert isinstance(ok, bool)
         assert ok or why, f"{name} is unavailable but gives no reason"
     assert ops.availability("torch") == (True, "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_gpu_backends_are_unavailable_for_cuda_tensors_without_a_gpu():
+    for name in ("triton", "cuda"):
+        ok, why = ops.availability(name, "cuda")
+        assert not ok and why
