@@ -449,13 +449,17 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   // Per tile: Z = tile @ Wp^T is z minus its bias; for each element xhat = (z - mean) * invstd and
   // g = grad_y * relu'(y).  Pass A (training only) sums g and g * xhat for the BatchNorm backward;
   // pass B overwrites Z with dz and takes the pointwise GEMMs' gradients.
+  // Training keeps pass A's z for pass B (a transient buffer the size of y): one GEMM fewer.
   ThreadSums<double> sums(2 * Cout);  // sum g, sum g * xhat
+  Tensor ZB = training ? at::empty({s.N, s.H, W, Cout}, X.options()) : Tensor();
+  T* ZBp = training ? ZB.data_ptr<T>() : nullptr;
   if (training) {
-    for_each_dw_tile<T>(Xp, s, wd.data_ptr<T>(), bd.data_ptr<T>(), rows, rows * W * Cout + 2 * Cout,
-                        [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* tile, T* Z) {
+    for_each_dw_tile<T>(Xp, s, wd.data_ptr<T>(), bd.data_ptr<T>(), rows, 2 * Cout,
+                        [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* tile, T* scratch) {
       const int64_t P = (r1 - r0) * W;
+      T* Z = ZBp + (n * s.H + r0) * W * Cout;
       gemm<T>(false, tile, Cin, true, Wpp, Cin, Z, Cout, P, Cout, Cin, false);
-      T* acc = Z + rows * W * Cout;
+      T* acc = scratch;
       std::fill(acc, acc + 2 * Cout, T(0));
       bn_act_backward_dispatch<T, false>(training, relu, Z, Gp + (n * s.H + r0) * W * Cout, P, Cout, shp, isp,
                                          gmp, btp, scp, nullptr, nullptr, acc, acc + Cout, nullptr);
@@ -473,10 +477,11 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   ThreadSums<T> gwp(Cout * Cin);
   ThreadSums<double> sums2(3 * Cout);  // sum g, sum g * xhat, sum dz
   for_each_dw_tile<T>(Xp, s, wd.data_ptr<T>(), bd.data_ptr<T>(), rows, rows * W * Cout + 3 * Cout,
-                      [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* tile, T* Z) {
+                      [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* tile, T* scratch) {
     const int64_t P = (r1 - r0) * W;
-    gemm<T>(false, tile, Cin, true, Wpp, Cin, Z, Cout, P, Cout, Cin, false);
-    T* acc = Z + rows * W * Cout;
+    T* Z = training ? ZBp + (n * s.H + r0) * W * Cout : scratch;
+    if (!training) gemm<T>(false, tile, Cin, true, Wpp, Cin, Z, Cout, P, Cout, Cin, false);
+    T* acc = scratch + rows * W * Cout;
     std::fill(acc, acc + 3 * Cout, T(0));
     bn_act_backward_dispatch<T, true>(training, relu, Z, Gp + (n * s.H + r0) * W * Cout, P, Cout, shp, isp, gmp,
                                       btp, scp, mg.data(), mgx.data(), acc, acc + Cout, acc + 2 * Cout);
