@@ -197,8 +197,8 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
             if RELU:
                 y = tl.maximum(y, 0.0)
             tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=omask)
-        elif MODE == 1:  # STATS: centred per-block moments of z, merged (Chan et al.) into the running ones
-            z = acc + prm0
+        elif MODE == 1:  # STATS: centred per-block moments, merged (Chan et al.) into the running ones
+            z = acc  # z - b_pw: the host adds b_pw in float64, so a large bias costs no precision
             cnt = tl.sum(pmask.to(tl.float32), axis=0)
             mb = tl.sum(tl.where(omask, z, 0.0), axis=0) / tl.maximum(cnt, 1.0)
             dev = tl.where(omask, z - mb[None, :], 0.0)

@@ -15,13 +15,14 @@ from . import _common as C
 
 
 def _merge_stats(part: torch.Tensor):
-    """Chan's merge of per-program (mean, M2, count) rows into the biased batch mean and variance."""
+    """Chan's merge of per-program (mean, M2, count) rows into the biased batch mean and variance
+    (float64: the epilogue's shift b_pw - mean is formed before rounding to float32)."""
     part = part.double()
     mean_i, m2_i, cnt_i = part[:, 0], part[:, 1], part[:, 2]
     total = cnt_i.sum(0)
     mean = (cnt_i * mean_i).sum(0) / total
     m2 = (m2_i + cnt_i * (mean_i - mean) ** 2).sum(0)
-    return mean.float(), (m2 / total).float()
+    return mean, m2 / total
 
 
 def _check(x, w_dw, w_pw):
@@ -45,18 +46,19 @@ def dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, 
     cout = wp.shape[0]
     dev = x.device
     bd = b_dw.to(x.dtype).contiguous()
-    bp = b_pw.float()
     if training:
         groups = C.num_groups(n * h * w, triton_cdiv(cout, 64))
-        part = C.dw_pw(C.STATS, x, wd, bd, wp, C.params([bp], cout, dev), 1, cl, groups=groups)
+        part = C.dw_pw(C.STATS, x, wd, bd, wp, C.params([], cout, dev), 1, cl, groups=groups)
         mean, var = _merge_stats(part)
+        mean = mean + b_pw.double()
     else:
-        mean, var = running_mean.float().clone(), running_var.float().clone()
-    scale = torch.rsqrt(var + eps) * gamma.float()
-    shift = (bp - mean) * scale + beta.float()
+        mean, var = running_mean.double(), running_var.double()
+    scale = torch.rsqrt(var + eps) * gamma.double()
+    shift = (b_pw.double() - mean) * scale + beta.double()
     y = C.like(x, cout, fmt)
-    C.dw_pw(C.AFFINE, x, wd, bd, wp, C.params([scale, shift], cout, dev), 1, cl, relu=relu, out=y)
-    return y, mean, var
+    C.dw_pw(C.AFFINE, x, wd, bd, wp, C.params([scale.float(), shift.float()], cout, dev), 1, cl, relu=relu, out=y)
+    # float() copies: the statistics never alias the running buffers.
+    return y, mean.float(), var.float()
 
 
 def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var,
@@ -94,7 +96,7 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
     grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl)
     grad_x = C.like(x, cin, fmt)
     C.dw_bwd(gd, wd, 1, cl, grad_x)
-    grad_wdw, grad_bdw = dwp[:k * k].t().reshape(cin, 1, k, k), dwp[k * k]
+    grad_wdw, grad_bdw = dwp[:k * k].t().reshape(cin, 1, k, k), dwp[k * k].clone()  # returns never alias
     if training:
         # BatchNorm removes any per-channel constant of z, so both biases get exactly zero gradient.
         grad_bdw, grad_bpw = torch.zeros_like(grad_bdw), torch.zeros_like(grad_bpw)

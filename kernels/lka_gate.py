@@ -63,6 +63,7 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     dw0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
     grad_x = C.like(x, c, fmt)
     C.dw_bwd(ga1, w0_, 1, cl, grad_x, add=gx_direct)
-    grads = (grad_x, dw0[:k0 * k0].t().reshape(c, 1, k0, k0), dw0[k0 * k0],
-             dws[:ks * ks].t().reshape(c, 1, ks, ks), dws[ks * ks], grad_w1.view(c, c, 1, 1), grad_b1)
+    # clones: returns must not alias one another (torch.library)
+    grads = (grad_x, dw0[:k0 * k0].t().reshape(c, 1, k0, k0), dw0[k0 * k0].clone(),
+             dws[:ks * ks].t().reshape(c, 1, ks, ks), dws[ks * ks].clone(), grad_w1.view(c, c, 1, 1), grad_b1)
     return tuple(gr.to(t.dtype) for gr, t in zip(grads, inputs))
