@@ -70,6 +70,7 @@ def _run(case, backend, device):
     p = {name: cast(t, dtype if name in ("w_dw", "b_dw", "w_pw", "b_pw") else bn_dtype) for name, t in p64.items()}
     for name in GRAD_NAMES[1:]:
         p[name].requires_grad_()
+    stats_before = {name: p[name].detach().double().cpu().clone() for name in ("running_mean", "running_var")}
     with ops.use_backend(backend), poisoned_allocations():
         y = ops.dwconv_bn_act(x, **p, training=training, momentum=0.1, eps=1e-5, relu=relu)
         y.backward(layout(cast(gy64, dtype), lay))
@@ -78,6 +79,7 @@ def _run(case, backend, device):
 
     # The float64 reference sees exactly the (rounded) values the backend saw.
     r = {name: t.detach().double().cpu().clone() for name, t in p.items()}
+    r.update(stats_before)  # the backend call updated p's running statistics in place
     r["x"] = x.detach().double().cpu()
     for name in GRAD_NAMES:
         r[name].requires_grad_()
