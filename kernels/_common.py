@@ -181,7 +181,15 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
                          K, DIL, CL, BLOCK_P, BLOCK_CI)
             wp = tl.load(wpw_ptr + co[None, :] * CIN + ci[:, None],
                          mask=cimask[:, None] & comask[None, :], other=0.0)
-            acc = _dot(d.to(wp.dtype), wp, acc)
+            if wp.dtype == tl.float32:
+                acc = _dot(d, wp, acc)
+            else:
+                # d as a sum of two half-precision parts: z then carries ~16 mantissa bits of d, not
+                # 8 (bfloat16), so the ReLU mask and BN statistics match the exact ones; the
+                # second MMA is free in this memory-bound kernel.
+                d_hi = d.to(wp.dtype)
+                acc = _dot(d_hi, wp, acc)
+                acc = _dot((d - d_hi.to(tl.float32)).to(wp.dtype), wp, acc)
         # Loaded here, not before the loops: kept live across them they cost ~100 registers.
         prm0 = tl.load(prm_ptr + co, mask=comask, other=0.0)[None, :]
         prm1 = tl.load(prm_ptr + COUT + co, mask=comask, other=0.0)[None, :]
