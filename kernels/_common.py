@@ -48,6 +48,7 @@ if INTERPRET:
     PW_BWD_DATA_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CI=16, BLOCK_CO=16), 1)]
     PW_BWD_WEIGHT_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_CI=16), 1)]
     DW_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_C=16), 1)]
+    DW_BWD_CONFIGS = DW_CONFIGS
 else:
     # Kept only where ptxas reports no spills on sm_80 and sm_90a for every shipped specialisation
     # (tests/kernels/test_compile.py); larger tiles (e.g. 128x64x32, or 64x64x16 for float32
@@ -60,9 +61,14 @@ else:
     ]
     PW_BWD_WEIGHT_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_CI=32), 4),
-        _cfg(dict(BLOCK_P=64, BLOCK_CO=32, BLOCK_CI=32), 8),
     ]
     DW_CONFIGS = [
+        _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
+    ]
+    # Known issue: channels_last fp16 with 5x5 dilated taps plus 5x5 weight-gradient taps (LKA
+    # (5,5,d3) backward) shows 16-52 bytes of spills with few registers in use (32x16 too): a
+    # local-memory use still to be found; tests/kernels/test_compile.py's slow tier reports it.
+    DW_BWD_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
     ]
 
@@ -332,7 +338,7 @@ def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, wpart_ptr, bpart_ptr,
         tl.store(bpart_ptr + pid_g * COUT + co, bacc, mask=comask)
 
 
-@triton.autotune(configs=DW_CONFIGS, key=_DW_KEY)
+@triton.autotune(configs=DW_BWD_CONFIGS, key=_DW_KEY)
 @triton.jit
 def _dw_bwd_kernel(g_ptr, w_ptr, add_ptr, out_ptr, t2_ptr, part_ptr, N, H, W, C, NUM_GROUPS,
                    K: tl.constexpr, DIL: tl.constexpr, ADD: tl.constexpr, K2: tl.constexpr,

@@ -31,7 +31,7 @@ KERNELS = {
     "dw_pw": (C._dw_pw_kernel, C.DW_PW_CONFIGS),
     "pw_bwd_data": (C._pw_bwd_data_kernel, C.PW_BWD_DATA_CONFIGS),
     "pw_bwd_weight": (C._pw_bwd_weight_kernel, C.PW_BWD_WEIGHT_CONFIGS),
-    "dw_bwd": (C._dw_bwd_kernel, C.DW_CONFIGS),
+    "dw_bwd": (C._dw_bwd_kernel, C.DW_BWD_CONFIGS),
     "dw_fwd": (C._dw_fwd_kernel, C.DW_CONFIGS),
 }
 
