@@ -31,9 +31,12 @@ import torch
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 CHOICES = ("auto",) + BACKENDS
 
-# Decided by measurement (benchmarks/): the first available one wins under "auto".
+# Decided by measurement: the first available one wins under "auto".  On an H200
+# (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU backends at the model's
+# shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager), so CUDA tensors stay on the reference until
+# a kernel wins; on a 2-core CPU the cpu backend ran DLKUNet-S/-M inference 2.9x/2.6x faster.
 AUTO_PREFERENCE: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("triton", "cuda"),
+    "cuda": ("torch",),
     "cpu": ("cpu",),
 }
 
