@@ -28,7 +28,7 @@ def dwconv_bn_act_forward(
 @dwconv_bn_act_forward.register_fake
 def _(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, training, eps, relu, backend):
     n, _, h, w = x.shape
-    y = x.new_empty((n, w_pw.shape[0], h, w), memory_format=_memory_format(x))
+    y = torch.empty((n, w_pw.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     stat = x.new_empty((w_pw.shape[0],), dtype=torch.promote_types(x.dtype, torch.float32))
     return y, stat, stat.clone()
 
