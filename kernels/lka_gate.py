@@ -56,10 +56,11 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     gx_direct = C.like(x, c, fmt, torch.float32)
     C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.params([b1.float()], c, x.device), dil, cl,
             out=gu, out2=gx_direct, aux=g, aux2=x)
-    ga2 = C.like(x, c, fmt)
+    # float32 intermediates: in bf16 their rounding alone put grad_b0 at the 1e-2 budget.
+    ga2 = C.like(x, c, fmt, torch.float32)
     dws = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, ga2)
     grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl)
-    ga1 = C.like(x, c, fmt)
+    ga1 = C.like(x, c, fmt, torch.float32)
     dw0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
     grad_x = C.like(x, c, fmt)
     C.dw_bwd(ga1, w0_, 1, cl, grad_x, add=gx_direct)

@@ -2,6 +2,8 @@
 backend against the float64 reference (outputs, every gradient, running statistics)."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from torch import nn
@@ -57,7 +59,7 @@ GRAD_NAMES = ("x", "w_dw", "b_dw", "w_pw", "b_pw", "gamma", "beta")
 
 def _run(case, backend, device):
     n, cin, cout, h, w, k, dtype, lay, training, relu = case
-    g = torch.Generator().manual_seed(hash(_case_id(case)) % 2 ** 31)
+    g = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))  # stable across processes
     x64 = torch.randn(n, cin, h, w, dtype=torch.float64, generator=g) * 2 + 0.5
     p64 = make_params(cin, cout, k, g)
     gy64 = torch.randn(n, cout, h, w, dtype=torch.float64, generator=g)

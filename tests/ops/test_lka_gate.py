@@ -2,6 +2,8 @@
 against the float64 reference (output and every gradient)."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from torch import nn
@@ -53,7 +55,7 @@ def make_params(c, kernels, generator=None):
 
 def _run_and_check(case, backend, device):
     n, c, h, w, kernels, dtype, lay = case
-    g = torch.Generator().manual_seed(hash(_case_id(case)) % 2 ** 31)
+    g = torch.Generator().manual_seed(zlib.crc32(_case_id(case).encode()))  # stable across processes
     x64 = torch.randn(n, c, h, w, dtype=torch.float64, generator=g)
     p64 = make_params(c, kernels, g)
     gout64 = torch.randn(n, c, h, w, dtype=torch.float64, generator=g)
