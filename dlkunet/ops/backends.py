@@ -33,11 +33,13 @@ CHOICES = ("auto",) + BACKENDS
 
 # Decided by measurement: the first available one wins under "auto".  On an H200
 # (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU backends at the model's
-# shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager), so CUDA tensors stay on the reference until
-# a kernel wins; on a 2-core CPU the cpu backend ran DLKUNet-S/-M inference 2.9x/2.6x faster.
+# shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager).  On an idle 2-core CPU
+# (benchmarks/results/cpu-idle-2026-11-26.md) the cpu backend was 0.93-1.4x eager for inference but
+# 0.76-0.89x for training steps.  So "auto" runs the reference everywhere until a kernel wins; the
+# fused backends are opt-in by name.
 AUTO_PREFERENCE: Dict[str, Tuple[str, ...]] = {
     "cuda": ("torch",),
-    "cpu": ("cpu",),
+    "cpu": ("torch",),
 }
 
 # Which device types each backend's kernels accept.
