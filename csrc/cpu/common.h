@@ -12,6 +12,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -20,7 +21,10 @@ namespace cpu {
 
 using at::Tensor;
 
-constexpr int64_t kMaxKernel = 63;  // bounds the on-stack tap list; far beyond any ablation size
+constexpr int64_t kMaxKernel = 63;       // bounds the on-stack tap list; far beyond any ablation size
+constexpr int64_t kMinTilePixels = 256;  // below this a tile's GEMM is dominated by weight packing
+constexpr int64_t kChunk = 256;          // pixels per task of the elementwise passes
+constexpr int64_t kChannelGroup = 16;    // depthwise channels per sweep: one 64-byte line per pixel
 
 // ---- checks shared by the bindings -------------------------------------------------------------
 
@@ -72,9 +76,17 @@ inline at::ScalarType compute_type(const Tensor& x) {
 
 // dst[p * R + r] = src[r * P + p] for one (R x P) matrix, converting the element type; blocked so
 // that both sides move whole cache lines (ATen's generic permute-copy is ~5x slower here).
+// float -> float: the vectorised 8x8-block version (primitives.cpp).
+void transpose_f32(const float* src, float* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,
+                   int64_t p1);
+
 template <typename src_t, typename dst_t>
 void transpose_block(const src_t* src, dst_t* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,
                      int64_t p1) {
+  if constexpr (std::is_same<src_t, float>::value && std::is_same<dst_t, float>::value) {
+    transpose_f32(src, dst, R, P, r0, r1, p0, p1);
+    return;
+  }
   constexpr int64_t B = 16;
   for (int64_t pb = p0; pb < p1; pb += B) {
     const int64_t pe = std::min(p1, pb + B);
@@ -170,21 +182,42 @@ void gemm(bool ta, const T* A, int64_t lda, bool tb, const T* B, int64_t ldb, T*
   }
 }
 
-// ---- depthwise row primitives (defined in dwconv_bn_act.cpp, ISA-cloned) -----------------------
+// ---- ISA-cloned primitives (primitives.cpp), for T = float and double ------------------------------
 
 // out[w, c] (+)= bias[c] + sum_{i,j} in[h + i*dil - pad, w + j*dil - pad, c] * wt[i*k + j, c], with
-// pad = dil*(k-1)/2 and zeros outside the H x W image.  `in` is one (H, W, C) image; out is one row.
-void dw_row(const float* in, int64_t H, int64_t W, int64_t C, int64_t h, const float* wt, const float* bias,
-            int64_t k, int64_t dil, float* out, bool accumulate);
-void dw_row(const double* in, int64_t H, int64_t W, int64_t C, int64_t h, const double* wt, const double* bias,
-            int64_t k, int64_t dil, double* out, bool accumulate);
-
+// pad = dil*(k-1)/2 and zeros outside the H x W image, for channels c in [c0, c1) (every channel
+// when c1 < 0).  `in` is one (H, W, C) image; out is one row.
 // gw[i*k + j, c] += sum_w dout_row[w, c] * in[h + i*dil - pad, w + j*dil - pad, c]: the weight
 // gradient contribution of output row h; also gb[c] += sum_w dout_row[w, c] when gb is not null.
-void dw_wgrad_row(const float* dout_row, const float* in, int64_t H, int64_t W, int64_t C, int64_t h,
-                  int64_t k, int64_t dil, float* gw, float* gb);
-void dw_wgrad_row(const double* dout_row, const double* in, int64_t H, int64_t W, int64_t C, int64_t h,
-                  int64_t k, int64_t dil, double* gw, double* gb);
+// affine_act: dst[r, c] = act(src[r, c] * a + b), (a, b) per column or per row, a == nullptr: 1.
+// bias_moments: Z += bias in place, then per-channel mean and M2 of the block (two-pass, exact).
+// gate: dst = x * (O + b1).  gate_backward: GX = G * (O + b1), O <- G * X, gb += column sums of O.
+
+// Per-channel constants of the BatchNorm + ReLU backward.  xhat = (z + shift) * invstd, where z is
+// the pointwise output without its bias (shift = b_pw - mean); scale = gamma * invstd; mean_g and
+// mean_gx are the batch means of g and g * xhat (training only).
+template <typename T>
+struct BnActBackwardCoef {
+  const T *shift, *invstd, *gamma, *beta, *scale, *mean_g, *mean_gx;
+};
+
+#define DLK_DECLARE(T)                                                                                            \
+  void dw_row(const T* in, int64_t H, int64_t W, int64_t C, int64_t h, const T* wt, const T* bias, int64_t k,     \
+              int64_t dil, T* out, bool accumulate, int64_t c0 = 0, int64_t c1 = -1);                             \
+  void dw_wgrad_row(const T* dout_row, const T* in, int64_t H, int64_t W, int64_t C, int64_t h, int64_t k,        \
+                    int64_t dil, T* gw, T* gb);                                                                   \
+  void affine_act(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t R, int64_t Cn, const T* a, const T* b, \
+                  bool per_col, bool relu);                                                                       \
+  void bias_moments(T* Z, int64_t ldz, int64_t R, int64_t Cn, const T* bias, bool per_col, T* mean, T* m2);      \
+  /* Z (P x Cout) holds z minus its bias; on exit dz when write.  Adds sums of g, g * xhat (and dz in eval). */   \
+  void bn_act_backward(T* Z, const T* G, int64_t P, int64_t Cout, const BnActBackwardCoef<T>& k, bool training,   \
+                       bool relu, bool write, T* sg, T* sgx, T* sdz);                                             \
+  void gate(T* dst, int64_t ldd, const T* x, int64_t ldx, const T* O, int64_t ldo, int64_t R, int64_t Cn,        \
+            const T* b1, bool per_col);                                                                           \
+  void gate_backward(const T* G, const T* X, T* O, const T* b1, T* GX, int64_t P, int64_t C, T* gb);
+DLK_DECLARE(float)
+DLK_DECLARE(double)
+#undef DLK_DECLARE
 
 // Per-thread accumulators, summed in thread order at the end (deterministic for a thread count).
 template <typename T>
@@ -203,10 +236,65 @@ struct ThreadSums {
   }
 };
 
+// Rows [r0, r1) of depthwise(img) + bias into out (row r0 first), channel group by channel group:
+// one group's input window (k rows; 19 for a 7-tap conv at dilation 3) stays in L2, where all
+// channels' would not at the model's widths (224 x 96 floats is 86 kB a row).
+template <typename T>
+void depthwise_rows(const T* img, int64_t H, int64_t W, int64_t C, int64_t r0, int64_t r1, const T* wt,
+                    const T* bias, int64_t k, int64_t dil, T* out) {
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelGroup)
+    for (int64_t r = r0; r < r1; ++r)
+      dw_row(img, H, W, C, r, wt, bias, k, dil, out + (r - r0) * W * C, false, c0, std::min(C, c0 + kChannelGroup));
+}
+
+// out = depthwise(X) + bias for a whole batch of (H, W, C) images, in parallel over (image, block
+// of rows, channel group).
+template <typename T>
+void depthwise_all(const T* X, int64_t N, int64_t H, int64_t W, int64_t C, const T* wt, const T* bias, int64_t k,
+                   int64_t dil, T* out) {
+  constexpr int64_t kRows = 16;
+  const int64_t row_blocks = (H + kRows - 1) / kRows, groups = (C + kChannelGroup - 1) / kChannelGroup;
+  at::parallel_for(0, N * row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / (row_blocks * groups), rb = t / groups % row_blocks, c0 = t % groups * kChannelGroup;
+      for (int64_t r = rb * kRows; r < std::min(H, (rb + 1) * kRows); ++r)
+        dw_row(X + n * H * W * C, H, W, C, r, wt, bias, k, dil, out + (n * H + r) * W * C, false, c0,
+               std::min(C, c0 + kChannelGroup));
+    }
+  });
+}
+
+// Calls fn(chunk_index, p0, p1) for consecutive chunks of `chunk` rows of a P-row matrix, in parallel.
+template <typename Fn>
+void for_each_chunk(int64_t P, int64_t chunk, const Fn& fn) {
+  const int64_t count = (P + chunk - 1) / chunk;
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i, i * chunk, std::min(P, (i + 1) * chunk));
+  });
+}
+
 // Rows per tile so that a tile's channel-wide buffers (pixels x channels) stay near `bytes`.
 inline int64_t tile_rows(int64_t H, int64_t W, int64_t channels, int64_t elem, int64_t bytes = 768 * 1024) {
   int64_t pixels = std::max<int64_t>(64, bytes / std::max<int64_t>(1, channels * elem));
   return std::max<int64_t>(1, std::min(H, pixels / W));
+}
+
+// Tiles of image rows keep an intermediate in L2 while the pointwise GEMM consumes it, but every
+// tile's GEMM re-reads (and MKL re-packs) the whole pointwise weight.  Where tiles would be small
+// (deep levels: few pixels, many channels) or too few to occupy the threads, one multi-threaded
+// GEMM over the whole batch wins (measured: 2x at 1536 channels, 4x4).
+struct TilePlan {
+  int64_t rows, per_img, count;
+  bool whole;
+};
+
+inline TilePlan plan_tiles(int64_t N, int64_t H, int64_t W, int64_t channels, int64_t elem) {
+  TilePlan t;
+  t.rows = tile_rows(H, W, channels, elem);
+  t.per_img = (H + t.rows - 1) / t.rows;
+  t.count = N * t.per_img;
+  t.whole = t.rows * W < kMinTilePixels || t.count < 2 * at::get_num_threads();
+  return t;
 }
 
 }  // namespace cpu

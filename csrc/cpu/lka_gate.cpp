@@ -2,10 +2,11 @@
 //
 // a1 = dw0(x) is computed once for the whole batch (NHWC, compute type), because the dilated conv
 // reads a 19-row window of it (ks 7, dilation 3) and recomputing that halo per tile would cost more
-// than one write and read of a1.  Then per tile of rows: a2 into an L2-resident buffer, the pointwise
-// GEMM, and the gate in one epilogue.  The backward recomputes a1 and a2 from x (nothing saved by
-// the forward), then walks the chain back: pointwise and gate per tile, the two depthwise convs row
-// by row (transposed conv = conv with the kernel rotated 180 degrees).
+// than one write and read of a1.  Then, for large maps, per tile of rows: a2 into an L2-resident
+// buffer, the pointwise GEMM, and the gate in one epilogue; for small maps (plan_tiles) whole-batch
+// buffers and one multi-threaded GEMM.  The backward recomputes a1 and a2 from x (nothing saved by
+// the forward), then walks the chain back with whole-batch GEMMs, the gate in one vectorised pass,
+// the two depthwise convs row by row (transposed conv = conv with the kernel rotated 180 degrees).
 #include "common.h"
 
 #include <type_traits>
@@ -35,37 +36,6 @@ Shapes check_common(const char* op, const Tensor& x, const Tensor& w0, const Ten
   return s;
 }
 
-// A1 = dw0(X) + b0 for the whole batch, row-parallel.
-template <typename T>
-Tensor first_conv(const Tensor& X, const Tensor& w0t, const Tensor& b0, const Shapes& s) {
-  Tensor A1 = at::empty_like(X);
-  const T *Xp = X.data_ptr<T>(), *wp = w0t.data_ptr<T>(), *bp = b0.data_ptr<T>();
-  T* Ap = A1.data_ptr<T>();
-  const int64_t img = s.H * s.W * s.C;
-  at::parallel_for(0, s.N * s.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      dw_row(Xp + (r / s.H) * img, s.H, s.W, s.C, r % s.H, wp, bp, s.k0, 1, Ap + r * s.W * s.C, false);
-  });
-  return A1;
-}
-
-// Calls body(n, r0, r1, a2_tile, scratch) per tile of rows, with a2 = dws(A1) + bs in the tile.
-template <typename T, typename Body>
-void for_each_a2_tile(const T* A1, const Shapes& s, const T* wst, const T* bs, int64_t rows, int64_t scratch_elems,
-                      const Body& body) {
-  const int64_t per_img = (s.H + rows - 1) / rows, img = s.H * s.W * s.C;
-  at::parallel_for(0, s.N * per_img, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    std::vector<T> buf(static_cast<size_t>(rows * s.W * s.C + scratch_elems));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / per_img, r0 = (t % per_img) * rows, r1 = std::min(s.H, r0 + rows);
-      for (int64_t r = r0; r < r1; ++r)
-        dw_row(A1 + n * img, s.H, s.W, s.C, r, wst, bs, s.ks, s.dil, buf.data() + (r - r0) * s.W * s.C, false);
-      body(n, r0, r1, buf.data(), buf.data() + rows * s.W * s.C);
-    }
-  });
-}
-
 template <typename scalar_t>
 Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, const Tensor& ws, const Tensor& bs,
                     const Tensor& w1, const Tensor& b1, const Shapes& s) {
@@ -73,37 +43,59 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   const auto ct = c10::CppTypeToScalarType<T>::value;
   const auto fmt = output_format(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
-  const int64_t C = s.C, HW = s.H * s.W;
+  const int64_t C = s.C, HW = s.H * s.W, P = s.N * HW, img = HW * C;
   Tensor x = x_in.contiguous(fmt);
   Tensor X = to_nhwc(x, ct);
-  Tensor A1 = first_conv<T>(X, taps_major(w0, ct, false), b0.to(ct).contiguous(), s);
+  Tensor A1 = at::empty_like(X), w0t = taps_major(w0, ct, false), b0c = b0.to(ct).contiguous();
+  depthwise_all(X.data_ptr<T>(), s.N, s.H, s.W, C, w0t.data_ptr<T>(), b0c.data_ptr<T>(), s.k0, 1, A1.data_ptr<T>());
   Tensor wst = taps_major(ws, ct, false), bsc = bs.to(ct).contiguous();
   Tensor W1 = w1.reshape({C, C}).to(ct).contiguous(), b1c = b1.to(ct).contiguous();
+  const T *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>(), *A1p = A1.data_ptr<T>();
+  const TilePlan plan = plan_tiles(s.N, s.H, s.W, 2 * C, sizeof(T));
+
+  if (plan.whole) {
+    Tensor A2 = at::empty_like(X), O = at::empty_like(X);
+    T *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>();
+    const T* Xp = X.data_ptr<T>();
+    depthwise_all(A1p, s.N, s.H, s.W, C, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, A2p);
+    gemm<T>(false, A2p, C, true, W1p, C, Op, C, P, C, C, false);
+    for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) {
+      gate(Op + p0 * C, C, Xp + p0 * C, C, Op + p0 * C, C, p1 - p0, C, b1p, true);
+    });
+    return from_nhwc(O, x);
+  }
+
+  // Tiled: per tile of rows, a2 into an L2-resident buffer, the pointwise GEMM, the gate.
   Tensor out = at::empty_like(x);
-  const T *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, T>::value;
-  const int64_t rows = tile_rows(s.H, s.W, 2 * C, sizeof(T));
-  for_each_a2_tile<T>(A1.data_ptr<T>(), s, wst.data_ptr<T>(), bsc.data_ptr<T>(), rows, direct ? 0 : rows * s.W * C,
-                      [&](int64_t n, int64_t r0, int64_t r1, T* a2, T* scratch) {
-    const int64_t P = (r1 - r0) * s.W;
-    const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
-    const int64_t ld = cl ? C : HW;
-    T* O = direct ? reinterpret_cast<T*>(op + base) : scratch;
-    const int64_t ldo = direct ? ld : (cl ? C : P);
-    if (cl) gemm<T>(false, a2, C, true, W1p, C, O, ldo, P, C, C, false);
-    else gemm<T>(false, W1p, C, true, a2, C, O, ldo, C, P, C, false);
-    const scalar_t* xs = xp + base;
-    scalar_t* d = op + base;
-    if (cl) {
-      for (int64_t p = 0; p < P; ++p)
-        for (int64_t c = 0; c < C; ++c)
-          d[p * ld + c] = static_cast<scalar_t>(static_cast<T>(xs[p * ld + c]) * (O[p * ldo + c] + b1p[c]));
-    } else {
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t p = 0; p < P; ++p)
-          d[c * ld + p] = static_cast<scalar_t>(static_cast<T>(xs[c * ld + p]) * (O[c * ldo + p] + b1p[c]));
+  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
+    std::vector<T> buf(static_cast<size_t>(plan.rows * s.W * C * (direct ? 1 : 2)));
+    T* a2 = buf.data();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows, r1 = std::min(s.H, r0 + plan.rows);
+      const int64_t P = (r1 - r0) * s.W;
+      depthwise_rows(A1p + n * img, s.H, s.W, C, r0, r1, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, a2);
+      const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
+      const int64_t ld = cl ? C : HW;
+      const int64_t R = cl ? P : C, Cn = cl ? C : P;  // the block as rows x columns
+      if constexpr (direct) {
+        T* O = op + base;
+        if (cl) gemm<T>(false, a2, C, true, W1p, C, O, ld, P, C, C, false);
+        else gemm<T>(false, W1p, C, true, a2, C, O, ld, C, P, C, false);
+        gate(O, ld, xp + base, ld, O, ld, R, Cn, b1p, cl);
+      } else {  // float16 / bfloat16: the GEMM into float scratch, the gate converting
+        T* O = a2 + plan.rows * s.W * C;
+        if (cl) gemm<T>(false, a2, C, true, W1p, C, O, Cn, P, C, C, false);
+        else gemm<T>(false, W1p, C, true, a2, C, O, Cn, C, P, C, false);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t c = 0; c < Cn; ++c) {
+            const T bias = cl ? b1p[c] : b1p[r];
+            op[base + r * ld + c] = static_cast<scalar_t>(static_cast<T>(xp[base + r * ld + c]) * (O[r * Cn + c] + bias));
+          }
+      }
     }
   });
   return out;
@@ -115,40 +107,34 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x, const
                                   const Shapes& s) {
   using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const auto ct = c10::CppTypeToScalarType<T>::value;
-  const int64_t C = s.C, W = s.W, img = s.H * s.W * s.C;
+  const int64_t C = s.C, W = s.W, img = s.H * s.W * s.C, P = s.N * s.H * s.W;
   Tensor X = to_nhwc(x, ct), G = to_nhwc(grad_out, ct);
-  Tensor A1 = first_conv<T>(X, taps_major(w0, ct, false), b0.to(ct).contiguous(), s);
-  Tensor wst = taps_major(ws, ct, false), bsc = bs.to(ct).contiguous();
   Tensor W1 = w1.reshape({C, C}).to(ct).contiguous(), b1c = b1.to(ct).contiguous();
-  Tensor GX = at::empty_like(X), DA2 = at::empty_like(X), DA1 = at::empty_like(X);
-  const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *A1p = A1.data_ptr<T>();
-  const T *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>();
-  T *GXp = GX.data_ptr<T>(), *DA2p = DA2.data_ptr<T>(), *DA1p = DA1.data_ptr<T>();
+  Tensor A1 = at::empty_like(X), A2 = at::empty_like(X), O = at::empty_like(X), GX = at::empty_like(X);
+  const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>();
+  T *A1p = A1.data_ptr<T>(), *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>(), *GXp = GX.data_ptr<T>();
 
-  // Pointwise + gate: grad_x = g * attn (the direct term), dattn = g * x, then through w1.
-  ThreadSums<T> gw1(C * C), gb1(C);
-  const int64_t rows = tile_rows(s.H, W, 3 * C, sizeof(T));
-  for_each_a2_tile<T>(A1p, s, wst.data_ptr<T>(), bsc.data_ptr<T>(), rows, 2 * rows * W * C,
-                      [&](int64_t n, int64_t r0, int64_t r1, T* a2, T* scratch) {
-    const int64_t P = (r1 - r0) * W, base = (n * s.H + r0) * W * C;
-    T* O = scratch;
-    T* D = scratch + rows * W * C;
-    gemm<T>(false, a2, C, true, W1p, C, O, C, P, C, C, false);
-    T* gb = gb1.mine();
-    for (int64_t p = 0; p < P; ++p) {
-      const T* g = Gp + base + p * C;
-      const T* xv = Xp + base + p * C;
-      T* gx = GXp + base + p * C;
-      for (int64_t c = 0; c < C; ++c) {
-        gx[c] = g[c] * (O[p * C + c] + b1p[c]);
-        const T dattn = g[c] * xv[c];
-        D[p * C + c] = dattn;
-        gb[c] += dattn;
-      }
-    }
-    gemm<T>(true, D, C, false, a2, C, gw1.mine(), C, C, C, P, true);
-    gemm<T>(false, D, C, false, W1p, C, DA2p + base, C, P, C, C, false);
+  // Recompute a1, a2 and the pointwise output (nothing is saved by the forward).
+  Tensor w0t = taps_major(w0, ct, false), b0c = b0.to(ct).contiguous();
+  Tensor wst = taps_major(ws, ct, false), bsc = bs.to(ct).contiguous();
+  depthwise_all(Xp, s.N, s.H, W, C, w0t.data_ptr<T>(), b0c.data_ptr<T>(), s.k0, 1, A1p);
+  depthwise_all(A1p, s.N, s.H, W, C, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, A2p);
+  gemm<T>(false, A2p, C, true, W1p, C, Op, C, P, C, C, false);
+
+  // Gate: grad_x = g * attn (the direct term); O <- dattn = g * x.
+  ThreadSums<double> gb1(C);
+  for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) {
+    std::vector<T> acc(static_cast<size_t>(C), T(0));
+    gate_backward(Gp + p0 * C, Xp + p0 * C, Op + p0 * C, b1p, GXp + p0 * C, p1 - p0, C, acc.data());
+    double* mine = gb1.mine();
+    for (int64_t c = 0; c < C; ++c) mine[c] += acc[c];
   });
+  // Pointwise: grad w1 = dattn^T @ a2; then A2 <- da2 = dattn @ w1.
+  Tensor gw1 = at::empty({C, C}, X.options());
+  gemm<T>(true, Op, C, false, A2p, C, gw1.data_ptr<T>(), C, C, C, P, false);
+  gemm<T>(false, Op, C, false, W1p, C, A2p, C, P, C, C, false);
+  T* DA2p = A2p;
+  T* DA1p = Op;  // dattn is spent
 
   // Dilated depthwise backward: da1 = da2 (*) rotated ws; grad ws = da2 x a1.
   Tensor wsf = taps_major(ws, ct, true), w0f = taps_major(w0, ct, true);
@@ -179,7 +165,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x, const
           gb0.total().to(b0.scalar_type()),
           dw_grad(gws, s.ks, ws),
           gbs.total().to(bs.scalar_type()),
-          gw1.total().reshape({C, C, 1, 1}).to(w1.scalar_type()),
+          gw1.reshape({C, C, 1, 1}).to(w1.scalar_type()),
           gb1.total().to(b1.scalar_type())};
 }
 

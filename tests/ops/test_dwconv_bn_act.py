@@ -25,6 +25,7 @@ CASES = [
     (2, 16, 24, 8, 8, 3, F16, "channels_last", True, True),
     (2, 16, 24, 8, 8, 3, BF16, "contiguous", False, True),
     (3, 12, 12, 5, 7, 7, BF16, "strided", True, False),
+    (1, 40, 24, 5, 21, 3, F32, "channels_last", True, True),  # the cpu kernels' blocked interior + tail
 ]
 GPU_CASES = [
     (2, 96, 96, 56, 56, 3, F32, "contiguous", True, True),

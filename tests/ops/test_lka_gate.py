@@ -25,6 +25,9 @@ CASES = [
     (2, 16, 12, 12, LKA, F16, "channels_last"),
     (2, 16, 9, 14, LKA2, BF16, "contiguous"),
     (3, 12, 20, 21, LKA1, BF16, "strided"),
+    # wide enough for the cpu kernels' blocked interior (every tap inside) at dilation 3, and
+    # 40 channels: vector blocks plus a ragged channel tail
+    (1, 40, 9, 29, LKA, F32, "channels_last"),
 ]
 GPU_CASES = [
     (2, 96, 56, 56, LKA, F32, "contiguous"),
