@@ -436,10 +436,9 @@ def _ksize(w_dw: torch.Tensor) -> int:
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is laid out so (and not trivially both), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    """The layout the kernels read x in and write outputs in: dlkunet.ops.layout's rule."""
+    from dlkunet.ops.layout import memory_format as rule  # late: dlkunet.ops imports this package lazily
+    return rule(x)
 
 
 def prepare(op: str, x: torch.Tensor):

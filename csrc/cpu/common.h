@@ -65,9 +65,10 @@ inline int64_t check_depthwise(const char* op, const char* name, const Tensor& w
 }
 
 // The memory format of the outputs: the rule of dlkunet/ops/library.py's fake kernels.
+// suggest_memory_format is stride-based (ATen's is_channels_last_strides_2d), as dlkunet/ops/layout.py.
 inline at::MemoryFormat output_format(const Tensor& x) {
-  return (x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous()) ? at::MemoryFormat::ChannelsLast
-                                                                                 : at::MemoryFormat::Contiguous;
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous;
 }
 
 inline at::ScalarType compute_type(const Tensor& x) {

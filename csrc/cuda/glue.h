@@ -68,16 +68,17 @@ inline int64_t check_depthwise(const Tensor& w, const char* op, const char* name
   return w.size(2);
 }
 
-// channels_last when t is laid out so (and is not trivially both), else contiguous.
+// channels_last when t's strides are ordered so (ATen's stride-based rule, as dlkunet/ops/layout.py).
 inline at::MemoryFormat format_of(const Tensor& t) {
-  if (t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous;
 }
 
-// The kernels take any strides; overlapping or otherwise odd layouts are made dense first.
+// The kernels take any strides; overlapping or otherwise odd layouts are made dense first, keeping
+// the layout their strides suggest (which decides the outputs' layout).
 inline Tensor dense(const Tensor& t) {
   if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
-  return t.contiguous();
+  return t.contiguous(format_of(t));
 }
 
 inline cuda::View4 view4(const Tensor& t) {

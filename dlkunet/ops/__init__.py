@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import library, reference
+from . import layout, library, reference
 from .backends import (BACKENDS, BackendUnavailableError, availability, get_backend, resolve,
                        set_backend, use_backend)
 from .validation import check_depthwise, check_input, check_tensor
@@ -39,7 +39,9 @@ def dwconv_bn_act(
     Shapes: x (N, Cin, H, W); w_dw (Cin, 1, k, k), k odd; b_dw (Cin,); w_pw (Cout, Cin, 1, 1);
     b_pw, gamma, beta, running_mean, running_var (Cout,).  With ``training=True`` the batch
     statistics normalise and the running statistics are updated in place with ``momentum``
-    exactly as ``nn.BatchNorm2d`` does; otherwise the running statistics normalise.
+    exactly as ``nn.BatchNorm2d`` does; otherwise the running statistics normalise.  The output is
+    channels_last when x or a weight is (PyTorch's convolution rule,
+    ``dlkunet.ops.layout``), else NCHW.
     """
     op = "dwconv_bn_act"
     check_input(op, x)
@@ -60,6 +62,7 @@ def dwconv_bn_act(
         raise ValueError(f"{op}: training-mode batch statistics need more than one value per channel, "
                          f"got x of shape {tuple(x.shape)}")
 
+    x = layout.in_format(x, layout.conv_output_format(x, w_dw, w_pw))
     backend = resolve(x.device.type)
     if backend == "torch":
         return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
@@ -79,7 +82,8 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     """``x * pointwise(dilated_depthwise(depthwise(x)))``: large-kernel attention with its gate.
 
     Shapes: x (N, C, H, W); w0 (C, 1, k0, k0); ws (C, 1, ks, ks) applied with ``dilation``;
-    w1 (C, C, 1, 1); biases (C,).  Kernel sizes are odd; padding keeps H x W.
+    w1 (C, C, 1, 1); biases (C,).  Kernel sizes are odd; padding keeps H x W.  The output is
+    channels_last when x or a weight is, else NCHW.
     """
     op = "lka_gate"
     check_input(op, x)
@@ -93,6 +97,7 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     check_tensor(op, "b1", b1, (c,), x)
     if int(dilation) != dilation or dilation < 1:
         raise ValueError(f"{op}: dilation must be a positive integer, got {dilation!r}")
+    x = layout.in_format(x, layout.conv_output_format(x, w0, ws, w1))
     backend = resolve(x.device.type)
     if backend == "torch":
         return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, int(dilation))

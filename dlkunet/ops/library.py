@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .backends import implementation
+from .layout import memory_format as _memory_format
 
 
 @torch.library.custom_op("dlkunet::dwconv_bn_act_forward", mutates_args=())
@@ -101,10 +102,3 @@ def _lka_backward(ctx, grad_out):
 
 
 lka_gate_forward.register_autograd(_lka_backward, setup_context=_lka_setup)
-
-
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """channels_last when ``t`` is laid out so (and is not trivially both), else contiguous."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
