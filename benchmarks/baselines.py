@@ -9,6 +9,8 @@ Every row of the suite is one of these "backends":
 ``compile``   ``torch.compile`` of the eager module (dynamic=False; the backend the size asks for).
 ``triton`` / ``cuda`` / ``cpu``  dlkunet's modules (DWConvBNAct, LKA, DLKUNet) with that backend
               selected; skipped, with ``dlkunet.ops.availability``'s reason, where it cannot run.
+``<fused>_cl``  the same in channels_last, the fair match for ``eager_cl`` (same layout); the report
+              gives their speedup against eager_cl as well as against eager.
 """
 from __future__ import annotations
 
@@ -23,7 +25,13 @@ from dlkunet.models.blocks import LKA, DWConvBNAct
 
 PEERS = ("eager", "eager_cl", "compile")
 FUSED = ("triton", "cuda", "cpu")
-BACKENDS = PEERS + FUSED
+FUSED_CL = tuple(f"{name}_cl" for name in FUSED)
+BACKENDS = PEERS + FUSED + FUSED_CL
+
+
+def backend_name(backend: str) -> str:
+    """The dlkunet backend a fused row runs (``cpu_cl`` -> ``cpu``)."""
+    return backend[:-3] if backend in FUSED_CL else backend
 
 
 class EagerDWConvBNAct(nn.Module):
@@ -57,11 +65,11 @@ class EagerLKA(nn.Module):
 def availability(backend: str, device_type: str) -> Tuple[bool, str]:
     if backend in PEERS:
         return True, ""
-    return ops.availability(backend, device_type)
+    return ops.availability(backend_name(backend), device_type)
 
 
 def memory_format(backend: str) -> torch.memory_format:
-    return torch.channels_last if backend == "eager_cl" else torch.contiguous_format
+    return torch.channels_last if backend.endswith("_cl") else torch.contiguous_format
 
 
 def _cast(module: nn.Module, dtype: torch.dtype, backend: str) -> nn.Module:
@@ -80,6 +88,8 @@ def _compiled(module: nn.Module, compile_backend: str) -> Callable:
 
 
 def _with_backend(module: nn.Module, backend: str) -> Callable:
+    backend = backend_name(backend)
+
     def run(*args):
         with ops.use_backend(backend):
             return module(*args)

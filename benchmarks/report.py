@@ -14,7 +14,7 @@ import sys
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional
 
-BACKEND_ORDER = ("eager", "eager_cl", "compile", "torch", "triton", "cuda", "cpu")
+BACKEND_ORDER = ("eager", "eager_cl", "compile", "torch", "triton", "cuda", "cpu", "triton_cl", "cuda_cl", "cpu_cl")
 
 
 def _backends(rows: List[dict]) -> List[str]:
@@ -56,6 +56,8 @@ def _cell(row: Optional[dict]) -> str:
     text = f"{row['median_ms']:.3g}"
     if row.get("speedup_vs_eager"):
         text += f" ({row['speedup_vs_eager']:.2f}x"
+        if row["backend"].endswith("_cl") and row.get("speedup_same_layout"):
+            text += f", {row['speedup_same_layout']:.2f}x cl"
         text += f", {row['bandwidth_fraction']:.0%})" if row.get("bandwidth_fraction") is not None else ")"
     if row["kind"] == "model" and row.get("images_per_s"):
         text += f" {row['images_per_s']:.3g} img/s"
@@ -104,7 +106,8 @@ def markdown(doc: dict) -> str:
     missing = [f"{b} ({v.get('reason')})" for b, v in backends.items() if not v.get("available")]
     if missing:
         out += ["", "Unavailable backends: " + "; ".join(missing) + "."]
-    out += ["", "Cells: median ms (speedup vs eager in this run, achieved fraction of the bandwidth floor). "
+    out += ["", "Cells: median ms (speedup vs eager in this run; for *_cl rows also vs eager_cl, the same "
+                "layout, marked cl; achieved fraction of the bandwidth floor). "
                 "floor ms = bytes that must move / measured copy bandwidth."]
     ops = [r for r in rows if r["kind"] == "op"]
     if ops:
@@ -132,7 +135,8 @@ def _geomean(values: List[float]) -> float:
 
 def _color(backend: str) -> str:
     """One colour per backend in every panel and every chart."""
-    palette = ("#7f7f7f", "#bcbd22", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#ff7f0e")
+    palette = ("#7f7f7f", "#bcbd22", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#ff7f0e",
+               "#ff9896", "#98df8a", "#ffbb78")  # *_cl: the light shade of their backend
     return palette[BACKEND_ORDER.index(backend)] if backend in BACKEND_ORDER else "#9467bd"
 
 

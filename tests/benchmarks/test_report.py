@@ -167,6 +167,17 @@ def test_speedups_pair_rows_of_the_same_case_only():
     assert [r["speedup_vs_eager"] for r in rows] == [1.0, 2.0, None, 1.0, 0.5]
 
 
+def test_channels_last_rows_are_also_compared_with_eager_in_the_same_layout():
+    rows = [_row("eager", 4.0), _row("eager_cl", 2.0), _row("cpu", 2.0), _row("cpu_cl", 1.0)]
+    harness.annotate_speedups(rows)
+    cpu, cpu_cl = rows[2], rows[3]
+    assert (cpu["speedup_vs_eager"], cpu["speedup_same_layout"]) == (2.0, 2.0)
+    assert (cpu_cl["speedup_vs_eager"], cpu_cl["speedup_same_layout"]) == (4.0, 2.0)
+    assert "speedup_same_layout" not in rows[1]  # peers are not fused rows
+    table = report.markdown(_doc(rows))
+    assert "1 (4.00x, 2.00x cl, 50%)" in table and "2 (2.00x, 50%)" in table
+
+
 def test_rotation_cycles_sets_and_prepares_each():
     seen = []
     rot = harness.Rotation([("a",), ("b",), ("c",)], prepare=seen.append)
