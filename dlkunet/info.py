@@ -53,7 +53,9 @@ def print_info() -> None:
         print(f"  {key:<11} {value}")
     print(f"\nbackend setting: {ops.get_backend()} (DLKUNET_BACKEND, dlkunet.ops.set_backend)")
     for device in ("cpu", "cuda"):
-        print(f"  {device} tensors run on: {_auto_choice(device)}")
+        for op in ops.backends.OPERATORS:
+            choices = ", ".join(f"{mode} {_auto_choice(device, op, mode)}" for mode in ops.backends.MODES)
+            print(f"  {device} tensors, {op}: {choices}")
     print("backends:")
     for name in ops.BACKENDS:
         ok, why = ops.availability(name)
@@ -64,13 +66,13 @@ def print_info() -> None:
         print(f"  DLKUNet-{name}  {row['params']:>12,} parameters  {row['gmacs']:6.2f} GMACs")
 
 
-def _auto_choice(device: str) -> str:
+def _auto_choice(device: str, op: str, mode: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         return "- (no GPU)"
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return ops.resolve(device)
+            return ops.resolve(device, op, mode)
         except ops.BackendUnavailableError as exc:
             return f"error: {exc}"

@@ -29,6 +29,12 @@ def _autocast(device_type: str, *tensors: Tensor):
     return tensors
 
 
+def _mode(*tensors: Tensor) -> str:
+    """'training' when autograd will need this op's backward, else 'inference'."""
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    return "training" if needs_grad else "inference"
+
+
 def dwconv_bn_act(
     x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
     gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -63,7 +69,7 @@ def dwconv_bn_act(
                          f"got x of shape {tuple(x.shape)}")
 
     x = layout.in_format(x, layout.conv_output_format(x, w_dw, w_pw))
-    backend = resolve(x.device.type)
+    backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta))
     if backend == "torch":
         return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                                        training, momentum, eps, relu)
@@ -98,7 +104,7 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     if int(dilation) != dilation or dilation < 1:
         raise ValueError(f"{op}: dilation must be a positive integer, got {dilation!r}")
     x = layout.in_format(x, layout.conv_output_format(x, w0, ws, w1))
-    backend = resolve(x.device.type)
+    backend = resolve(x.device.type, op, _mode(x, w0, b0, ws, bs, w1, b1))
     if backend == "torch":
         return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, int(dilation))
     return library.lka_gate_forward(x, w0, b0, ws, bs, w1, b1, int(dilation), backend)

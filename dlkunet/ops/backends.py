@@ -10,8 +10,8 @@ Backends (see ``../shared/spec/kernels.md``):
 
 Selection, strongest first: the ``use_backend`` context manager, ``set_backend``, the
 ``DLKUNET_BACKEND`` environment variable (read at import), and ``auto``.  ``auto`` picks the
-first available backend of ``AUTO_PREFERENCE`` for the tensor's device and falls back to
-``torch`` with a single warning that says what is missing.  A backend named explicitly that
+first available backend of ``AUTO_PREFERENCE`` for the tensor's device, the operator and whether
+gradients are needed, and falls back to ``torch`` with a single warning that says what is missing.  A backend named explicitly that
 cannot run is an error that says why.
 
 Every backend module provides the four functions documented in ``dlkunet.ops.reference``:
@@ -31,16 +31,26 @@ import torch
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 CHOICES = ("auto",) + BACKENDS
 
-# Decided by measurement: the first available one wins under "auto".  On an H200
-# (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU backends at the model's
-# shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager).  On an idle 2-core CPU
-# (benchmarks/results/cpu-idle-2026-11-26.md) the cpu backend was 0.93-1.4x eager for inference but
-# 0.76-0.89x for training steps.  So "auto" runs the reference everywhere until a kernel wins; the
-# fused backends are opt-in by name.
-AUTO_PREFERENCE: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("torch",),
-    "cpu": ("torch",),
+# Decided by measurement, per device, operator and mode ("inference": no gradient is needed;
+# "training": autograd will call the backward); the first available one wins under "auto".
+# - GPU: on an H200 (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU
+#   backends at the model's shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager): the reference.
+# - CPU: on a 2-core EPYC (benchmarks/results/cpu-2026-11-26b.md) the cpu backend runs lka_gate
+#   1.3-3.8x eager forward and forward+backward and dwconv_bn_act's inference 0.5-1.7x, but
+#   dwconv_bn_act's training pass 0.6-0.9x (it recomputes the depthwise output and the pointwise
+#   GEMM in the backward, and the op is GEMM-bound): that one stays on the reference.
+AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
+    ("cuda", "dwconv_bn_act", "inference"): ("torch",),
+    ("cuda", "dwconv_bn_act", "training"): ("torch",),
+    ("cuda", "lka_gate", "inference"): ("torch",),
+    ("cuda", "lka_gate", "training"): ("torch",),
+    ("cpu", "dwconv_bn_act", "inference"): ("cpu",),
+    ("cpu", "dwconv_bn_act", "training"): ("torch",),
+    ("cpu", "lka_gate", "inference"): ("cpu",),
+    ("cpu", "lka_gate", "training"): ("cpu",),
 }
+OPERATORS = ("dwconv_bn_act", "lka_gate")
+MODES = ("inference", "training")
 
 # Which device types each backend's kernels accept.
 _DEVICES = {"torch": None, "triton": ("cuda",), "cuda": ("cuda",), "cpu": ("cpu",)}
@@ -132,8 +142,9 @@ def availability(name: str, device_type: Optional[str] = None) -> Tuple[bool, st
 
 
 @torch.compiler.assume_constant_result
-def resolve(device_type: str) -> str:
-    """The backend that runs for tensors on ``device_type`` under the current setting."""
+def resolve(device_type: str, op: str = "dwconv_bn_act", mode: str = "inference") -> str:
+    """The backend that runs ``op`` in ``mode`` ('inference' or 'training') for tensors on
+    ``device_type`` under the current setting; only 'auto' looks at op and mode."""
     setting = _state["setting"]
     if setting != "auto":
         ok, why = availability(setting, device_type)
@@ -141,7 +152,7 @@ def resolve(device_type: str) -> str:
             raise BackendUnavailableError(f"dlkunet backend {setting!r} is not available: {why}")
         return setting
     missing = []
-    for name in AUTO_PREFERENCE.get(device_type, ()):
+    for name in AUTO_PREFERENCE.get((device_type, op, mode), ()):
         ok, why = availability(name, device_type)
         if ok:
             return name

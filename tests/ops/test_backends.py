@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dlkunet import ops
-from dlkunet.ops import backends
+from dlkunet.ops import backends, library
 
 
 def test_set_get_and_context_manager_restore():
@@ -40,14 +40,41 @@ def test_explicit_unavailable_backend_says_why():
 
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
-    monkeypatch.setitem(backends.AUTO_PREFERENCE, "cpu", ("cuda",))  # never available for CPU tensors
+    key = ("cpu", "dwconv_bn_act", "inference")
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, key, ("cuda",))  # never available for CPU tensors
     monkeypatch.setattr(backends, "_state", {"setting": "auto", "warned": set()})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert backends.resolve("cpu") == "torch"
-        assert backends.resolve("cpu") == "torch"
+        assert backends.resolve(*key) == "torch"
+        assert backends.resolve(*key) == "torch"
     messages = [str(w.message) for w in caught if "no fused backend" in str(w.message)]
     assert len(messages) == 1 and "cuda:" in messages[0]
+
+
+def test_auto_table_covers_every_device_operator_and_mode():
+    for device in ("cpu", "cuda"):
+        for op in backends.OPERATORS:
+            for mode in backends.MODES:
+                assert backends.AUTO_PREFERENCE[(device, op, mode)], (device, op, mode)
+
+
+@pytest.mark.skipif(not ops.availability("cpu", "cpu")[0], reason="cpu backend unavailable")
+def test_auto_dispatches_by_whether_gradients_are_needed(monkeypatch):
+    monkeypatch.setattr(backends, "_state", {"setting": "auto", "warned": set()})
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, ("cpu", "lka_gate", "inference"), ("cpu",))
+    monkeypatch.setitem(backends.AUTO_PREFERENCE, ("cpu", "lka_gate", "training"), ("torch",))
+    ran = []
+    fused = library.lka_gate_forward
+    monkeypatch.setattr(library, "lka_gate_forward", lambda *a: ran.append(a[-1]) or fused(*a))
+    x = torch.randn(1, 4, 6, 6)
+    weights = [torch.randn(4, 1, 5, 5), torch.randn(4), torch.randn(4, 1, 7, 7), torch.randn(4),
+               torch.randn(4, 4, 1, 1), torch.randn(4)]
+    ops.lka_gate(x, *weights)                                   # nothing needs a gradient
+    assert ran == ["cpu"]
+    ops.lka_gate(x.requires_grad_(), *weights)                  # training: the reference, not library
+    with torch.no_grad():
+        ops.lka_gate(x, *weights)                               # no_grad: inference again
+    assert ran == ["cpu", "cpu"]
 
 
 def test_environment_variable_sets_the_default():
