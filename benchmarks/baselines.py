@@ -11,6 +11,8 @@ Every row of the suite is one of these "backends":
               selected; skipped, with ``dlkunet.ops.availability``'s reason, where it cannot run.
 ``<fused>_cl``  the same in channels_last, the fair match for ``eager_cl`` (same layout); the report
               gives their speedup against eager_cl as well as against eager.
+``auto`` / ``auto_cl``  models only: what a user gets by default (``dlkunet.ops.backends``'s
+              measured choice per operator and mode).
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from dlkunet.models.blocks import LKA, DWConvBNAct
 PEERS = ("eager", "eager_cl", "compile")
 FUSED = ("triton", "cuda", "cpu")
 FUSED_CL = tuple(f"{name}_cl" for name in FUSED)
-BACKENDS = PEERS + FUSED + FUSED_CL
+DEFAULT = ("auto", "auto_cl")  # models only
+BACKENDS = PEERS + FUSED + FUSED_CL + DEFAULT
 
 
 def backend_name(backend: str) -> str:
     """The dlkunet backend a fused row runs (``cpu_cl`` -> ``cpu``)."""
-    return backend[:-3] if backend in FUSED_CL else backend
+    return backend[:-3] if backend in FUSED_CL + DEFAULT[1:] else backend
 
 
 class EagerDWConvBNAct(nn.Module):
@@ -63,7 +66,7 @@ class EagerLKA(nn.Module):
 
 
 def availability(backend: str, device_type: str) -> Tuple[bool, str]:
-    if backend in PEERS:
+    if backend in PEERS + DEFAULT:
         return True, ""
     return ops.availability(backend_name(backend), device_type)
 

@@ -14,7 +14,8 @@ import sys
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional
 
-BACKEND_ORDER = ("eager", "eager_cl", "compile", "torch", "triton", "cuda", "cpu", "triton_cl", "cuda_cl", "cpu_cl")
+BACKEND_ORDER = ("eager", "eager_cl", "compile", "torch", "triton", "cuda", "cpu", "triton_cl", "cuda_cl", "cpu_cl",
+                 "auto", "auto_cl")
 
 
 def _backends(rows: List[dict]) -> List[str]:
@@ -136,7 +137,8 @@ def _geomean(values: List[float]) -> float:
 def _color(backend: str) -> str:
     """One colour per backend in every panel and every chart."""
     palette = ("#7f7f7f", "#bcbd22", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#ff7f0e",
-               "#ff9896", "#98df8a", "#ffbb78")  # *_cl: the light shade of their backend
+               "#ff9896", "#98df8a", "#ffbb78",  # *_cl: the light shade of their backend
+               "#9467bd", "#c5b0d5")
     return palette[BACKEND_ORDER.index(backend)] if backend in BACKEND_ORDER else "#9467bd"
 
 
