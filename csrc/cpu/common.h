@@ -24,7 +24,6 @@ using at::Tensor;
 constexpr int64_t kMaxKernel = 63;       // bounds the on-stack tap list; far beyond any ablation size
 constexpr int64_t kMinTilePixels = 256;  // below this a tile's GEMM is dominated by weight packing
 constexpr int64_t kChunk = 256;          // pixels per task of the elementwise passes
-constexpr int64_t kChannelGroup = 16;    // depthwise channels per sweep: one 64-byte line per pixel
 
 // ---- checks shared by the bindings -------------------------------------------------------------
 
@@ -237,30 +236,33 @@ struct ThreadSums {
   }
 };
 
-// Rows [r0, r1) of depthwise(img) + bias into out (row r0 first), channel group by channel group:
-// one group's input window (k rows; 19 for a 7-tap conv at dilation 3) stays in L2, where all
-// channels' would not at the model's widths (224 x 96 floats is 86 kB a row).
+// Rows [r0, r1) of depthwise(img) + bias into out (row r0 first).
 template <typename T>
 void depthwise_rows(const T* img, int64_t H, int64_t W, int64_t C, int64_t r0, int64_t r1, const T* wt,
                     const T* bias, int64_t k, int64_t dil, T* out) {
-  for (int64_t c0 = 0; c0 < C; c0 += kChannelGroup)
-    for (int64_t r = r0; r < r1; ++r)
-      dw_row(img, H, W, C, r, wt, bias, k, dil, out + (r - r0) * W * C, false, c0, std::min(C, c0 + kChannelGroup));
+  for (int64_t r = r0; r < r1; ++r) dw_row(img, H, W, C, r, wt, bias, k, dil, out + (r - r0) * W * C, false);
 }
 
 // out = depthwise(X) + bias for a whole batch of (H, W, C) images, in parallel over (image, block
-// of rows, channel group).
+// of rows), and over channel groups too when that alone leaves threads idle (small deep maps).
+// Otherwise all channels of a pixel in one sweep: sweeping 16-channel groups (to keep a dilated
+// window in L2) was not faster here (lka_gate at 1x96x224x224: 34-37 ms against 30-31 ms).
 template <typename T>
 void depthwise_all(const T* X, int64_t N, int64_t H, int64_t W, int64_t C, const T* wt, const T* bias, int64_t k,
                    int64_t dil, T* out) {
-  constexpr int64_t kRows = 16;
-  const int64_t row_blocks = (H + kRows - 1) / kRows, groups = (C + kChannelGroup - 1) / kChannelGroup;
-  at::parallel_for(0, N * row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kRows = 16, kLine = 64 / sizeof(T);
+  const int64_t row_blocks = (H + kRows - 1) / kRows;
+  const int64_t want = 4 * at::get_num_threads(), blocks = N * row_blocks;
+  const int64_t lines = (C + kLine - 1) / kLine;
+  const int64_t groups = blocks >= want ? 1 : std::min(lines, (want + blocks - 1) / blocks);
+  const int64_t group_c = (lines + groups - 1) / groups * kLine;
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (row_blocks * groups), rb = t / groups % row_blocks, c0 = t % groups * kChannelGroup;
+      const int64_t n = t / (row_blocks * groups), rb = t / groups % row_blocks, c0 = t % groups * group_c;
+      if (c0 >= C) continue;
       for (int64_t r = rb * kRows; r < std::min(H, (rb + 1) * kRows); ++r)
         dw_row(X + n * H * W * C, H, W, C, r, wt, bias, k, dil, out + (n * H + r) * W * C, false, c0,
-               std::min(C, c0 + kChannelGroup));
+               std::min(C, c0 + group_c));
     }
   });
 }

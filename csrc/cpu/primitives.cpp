@@ -125,6 +125,9 @@ DLK_INLINE void dw_row_impl(const T* in, int64_t H, int64_t W, int64_t C, int64_
         const int64_t i = rows[t];
         const T* src = in + ((h + i * dil - pad) * W + w - pad) * C + c;
         const T* wr = wt + i * k * C + c;
+        // The next block's new pixels in this row: the hardware prefetchers miss this strided
+        // stream (one line per pixel, C apart), and the FMAs stalled on it.
+        for (int64_t b = 0; b < WB; ++b) __builtin_prefetch(src + ((k - 1) * dil + 2 * WB + b) * C);
         for (int64_t j = 0; j < k; ++j) {
           const V wv = vload<V>(wr + j * C);
           const T* p = src + j * dil * C;
