@@ -35,10 +35,10 @@ CHOICES = ("auto",) + BACKENDS
 # "training": autograd will call the backward); the first available one wins under "auto".
 # - GPU: on an H200 (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU
 #   backends at the model's shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager): the reference.
-# - CPU: on a 2-core EPYC (benchmarks/results/cpu-2026-11-26-9c6b93f-{1,2,3}.md, against eager in
-#   the same layout) the cpu backend runs lka_gate 1.2-4.8x (median 2.0x), but dwconv_bn_act
-#   0.3-2.0x (median 0.6-0.8x: the op is GEMM-bound, the depthwise loop reaches a fraction of peak,
-#   and the backward recomputes).  Whole models with dwconv_bn_act on the reference and lka_gate on the cpu backend
+# - CPU: on a 2-core EPYC (benchmarks/results/cpu-2026-11-26-a702306-{1,2,3}.md, against eager in
+#   the same layout) the cpu backend runs lka_gate 1.1-4.0x (median 2.2-2.6x), but dwconv_bn_act
+#   0.4-2.2x (median 0.65-0.96x: the op is GEMM-bound, the depthwise loop reaches a third of
+#   oneDNN's rate, and the backward recomputes).  Whole models with dwconv_bn_act on the reference and lka_gate on the cpu backend
 #   beat both all-cpu and all-reference, in NCHW and channels_last, inference and training
 #   (DLKUNet-S/M/L, interleaved: inference 1.06-1.55x, training steps 1.3-2.0x eager).
 AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
