@@ -74,12 +74,12 @@ inline at::ScalarType compute_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// dst[p * R + r] = src[r * P + p] for one (R x P) matrix, converting the element type; blocked so
-// that both sides move whole cache lines (ATen's generic permute-copy is ~5x slower here).
-// float -> float: the vectorised 8x8-block version (primitives.cpp).
+// float -> float: the vectorised 8x8-block version of transpose_block (primitives.cpp).
 void transpose_f32(const float* src, float* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,
                    int64_t p1);
 
+// dst[p * R + r] = src[r * P + p] for one (R x P) matrix, converting the element type; blocked so
+// that both sides move whole cache lines (ATen's generic permute-copy is ~5x slower here).
 template <typename src_t, typename dst_t>
 void transpose_block(const src_t* src, dst_t* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,
                      int64_t p1) {

@@ -94,7 +94,9 @@ int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan
     Tensor D = at::empty({P, Cin}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     depthwise_all(X, s.N, s.H, s.W, Cin, wd, bd, s.k, 1, D.data_ptr<T>());
     gemm<T>(false, D.data_ptr<T>(), Cin, true, Wp, Cin, zp, Cout, P, Cout, Cin, false);
-    for_each_chunk(P, kChunk, [&](int64_t b, int64_t p0, int64_t p1) { post(b, zp + p0 * Cout, Cout, p1 - p0, Cout, true); });
+    for_each_chunk(P, kChunk, [&](int64_t b, int64_t p0, int64_t p1) {
+      post(b, zp + p0 * Cout, Cout, p1 - p0, Cout, true);
+    });
     return (P + kChunk - 1) / kChunk;
   }
   at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {

@@ -93,7 +93,8 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
         for (int64_t r = 0; r < R; ++r)
           for (int64_t c = 0; c < Cn; ++c) {
             const T bias = cl ? b1p[c] : b1p[r];
-            op[base + r * ld + c] = static_cast<scalar_t>(static_cast<T>(xp[base + r * ld + c]) * (O[r * Cn + c] + bias));
+            const T xv = static_cast<T>(xp[base + r * ld + c]);
+            op[base + r * ld + c] = static_cast<scalar_t>(xv * (O[r * Cn + c] + bias));
           }
       }
     }

@@ -296,8 +296,9 @@ DLK_INLINE void bn_act_backward_impl(T* __restrict Z, const T* __restrict G, int
 template <typename T>
 DLK_INLINE void bn_act_backward_switch(T* Z, const T* G, int64_t P, int64_t Cout, const BnActBackwardCoef<T>& k,
                                        bool training, bool relu, bool write, T* sg, T* sgx, T* sdz) {
-#define DLK_BN_BWD(TR, RE, WR) \
-  if (training == TR && relu == RE && write == WR) return bn_act_backward_impl<T, TR, RE, WR>(Z, G, P, Cout, k, sg, sgx, sdz);
+#define DLK_BN_BWD(TR, RE, WR)                       \
+  if (training == TR && relu == RE && write == WR) \
+    return bn_act_backward_impl<T, TR, RE, WR>(Z, G, P, Cout, k, sg, sgx, sdz);
   DLK_BN_BWD(true, true, true) DLK_BN_BWD(true, true, false) DLK_BN_BWD(true, false, true)
   DLK_BN_BWD(true, false, false) DLK_BN_BWD(false, true, true) DLK_BN_BWD(false, true, false)
   DLK_BN_BWD(false, false, true) DLK_BN_BWD(false, false, false)

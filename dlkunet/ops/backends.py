@@ -11,8 +11,8 @@ Backends (see ``../shared/spec/kernels.md``):
 Selection, strongest first: the ``use_backend`` context manager, ``set_backend``, the
 ``DLKUNET_BACKEND`` environment variable (read at import), and ``auto``.  ``auto`` picks the
 first available backend of ``AUTO_PREFERENCE`` for the tensor's device, the operator and whether
-gradients are needed, and falls back to ``torch`` with a single warning that says what is missing.  A backend named explicitly that
-cannot run is an error that says why.
+gradients are needed, and falls back to ``torch`` with a single warning that says what is missing.
+A backend named explicitly that cannot run is an error that says why.
 
 Every backend module provides the four functions documented in ``dlkunet.ops.reference``:
 ``dwconv_bn_act_forward``, ``dwconv_bn_act_backward``, ``lka_gate_forward``, ``lka_gate_backward``.
@@ -38,9 +38,10 @@ CHOICES = ("auto",) + BACKENDS
 # - CPU: on a 2-core EPYC (benchmarks/results/cpu-2026-11-26-a702306-{1,2,3}.md, against eager in
 #   the same layout) the cpu backend runs lka_gate 1.1-4.0x (median 2.2-2.6x), but dwconv_bn_act
 #   0.4-2.2x (median 0.65-0.96x: the op is GEMM-bound, the depthwise loop reaches a third of
-#   oneDNN's rate, and the backward recomputes).  Whole models with dwconv_bn_act on the reference and lka_gate on the cpu backend
-#   beat both all-cpu and all-reference, in NCHW and channels_last, inference and training
-#   (DLKUNet-S/M/L, interleaved: inference 1.06-1.55x, training steps 1.3-2.0x eager).
+#   oneDNN's rate, and the backward recomputes).  Whole models with dwconv_bn_act on the reference
+#   and lka_gate on the cpu backend beat all-reference in every interleaved comparison and
+#   all-cpu in 16 of 18, NCHW and channels_last (DLKUNet-S/M/L: inference 1.06-1.55x, training
+#   steps 1.3-2.0x eager).
 AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
     ("cuda", "dwconv_bn_act", "inference"): ("torch",),
     ("cuda", "dwconv_bn_act", "training"): ("torch",),
@@ -144,7 +145,7 @@ def availability(name: str, device_type: Optional[str] = None) -> Tuple[bool, st
 
 
 @torch.compiler.assume_constant_result
-def resolve(device_type: str, op: str = "dwconv_bn_act", mode: str = "inference") -> str:
+def resolve(device_type: str, op: str, mode: str) -> str:
     """The backend that runs ``op`` in ``mode`` ('inference' or 'training') for tensors on
     ``device_type`` under the current setting; only 'auto' looks at op and mode."""
     setting = _state["setting"]

@@ -21,7 +21,7 @@ def test_set_get_and_context_manager_restore():
     assert ops.get_backend() == before
     ops.set_backend("torch")
     try:
-        assert ops.resolve("cpu") == "torch"
+        assert ops.resolve("cpu", "lka_gate", "inference") == "torch"
     finally:
         ops.set_backend(before)
 
@@ -36,7 +36,7 @@ def test_explicit_unavailable_backend_says_why():
         if ops.availability("cuda", "cpu")[0]:
             pytest.fail("the cuda backend must not claim CPU tensors")
         with pytest.raises(ops.BackendUnavailableError, match="'cuda' is not available: .+"):
-            ops.resolve("cpu")
+            ops.resolve("cpu", "lka_gate", "inference")
 
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
