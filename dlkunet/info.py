@@ -60,6 +60,11 @@ def print_info() -> None:
     for name in ops.BACKENDS:
         ok, why = ops.availability(name)
         print(f"  {name:<7} {'available' if ok else 'unavailable: ' + why}")
+    module, _ = ops.extension.load_extension()
+    if module is not None and hasattr(module, "cpu_parallel_threads"):
+        torch_threads, kernel_threads = torch.get_num_threads(), module.cpu_parallel_threads()
+        why = " (the extension was built without torch's OpenMP)" if kernel_threads < torch_threads else ""
+        print(f"  CPU threads: torch {torch_threads}, cpu kernels {kernel_threads}{why}")
     print("\nmodels (1 input channel, 9 classes; MACs of convolutions at 1x1x224x224,\n"
           "torch.utils.flop_counter; the paper's FLOPs column counts more layer types):")
     for name, row in model_table().items():

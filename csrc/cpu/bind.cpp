@@ -20,8 +20,24 @@ std::vector<Tensor> lka_gate_backward(const Tensor& grad_out, const Tensor& x, c
                                       int64_t dilation);
 }  // namespace cpu
 
+namespace {
+// How many threads an at::parallel_for inside this extension runs on.  The kernels are only as
+// parallel as this: built without OpenMP it is 1 however many threads torch has (tested).
+int64_t parallel_threads() {
+  std::vector<char> seen(static_cast<size_t>(std::max(1, at::get_num_threads())), 0);
+  at::parallel_for(0, 1 << 16, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(seen.size())) seen[t] = 1;
+  });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+}  // namespace
+
 void bind_cpu(pybind11::module_& m) {
   namespace py = pybind11;
+  m.def("cpu_parallel_threads", &parallel_threads,
+        "the number of threads an at::parallel_for inside the extension uses (torch.get_num_threads() "
+        "when the extension was built with torch's threading)");
   // The kernels run without the GIL: they touch no Python objects.
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("cpu_dwconv_bn_act_forward", &cpu::dwconv_bn_act_forward, nogil,

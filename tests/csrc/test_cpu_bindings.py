@@ -220,3 +220,43 @@ def test_lka_matches_reference_and_leaves_inputs(dilation):
     assert [g.dtype for g in grads] == [t.dtype for t in args]
     for i, (g, w) in enumerate(zip(grads, want)):
         assert _rel(g, w) < 1e-5, f"gradient {i}"
+
+
+# ---- threading --------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kernels_run_on_torchs_threads(two_threads):
+    # at::parallel_for is a header template: built without -fopenmp it ran serially inside the
+    # extension while torch itself used every core.
+    assert _C.cpu_parallel_threads() == 2
+
+
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "lka_gate"])
+def test_results_agree_across_thread_counts(two_threads, op):
+    """Per-thread partial sums are merged in thread order: one thread and two give the same
+    values up to float32 reassociation, and two threads twice give the same bits."""
+    if op == "dwconv_bn_act":
+        args = _dw_args(n=2, cin=16, cout=24, h=40, w=33)
+        run = lambda: list(_dw_fwd(args)) + list(_dw_bwd(args[:7] + list(_dw_fwd(args)[1:]),  # noqa: E731
+                                                          grad_y=grad_dw))
+        grad_dw = torch.randn(2, 24, 40, 33)
+    else:
+        args = _lka_args(n=2, c=16, h=40, w=33)
+        grad_lka = torch.randn(2, 16, 40, 33)
+        run = lambda: [_lka_fwd(args)] + list(_lka_bwd(args, grad_out=grad_lka))  # noqa: E731
+    two = run()
+    again = run()
+    torch.set_num_threads(1)
+    one = run()
+    for a, b, c in zip(two, again, one):
+        assert torch.equal(a, b)
+        # the training-mode bias gradients are exactly zero on any thread count
+        assert torch.equal(a, c) if not c.any() else _rel(a, c) < 1e-5
+
