@@ -8,9 +8,10 @@
 // Training needs the batch statistics first: pass 1 writes z and per-block (mean, M2), merged
 // exactly (Chan et al.) in double; pass 2 normalises in place.
 //
-// Backward: whole-batch GEMMs (the weight gradient is a reduction over every pixel; one
-// multi-threaded GEMM beats per-thread partial matrices), the BatchNorm/ReLU backward in
-// vectorised elementwise passes, the depthwise backward row by row.
+// Backward: the same plan.  Per tile, recompute the depthwise output and z, then (after the batch
+// means of the BatchNorm backward, in training) dz, a per-thread share of grad w_pw and the
+// depthwise output's gradient, while the tile is in L2; small maps use whole-batch GEMMs.  The
+// depthwise backward then goes row by row.
 #include "common.h"
 
 #include <cmath>
@@ -213,27 +214,25 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   // D, the depthwise output, recomputed; Z = D @ Wp^T is z minus its bias.
   Tensor D = at::empty({s.N, s.H, W, Cin}, X.options()), Z = at::empty({s.N, s.H, W, Cout}, X.options());
   T *Dp = D.data_ptr<T>(), *Zp = Z.data_ptr<T>();
-  depthwise_all(Xp, s.N, s.H, W, Cin, wd.data_ptr<T>(), bd.data_ptr<T>(), k, 1, Dp);
-  gemm<T>(false, Dp, Cin, true, Wpp, Cin, Zp, Cout, P, Cout, Cin, false);
+  const T* wdp = wd.data_ptr<T>();
+  const T* bdp = bd.data_ptr<T>();
 
-  // BatchNorm + ReLU backward.  Training first needs the batch means of g and g * xhat (pass A);
-  // pass B overwrites Z with dz.  Sums: g, g * xhat, dz (eval: the pointwise bias's gradient).
+  // BatchNorm + ReLU backward over pixels [p0, p1), in kChunk blocks (the float partial sums stay
+  // short).  Training first needs the batch means of g and g * xhat (a pass with write = false);
+  // the writing pass overwrites Z with dz.  Sums: g, g * xhat, dz (eval: the pointwise bias's gradient).
   BnActBackwardCoef<T> coef{shift.data_ptr<T>(), invstd.data_ptr<T>(), gm.data_ptr<T>(), bt.data_ptr<T>(),
                             sc.data_ptr<T>(), nullptr, nullptr};
-  auto bn_pass = [&](bool write) {
-    ThreadSums<double> sums(3 * Cout);
-    for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) {
-      std::vector<T> acc(static_cast<size_t>(3 * Cout), T(0));
-      bn_act_backward(Zp + p0 * Cout, Gp + p0 * Cout, p1 - p0, Cout, coef, training, relu, write, acc.data(),
-                      acc.data() + Cout, acc.data() + 2 * Cout);
-      double* mine = sums.mine();
-      for (int64_t o = 0; o < 3 * Cout; ++o) mine[o] += acc[o];
-    });
-    return sums.total();
+  auto bn_rows = [&](int64_t p0, int64_t p1, bool write, double* sums) {
+    std::vector<T> acc(static_cast<size_t>(3 * Cout));
+    for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      bn_act_backward(Zp + c0 * Cout, Gp + c0 * Cout, std::min(p1, c0 + kChunk) - c0, Cout, coef, training, relu,
+                      write, acc.data(), acc.data() + Cout, acc.data() + 2 * Cout);
+      for (int64_t o = 0; o < 3 * Cout; ++o) sums[o] += acc[o];
+    }
   };
   std::vector<T> mg(Cout, T(0)), mgx(Cout, T(0));
-  if (training) {
-    Tensor sA = bn_pass(false);
+  auto set_means = [&](const Tensor& sA) {
     const double* sp = sA.data_ptr<double>();
     for (int64_t o = 0; o < Cout; ++o) {
       mg[o] = static_cast<T>(sp[o] / P);
@@ -241,13 +240,62 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
     }
     coef.mean_g = mg.data();
     coef.mean_gx = mgx.data();
-  }
-  Tensor s2 = bn_pass(true);
+  };
 
-  // Pointwise backward: grad w_pw = dz^T @ D, then D <- dz @ Wp (the gradient of the depthwise output).
-  Tensor gwp = at::empty({Cout, Cin}, X.options());
-  gemm<T>(true, Zp, Cout, false, Dp, Cin, gwp.data_ptr<T>(), Cin, Cout, Cin, P, false);
-  gemm<T>(false, Zp, Cout, false, Wpp, Cin, Dp, Cin, P, Cin, Cout, false);
+  // Then the pointwise backward: grad w_pw = dz^T @ D, and D <- dz @ Wp (the gradient of the
+  // depthwise output).  Large maps go tile by tile (as the forward's plan), each thread running
+  // single-threaded GEMMs on L2-resident rows into its own grad w_pw; small maps take
+  // whole-batch GEMMs (a tile's GEMM would mostly re-pack the weight).
+  const TilePlan plan = plan_tiles(s.N, s.H, W, Cin + Cout, sizeof(T));
+  Tensor gwp, s2;
+  if (plan.whole) {
+    depthwise_all(Xp, s.N, s.H, W, Cin, wdp, bdp, k, 1, Dp);
+    gemm<T>(false, Dp, Cin, true, Wpp, Cin, Zp, Cout, P, Cout, Cin, false);
+    auto bn_pass = [&](bool write) {
+      ThreadSums<double> sums(3 * Cout);
+      for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) { bn_rows(p0, p1, write, sums.mine()); });
+      return sums.total();
+    };
+    if (training) set_means(bn_pass(false));
+    s2 = bn_pass(true);
+    gwp = at::empty({Cout, Cin}, X.options());
+    gemm<T>(true, Zp, Cout, false, Dp, Cin, gwp.data_ptr<T>(), Cin, Cout, Cin, P, false);
+    gemm<T>(false, Zp, Cout, false, Wpp, Cin, Dp, Cin, P, Cin, Cout, false);
+  } else {
+    ThreadSums<T> gwp_part(Cout * Cin);
+    ThreadSums<double> sums(3 * Cout);
+    auto for_tiles = [&](const auto& fn) {
+      at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+        SingleThreadedBlas blas_guard;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows;
+          const int64_t r1 = std::min(s.H, r0 + plan.rows);
+          fn(n, r0, r1, (n * s.H + r0) * W, (n * s.H + r1) * W);
+        }
+      });
+    };
+    auto finish_tile = [&](int64_t p0, int64_t p1) {
+      bn_rows(p0, p1, true, sums.mine());
+      gemm<T>(true, Zp + p0 * Cout, Cout, false, Dp + p0 * Cin, Cin, gwp_part.mine(), Cin, Cout, Cin, p1 - p0, true);
+      gemm<T>(false, Zp + p0 * Cout, Cout, false, Wpp, Cin, Dp + p0 * Cin, Cin, p1 - p0, Cin, Cout, false);
+    };
+    ThreadSums<double> sA(3 * Cout);
+    for_tiles([&](int64_t n, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+      depthwise_rows(Xp + n * s.H * W * Cin, s.H, W, Cin, r0, r1, wdp, bdp, k, 1, Dp + p0 * Cin);
+      gemm<T>(false, Dp + p0 * Cin, Cin, true, Wpp, Cin, Zp + p0 * Cout, Cout, p1 - p0, Cout, Cin, false);
+      if (training) {
+        bn_rows(p0, p1, false, sA.mine());
+      } else {
+        finish_tile(p0, p1);  // eval needs no batch means: one pass
+      }
+    });
+    if (training) {
+      set_means(sA.total());
+      for_tiles([&](int64_t, int64_t, int64_t, int64_t p0, int64_t p1) { finish_tile(p0, p1); });
+    }
+    s2 = sums.total();
+    gwp = gwp_part.total().reshape({Cout, Cin});
+  }
 
   // Depthwise backward, row by row: grad_x = D (*) flipped w_dw; grad_w_dw = D x X.
   Tensor GX = at::empty({s.N, s.H, W, Cin}, X.options());

@@ -260,3 +260,37 @@ def test_results_agree_across_thread_counts(two_threads, op):
         # the training-mode bias gradients are exactly zero on any thread count
         assert torch.equal(a, c) if not c.any() else _rel(a, c) < 1e-5
 
+
+
+# ---- the kernels' two plans: row tiles per thread, and whole-batch GEMMs ------------------------
+
+# common.h's plan_tiles: tiles of whole rows holding ~768 KiB of (Cin + Cout) channels, taken when
+# a tile has >= 256 pixels and there are >= 2 tiles per thread.  96 + 96 channels at 41 x 37 give
+# two uneven tiles per image (27 + 14 rows), four in all; 16 + 24 channels fit an image in one.
+PLANS = {"tiled": dict(n=2, cin=96, cout=96, h=41, w=37), "whole": dict(n=2, cin=16, cout=24, h=19, w=23)}
+
+
+def _dw_grads_close(got, want, training):
+    for name, g, w in zip(("x", "w_dw", "b_dw", "w_pw", "b_pw", "gamma", "beta"), got, want):
+        if training and name in ("b_dw", "b_pw"):
+            assert not g.any(), name  # the batch mean absorbs both biases
+        else:
+            assert _rel(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_dwconv_plans_match_reference(two_threads, plan, training, layout):
+    args = _dw_args(**PLANS[plan], seed=3)
+    args[3] = args[3] / args[3].shape[1] ** 0.5  # keep z's scale near 1 at 96 input channels
+    ref_args = [t.double() for t in args]
+    if layout == "channels_last":
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    y, mean, var = _dw_fwd(args, training=training)
+    y_ref, m_ref, v_ref = reference.dwconv_bn_act_forward(*ref_args, training, 1e-5, True)
+    assert _rel(y, y_ref) < 1e-5 and _rel(mean, m_ref) < 1e-5 and _rel(var, v_ref) < 1e-5
+    gy = torch.randn(y.shape, dtype=F64)
+    grads = _C.cpu_dwconv_bn_act_backward(gy.float(), args[0], *args[1:7], mean, var, training, 1e-5, True)
+    want = reference.dwconv_bn_act_backward(gy, *ref_args[:7], m_ref, v_ref, training, 1e-5, True)
+    _dw_grads_close(grads, want, training)
