@@ -35,20 +35,20 @@ CHOICES = ("auto",) + BACKENDS
 # "training": autograd will call the backward); the first available one wins under "auto".
 # - GPU: on an H200 (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU
 #   backends at the model's shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager): the reference.
-# - CPU: on a 2-core EPYC (benchmarks/results/cpu-2026-11-26-a702306-{1,2,3}.md, against eager in
-#   the same layout) the cpu backend runs lka_gate 1.1-4.0x (median 2.2-2.6x), but dwconv_bn_act
-#   0.4-2.2x (median 0.65-0.96x: the op is GEMM-bound, the depthwise loop reaches a third of
-#   oneDNN's rate, and the backward recomputes).  Whole models with dwconv_bn_act on the reference
-#   and lka_gate on the cpu backend beat all-reference in every interleaved comparison and
-#   all-cpu in 16 of 18, NCHW and channels_last (DLKUNet-S/M/L: inference 1.06-1.55x, training
-#   steps 1.3-2.0x eager).
+# - CPU: the cpu backend for both operators.  On a 2-core EPYC (torch 2.13, 2 threads), after the
+#   extension was built with torch's OpenMP (before, its kernels ran on one thread), interleaved
+#   whole-model comparisons of all-cpu against dwconv_bn_act on the reference (lka_gate on cpu):
+#   inference, all-cpu faster in 14 of 16, the other two within 0.6% (DLKUNet-S/M/L, batch 1-2 at
+#   48x48 and S/M batch 1 at 224x224, NCHW and channels_last; 1.5-2.7x eager); training steps a tie at 48x48 (6 of 12
+#   each way, within the noise) and all-cpu ahead at 224x224 in channels_last (0.95 s against
+#   1.14 s for DLKUNet-S), behind by 4-10% in NCHW.  Suite runs: benchmarks/results/cpu-2026-11-26-<commit>-*.
 AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
     ("cuda", "dwconv_bn_act", "inference"): ("torch",),
     ("cuda", "dwconv_bn_act", "training"): ("torch",),
     ("cuda", "lka_gate", "inference"): ("torch",),
     ("cuda", "lka_gate", "training"): ("torch",),
-    ("cpu", "dwconv_bn_act", "inference"): ("torch",),
-    ("cpu", "dwconv_bn_act", "training"): ("torch",),
+    ("cpu", "dwconv_bn_act", "inference"): ("cpu",),
+    ("cpu", "dwconv_bn_act", "training"): ("cpu",),
     ("cpu", "lka_gate", "inference"): ("cpu",),
     ("cpu", "lka_gate", "training"): ("cpu",),
 }
