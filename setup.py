@@ -76,13 +76,12 @@ def extension_plan():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
 
     cxx = ["-O3", "-std=c++17"]
-    link = []
     # at::parallel_for is a header template: compiled without -fopenmp it runs serially inside this
-    # extension even though torch itself is threaded.  The flag links libgomp.so.1, the soname of
-    # the copy torch already loaded, so both share one OpenMP runtime.
+    # extension even though torch itself is threaded.  Compile flag only: the GOMP_* calls stay
+    # undefined here and bind, through libtorch_cpu's dependencies, to the OpenMP runtime torch
+    # loaded (wheels may ship it renamed); linking -lgomp could load a second runtime.
     if torch._C.has_openmp and sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
-        link.append("-fopenmp")
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     macros = []
     if with_cuda:
@@ -90,12 +89,10 @@ def extension_plan():
         macros.append(("DLKUNET_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
             "dlkunet._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=link)
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]})
         kind = "cuda"
     else:
-        ext = cpp_extension.CppExtension("dlkunet._C", sources, extra_compile_args={"cxx": cxx},
-                                         extra_link_args=link)
+        ext = cpp_extension.CppExtension("dlkunet._C", sources, extra_compile_args={"cxx": cxx})
         kind = "cpu"
     reason = "" if with_cuda else f"CPU kernels only ({why_no_cuda})"
     _record(kind, reason, torch.__version__)
