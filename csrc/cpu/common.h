@@ -300,5 +300,19 @@ inline TilePlan plan_tiles(int64_t N, int64_t H, int64_t W, int64_t channels, in
   return t;
 }
 
+// Calls fn(t, n, r0, r1, scratch) for every tile t of `plan` (image n, rows [r0, r1)), in parallel.
+// Each worker allocates `scratch_elems` of T once for all its tiles and runs its GEMMs on one thread.
+template <typename T, typename Fn>
+void for_each_tile(const TilePlan& plan, int64_t H, int64_t scratch_elems, const Fn& fn) {
+  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_guard;
+    std::vector<T> scratch(static_cast<size_t>(scratch_elems));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows;
+      fn(t, n, r0, std::min(H, r0 + plan.rows), scratch.data());
+    }
+  });
+}
+
 }  // namespace cpu
 }  // namespace dlkunet

@@ -100,22 +100,17 @@ int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan
     });
     return (P + kChunk - 1) / kChunk;
   }
-  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    std::vector<T> tile(static_cast<size_t>(plan.rows * s.W * Cin));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows, r1 = std::min(s.H, r0 + plan.rows);
-      const int64_t P = (r1 - r0) * s.W;
-      depthwise_rows(X + n * HW * Cin, s.H, s.W, Cin, r0, r1, wd, bd, s.k, 1, tile.data());
-      if (cl) {
-        T* dst = zp + (n * HW + r0 * s.W) * Cout;
-        gemm<T>(false, tile.data(), Cin, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
-        post(t, dst, Cout, P, Cout, true);
-      } else {
-        T* dst = zp + n * Cout * HW + r0 * s.W;
-        gemm<T>(false, Wp, Cin, true, tile.data(), Cin, dst, HW, Cout, P, Cin, false);
-        post(t, dst, HW, Cout, P, false);
-      }
+  for_each_tile<T>(plan, s.H, plan.rows * s.W * Cin, [&](int64_t t, int64_t n, int64_t r0, int64_t r1, T* tile) {
+    const int64_t P = (r1 - r0) * s.W;
+    depthwise_rows(X + n * HW * Cin, s.H, s.W, Cin, r0, r1, wd, bd, s.k, 1, tile);
+    if (cl) {
+      T* dst = zp + (n * HW + r0 * s.W) * Cout;
+      gemm<T>(false, tile, Cin, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
+      post(t, dst, Cout, P, Cout, true);
+    } else {
+      T* dst = zp + n * Cout * HW + r0 * s.W;
+      gemm<T>(false, Wp, Cin, true, tile, Cin, dst, HW, Cout, P, Cin, false);
+      post(t, dst, HW, Cout, P, false);
     }
   });
   return plan.count;
@@ -264,14 +259,10 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   } else {
     ThreadSums<T> gwp_part(Cout * Cin);
     ThreadSums<double> sums(3 * Cout);
+    // fn(n, r0, r1, p0, p1): a tile's image, rows and pixel range in the NHWC buffers.
     auto for_tiles = [&](const auto& fn) {
-      at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
-        SingleThreadedBlas blas_guard;
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows;
-          const int64_t r1 = std::min(s.H, r0 + plan.rows);
-          fn(n, r0, r1, (n * s.H + r0) * W, (n * s.H + r1) * W);
-        }
+      for_each_tile<T>(plan, s.H, 0, [&](int64_t, int64_t n, int64_t r0, int64_t r1, T*) {
+        fn(n, r0, r1, (n * s.H + r0) * W, (n * s.H + r1) * W);
       });
     };
     auto finish_tile = [&](int64_t p0, int64_t p1) {

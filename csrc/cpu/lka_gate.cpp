@@ -70,33 +70,28 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, T>::value;
-  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    std::vector<T> buf(static_cast<size_t>(plan.rows * s.W * C * (direct ? 1 : 2)));
-    T* a2 = buf.data();
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows, r1 = std::min(s.H, r0 + plan.rows);
-      const int64_t P = (r1 - r0) * s.W;
-      depthwise_rows(A1p + n * img, s.H, s.W, C, r0, r1, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, a2);
-      const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
-      const int64_t ld = cl ? C : HW;
-      const int64_t R = cl ? P : C, Cn = cl ? C : P;  // the block as rows x columns
-      if constexpr (direct) {
-        T* O = op + base;
-        if (cl) gemm<T>(false, a2, C, true, W1p, C, O, ld, P, C, C, false);
-        else gemm<T>(false, W1p, C, true, a2, C, O, ld, C, P, C, false);
-        gate(O, ld, xp + base, ld, O, ld, R, Cn, b1p, cl);
-      } else {  // float16 / bfloat16: the GEMM into float scratch, the gate converting
-        T* O = a2 + plan.rows * s.W * C;
-        if (cl) gemm<T>(false, a2, C, true, W1p, C, O, Cn, P, C, C, false);
-        else gemm<T>(false, W1p, C, true, a2, C, O, Cn, C, P, C, false);
-        for (int64_t r = 0; r < R; ++r)
-          for (int64_t c = 0; c < Cn; ++c) {
-            const T bias = cl ? b1p[c] : b1p[r];
-            const T xv = static_cast<T>(xp[base + r * ld + c]);
-            op[base + r * ld + c] = static_cast<scalar_t>(xv * (O[r * Cn + c] + bias));
-          }
-      }
+  const int64_t scratch = plan.rows * s.W * C * (direct ? 1 : 2);  // a2, and float output for half types
+  for_each_tile<T>(plan, s.H, scratch, [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* a2) {
+    const int64_t P = (r1 - r0) * s.W;
+    depthwise_rows(A1p + n * img, s.H, s.W, C, r0, r1, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, a2);
+    const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
+    const int64_t ld = cl ? C : HW;
+    const int64_t R = cl ? P : C, Cn = cl ? C : P;  // the block as rows x columns
+    if constexpr (direct) {
+      T* O = op + base;
+      if (cl) gemm<T>(false, a2, C, true, W1p, C, O, ld, P, C, C, false);
+      else gemm<T>(false, W1p, C, true, a2, C, O, ld, C, P, C, false);
+      gate(O, ld, xp + base, ld, O, ld, R, Cn, b1p, cl);
+    } else {  // float16 / bfloat16: the GEMM into float scratch, the gate converting
+      T* O = a2 + plan.rows * s.W * C;
+      if (cl) gemm<T>(false, a2, C, true, W1p, C, O, Cn, P, C, C, false);
+      else gemm<T>(false, W1p, C, true, a2, C, O, Cn, C, P, C, false);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t c = 0; c < Cn; ++c) {
+          const T bias = cl ? b1p[c] : b1p[r];
+          const T xv = static_cast<T>(xp[base + r * ld + c]);
+          op[base + r * ld + c] = static_cast<scalar_t>(xv * (O[r * Cn + c] + bias));
+        }
     }
   });
   return out;

@@ -294,3 +294,28 @@ def test_dwconv_plans_match_reference(two_threads, plan, training, layout):
     grads = _C.cpu_dwconv_bn_act_backward(gy.float(), args[0], *args[1:7], mean, var, training, 1e-5, True)
     want = reference.dwconv_bn_act_backward(gy, *ref_args[:7], m_ref, v_ref, training, 1e-5, True)
     _dw_grads_close(grads, want, training)
+
+
+# lka_gate plans on 2C channels: C = 96 at 41 x 37 tiles (27 + 14 rows per image), C = 8 does not.
+LKA_PLANS = {"tiled": dict(n=2, c=96, h=41, w=37), "whole": dict(n=2, c=8, h=19, w=23)}
+
+
+@pytest.mark.parametrize("plan", list(LKA_PLANS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_lka_plans_match_reference(two_threads, plan, dtype, layout):
+    args = _lka_args(**LKA_PLANS[plan], seed=5)
+    args[5] = args[5] / args[5].shape[1] ** 0.5
+    ref_args = [t.double() for t in args]
+    args = [t.to(dtype) for t in args]
+    if layout == "channels_last":
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    budget = 1e-5 if dtype == torch.float32 else 1e-2  # tests/dlkunet_testing.BUDGET
+    out = _lka_fwd(args)
+    assert out.dtype == dtype
+    assert _rel(out, reference.lka_gate_forward(*ref_args, 3)) < budget
+    go = torch.randn(out.shape, dtype=F64)
+    grads = _lka_bwd(args, grad_out=go.to(dtype))
+    for name, g, w in zip(("x", "w0", "b0", "ws", "bs", "w1", "b1"), grads,
+                          reference.lka_gate_backward(go, *ref_args, 3)):
+        assert _rel(g, w) < budget, name
