@@ -5,8 +5,8 @@
 // than one write and read of a1.  Then, for large maps, per tile of rows: a2 into an L2-resident
 // buffer, the pointwise GEMM, and the gate in one epilogue; for small maps (plan_tiles) whole-batch
 // buffers and one multi-threaded GEMM.  The backward recomputes a1 and a2 from x (nothing saved by
-// the forward), then walks the chain back with whole-batch GEMMs, the gate in one vectorised pass,
-// the two depthwise convs row by row (transposed conv = conv with the kernel rotated 180 degrees).
+// the forward) and walks the chain back: the pointwise and gate parts per tile on the same plan,
+// then the two depthwise convs row by row (transposed conv = conv with the kernel rotated 180 degrees).
 #include "common.h"
 
 #include <type_traits>
@@ -110,25 +110,47 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x, const
   const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>();
   T *A1p = A1.data_ptr<T>(), *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>(), *GXp = GX.data_ptr<T>();
 
-  // Recompute a1, a2 and the pointwise output (nothing is saved by the forward).
+  // Recompute a1, a2 and the pointwise output (nothing is saved by the forward), then the gate's
+  // backward: grad_x = g * attn (the direct term), O <- dattn = g * x; then the pointwise
+  // backward: grad w1 = dattn^T @ a2, A2 <- da2 = dattn @ w1.  Large maps go tile by tile as in
+  // the forward (each thread's GEMMs single-threaded on L2-resident rows, its own share of
+  // grad w1); small maps take whole-batch GEMMs.
   Tensor w0t = taps_major(w0, ct, false), b0c = b0.to(ct).contiguous();
   Tensor wst = taps_major(ws, ct, false), bsc = bs.to(ct).contiguous();
   depthwise_all(Xp, s.N, s.H, W, C, w0t.data_ptr<T>(), b0c.data_ptr<T>(), s.k0, 1, A1p);
-  depthwise_all(A1p, s.N, s.H, W, C, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, A2p);
-  gemm<T>(false, A2p, C, true, W1p, C, Op, C, P, C, C, false);
-
-  // Gate: grad_x = g * attn (the direct term); O <- dattn = g * x.
   ThreadSums<double> gb1(C);
-  for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) {
-    std::vector<T> acc(static_cast<size_t>(C), T(0));
-    gate_backward(Gp + p0 * C, Xp + p0 * C, Op + p0 * C, b1p, GXp + p0 * C, p1 - p0, C, acc.data());
-    double* mine = gb1.mine();
-    for (int64_t c = 0; c < C; ++c) mine[c] += acc[c];
-  });
-  // Pointwise: grad w1 = dattn^T @ a2; then A2 <- da2 = dattn @ w1.
-  Tensor gw1 = at::empty({C, C}, X.options());
-  gemm<T>(true, Op, C, false, A2p, C, gw1.data_ptr<T>(), C, C, C, P, false);
-  gemm<T>(false, Op, C, false, W1p, C, A2p, C, P, C, C, false);
+  auto gate_rows = [&](int64_t p0, int64_t p1) {
+    std::vector<T> acc(static_cast<size_t>(C));
+    for (int64_t c0 = p0; c0 < p1; c0 += kChunk) {  // short float partial sums, as in the whole plan
+      std::fill(acc.begin(), acc.end(), T(0));
+      const int64_t c1 = std::min(p1, c0 + kChunk);
+      gate_backward(Gp + c0 * C, Xp + c0 * C, Op + c0 * C, b1p, GXp + c0 * C, c1 - c0, C, acc.data());
+      double* mine = gb1.mine();
+      for (int64_t c = 0; c < C; ++c) mine[c] += acc[c];
+    }
+  };
+  const TilePlan plan = plan_tiles(s.N, s.H, s.W, 2 * C, sizeof(T));
+  Tensor gw1;
+  if (plan.whole) {
+    depthwise_all(A1p, s.N, s.H, W, C, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, A2p);
+    gemm<T>(false, A2p, C, true, W1p, C, Op, C, P, C, C, false);
+    for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) { gate_rows(p0, p1); });
+    gw1 = at::empty({C, C}, X.options());
+    gemm<T>(true, Op, C, false, A2p, C, gw1.data_ptr<T>(), C, C, C, P, false);
+    gemm<T>(false, Op, C, false, W1p, C, A2p, C, P, C, C, false);
+  } else {
+    ThreadSums<T> gw1_part(C * C);
+    for_each_tile<T>(plan, s.H, 0, [&](int64_t, int64_t n, int64_t r0, int64_t r1, T*) {
+      const int64_t p0 = (n * s.H + r0) * W, p1 = (n * s.H + r1) * W;
+      T *a2 = A2p + p0 * C, *o = Op + p0 * C;
+      depthwise_rows(A1p + n * img, s.H, W, C, r0, r1, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, a2);
+      gemm<T>(false, a2, C, true, W1p, C, o, C, p1 - p0, C, C, false);
+      gate_rows(p0, p1);
+      gemm<T>(true, o, C, false, a2, C, gw1_part.mine(), C, C, C, p1 - p0, true);
+      gemm<T>(false, o, C, false, W1p, C, a2, C, p1 - p0, C, C, false);
+    });
+    gw1 = gw1_part.total().reshape({C, C});
+  }
   T* DA2p = A2p;
   T* DA1p = Op;  // dattn is spent
 
