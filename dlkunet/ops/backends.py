@@ -41,7 +41,7 @@ CHOICES = ("auto",) + BACKENDS
 #   inference, all-cpu faster in 14 of 16, the other two within 0.6% (DLKUNet-S/M/L, batch 1-2 at
 #   48x48 and S/M batch 1 at 224x224, NCHW and channels_last; 1.5-2.7x eager); training steps a tie at 48x48 (6 of 12
 #   each way, within the noise) and all-cpu ahead at 224x224 in channels_last (0.95 s against
-#   1.14 s for DLKUNet-S), behind by 4-10% in NCHW.  Suite runs: benchmarks/results/cpu-2026-11-26-ae2038c-*.
+#   1.14 s for DLKUNet-S), behind by 4-10% in NCHW.  Suite runs: benchmarks/results/cpu-2026-11-26-095e5fe-*.
 AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
     ("cuda", "dwconv_bn_act", "inference"): ("torch",),
     ("cuda", "dwconv_bn_act", "training"): ("torch",),
