@@ -53,15 +53,15 @@ def test_compiles_without_spills(kernel, arch):
     _check(_compile(kernel, arch, "main"), arch)
 
 
-# Known defect, kept visible: dw_bwd in float16 + channels_last for LKA (5, 5, d3) spills 16-52 bytes
-# at 72-128 registers (local memory, not register pressure; cause not found yet).  strict: the
-# mark fails the run once the spill is gone, so it cannot outlive the fix.
-KNOWN_SPILL = pytest.mark.xfail(strict=True, reason="dw_bwd fp16 channels_last LKA(5,5,d3) spills (see comment)")
-SLOW_KERNELS = [pytest.param(k, marks=KNOWN_SPILL) if k == "dw_bwd" else k for k in KERNELS]
+# Known defect, kept visible: on sm_80, dw_bwd in float16 + channels_last for LKA (5, 5, d3) spills
+# 20 bytes at 96 registers (sm_90 stopped spilling when the weight-gradient rows were unrolled).
+# strict: the mark fails the run once the spill is gone, so it cannot outlive the fix.
+KNOWN_SPILL = pytest.mark.xfail(strict=True, reason="dw_bwd fp16 channels_last LKA(5,5,d3) spills on sm_80")
+SLOW_CASES = [pytest.param(k, a, id=f"{k}-sm{a}", marks=KNOWN_SPILL if (k, a) == ("dw_bwd", 80) else ())
+              for k in KERNELS for a in (80, 90)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
-@pytest.mark.parametrize("kernel", SLOW_KERNELS)
+@pytest.mark.parametrize("kernel,arch", SLOW_CASES)
 def test_other_specialisations_compile_without_spills(kernel, arch):
     _check(_compile(kernel, arch, "slow"), arch)
