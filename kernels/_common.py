@@ -37,8 +37,14 @@ AFFINE, STATS, GATE, BN_BWD_STATS, BN_BWD_GZ, GATE_BWD = 0, 1, 2, 3, 4, 5
 N_PRM = 8
 
 
+# Every configuration states the hardware's register limit.  Without a .maxnreg, ptxas (run by Triton
+# with --regAllocOptLevel=2) aims at an occupancy step (64 to 168 registers) and spilled 8-40 bytes
+# in about one specialisation in fifteen; with the limit it allocates what the kernel needs.
+MAX_REGISTERS = 255
+
+
 def _cfg(kw, warps, stages=2):
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+    return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=MAX_REGISTERS)
 
 
 # Shipped block configurations (tests/kernels/test_compile.py compiles every one of them).  Under
@@ -50,11 +56,12 @@ if INTERPRET:
     DW_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_C=16), 1)]
     DW_BWD_CONFIGS = DW_CONFIGS
 else:
-    # Kept only where ptxas reports no spills on sm_80 and sm_90a for every shipped specialisation
-    # (tests/kernels/test_compile.py); larger tiles (e.g. 128x64x32, or 64x64x16 for float32
-    # statistics on sm_80) spilled.
+    # Kept only where the cubins of every shipped specialisation, in every dtype, have no spills on
+    # sm_80 and sm_90a (tests/kernels/test_compile.py).  dw_pw needs 8 warps: at 4, float16
+    # BN_BWD_STATS with 7x7 taps spilled at 255 registers on sm_80.  Larger tiles (e.g. 128x64x32)
+    # spilled.
     DW_PW_CONFIGS = [
-        _cfg(dict(BLOCK_P=64, BLOCK_CO=32, BLOCK_CI=16), 4),
+        _cfg(dict(BLOCK_P=64, BLOCK_CO=32, BLOCK_CI=16), 8),
     ]
     PW_BWD_DATA_CONFIGS = [
         _cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32), 8),
@@ -65,12 +72,6 @@ else:
     DW_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
     ]
-    # Known issue: on sm_80 only, channels_last fp16 with 5x5 dilated taps plus 5x5 weight-gradient
-    # taps (LKA (5,5,d3) backward) spills 20 bytes at 96 registers; unrolling the weight-gradient
-    # rows (static_range) removed the sm_90 spill (52 bytes).  8 warps spilled more; ptxas picks 96
-    # registers on its own, and maxnreg=128 removes the spill, but one config serves every
-    # specialisation and others need up to 177 registers (a per-specialisation config would fix
-    # it).  tests/kernels/test_compile.py's slow tier reports it.
     DW_BWD_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
     ]
@@ -389,11 +390,13 @@ def _dw_bwd_kernel(g_ptr, w_ptr, add_ptr, out_ptr, t2_ptr, part_ptr, N, H, W, C,
         if K2 > 0:
             bacc += tl.sum(tl.where(omask, acc, 0.0), axis=0)
             base2 = t2_ptr + _offsets(p, n, hw, c, C, HW, CL)
-            for ky in tl.static_range(K2):
+            # Loops, not unrolled: unrolled, all K2*K2 loads were hoisted and spilled even at 255
+            # registers (sm_90, channels_last, 16-bit).
+            for ky in range(K2):
                 dy = ky - PAD2
                 hh = h + dy
                 hok = pmask & (hh >= 0) & (hh < H)
-                for kx in tl.static_range(K2):
+                for kx in range(K2):
                     dx = kx - PAD2
                     ww = w + dx
                     ok = hok & (ww >= 0) & (ww < W)
