@@ -13,6 +13,10 @@ Every row of the suite is one of these "backends":
               gives their speedup against eager_cl as well as against eager.
 ``auto`` / ``auto_cl``  models only: what a user gets by default (``dlkunet.ops.backends``'s
               measured choice per operator and mode).
+``eager_pw`` / ``eager_pw_cl``  dwconv_bn_act only, a bound rather than a peer: eager's pointwise 1x1
+              convolution alone (the operator's GEMM, as PyTorch runs it), in each layout.  A fused
+              kernel still does that GEMM, so eager / eager_pw is the most any fusion can gain over
+              eager without a faster GEMM; where the GEMM dominates that bound is small.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ PEERS = ("eager", "eager_cl", "compile")
 FUSED = ("triton", "cuda", "cpu")
 FUSED_CL = tuple(f"{name}_cl" for name in FUSED)
 DEFAULT = ("auto", "auto_cl")  # models only
-BACKENDS = PEERS + FUSED + FUSED_CL + DEFAULT
+BOUNDS = ("eager_pw", "eager_pw_cl")  # dwconv_bn_act only
+BACKENDS = PEERS + BOUNDS + FUSED + FUSED_CL + DEFAULT
 
 
 def backend_name(backend: str) -> str:
@@ -66,7 +71,7 @@ class EagerLKA(nn.Module):
 
 
 def availability(backend: str, device_type: str) -> Tuple[bool, str]:
-    if backend in PEERS + DEFAULT:
+    if backend in PEERS + BOUNDS + DEFAULT:
         return True, ""
     return ops.availability(backend_name(backend), device_type)
 
@@ -101,6 +106,9 @@ def _with_backend(module: nn.Module, backend: str) -> Callable:
 
 def dwconv(backend: str, cin: int, cout: int, k: int, dtype, device, compile_backend: str = "inductor"):
     """(module, callable) for one dwconv_bn_act peer."""
+    if backend in BOUNDS:
+        module = _cast(nn.Conv2d(cin, cout, 1).to(device), dtype, backend)
+        return module, module
     if backend in PEERS:
         module = _cast(EagerDWConvBNAct(cin, cout, k).to(device), dtype, backend)
         return module, (_compiled(module, compile_backend) if backend == "compile" else module)

@@ -227,14 +227,15 @@ def environment(device: torch.device, size_name: str) -> dict:
 
 def annotate_speedups(rows: List[dict]) -> None:
     """speedup_vs_eager = eager median / this median, for rows whose eager twin ran in this run;
-    fused rows also get speedup_same_layout, against eager or eager_cl in their own layout."""
+    fused rows (and the eager_pw bounds) also get speedup_same_layout, against eager or eager_cl in
+    their own layout."""
     peers = {(r["backend"], _twin_key(r)): r["median_ms"] for r in rows
              if r["backend"] in ("eager", "eager_cl") and r.get("median_ms")}
     for r in rows:
         ms = r.get("median_ms")
         base = peers.get(("eager", _twin_key(r)))
         r["speedup_vs_eager"] = round(base / ms, 4) if base and ms else None
-        if r["backend"] not in ("eager", "eager_cl", "compile"):  # a fused backend (baselines.py)
+        if r["backend"] not in ("eager", "eager_cl", "compile"):  # fused, or a bound (baselines.py)
             peer = "eager_cl" if r["backend"].endswith("_cl") else "eager"
             same = peers.get((peer, _twin_key(r)))
             r["speedup_same_layout"] = round(same / ms, 4) if same and ms else None

@@ -14,8 +14,8 @@ import sys
 from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional
 
-BACKEND_ORDER = ("eager", "eager_cl", "compile", "torch", "triton", "cuda", "cpu", "triton_cl", "cuda_cl", "cpu_cl",
-                 "auto", "auto_cl")
+BACKEND_ORDER = ("eager", "eager_cl", "compile", "eager_pw", "eager_pw_cl", "torch", "triton", "cuda", "cpu",
+                 "triton_cl", "cuda_cl", "cpu_cl", "auto", "auto_cl")
 
 
 def _backends(rows: List[dict]) -> List[str]:
@@ -109,7 +109,9 @@ def markdown(doc: dict) -> str:
         out += ["", "Unavailable backends: " + "; ".join(missing) + "."]
     out += ["", "Cells: median ms (speedup vs eager in this run; for *_cl rows also vs eager_cl, the same "
                 "layout, marked cl; achieved fraction of the bandwidth floor). "
-                "floor ms = bytes that must move / measured copy bandwidth."]
+                "floor ms = bytes that must move / measured copy bandwidth. "
+                "eager_pw: eager's pointwise 1x1 convolution alone; its speedup is the most any fusion "
+                "of dwconv_bn_act can gain over eager with the same GEMM."]
     ops = [r for r in rows if r["kind"] == "op"]
     if ops:
         out += ["", "## Operators", ""]
@@ -136,7 +138,7 @@ def _geomean(values: List[float]) -> float:
 
 def _color(backend: str) -> str:
     """One colour per backend in every panel and every chart."""
-    palette = ("#7f7f7f", "#bcbd22", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#ff7f0e",
+    palette = ("#7f7f7f", "#bcbd22", "#1f77b4", "#8c564b", "#c49c94", "#17becf", "#d62728", "#2ca02c", "#ff7f0e",
                "#ff9896", "#98df8a", "#ffbb78",  # *_cl: the light shade of their backend
                "#9467bd", "#c5b0d5")
     return palette[BACKEND_ORDER.index(backend)] if backend in BACKEND_ORDER else "#9467bd"

@@ -186,3 +186,14 @@ def test_rotation_cycles_sets_and_prepares_each():
     big = harness.rotation_count(1 << 40, torch.device("cpu"))
     small = harness.rotation_count(1, torch.device("cpu"))
     assert big == 2 and small == 8
+
+
+def test_pointwise_bound_rows_are_compared_in_their_layout_and_tabled_beside_eager():
+    rows = [_row("eager", 4.0), _row("eager_cl", 2.0), _row("cpu_cl", 1.0), _row("eager_pw", 3.2),
+            _row("eager_pw_cl", 1.6)]
+    harness.annotate_speedups(rows)
+    bound, bound_cl = rows[3], rows[4]
+    assert (bound["speedup_vs_eager"], bound["speedup_same_layout"]) == (1.25, 1.25)
+    assert (bound_cl["speedup_vs_eager"], bound_cl["speedup_same_layout"]) == (2.5, 1.25)
+    header = next(line for line in report.markdown(_doc(rows)).splitlines() if line.startswith("| op |"))
+    assert [c.strip() for c in header.split("|")[-6:-1]] == ["eager", "eager_cl", "eager_pw", "eager_pw_cl", "cpu_cl"]
