@@ -12,7 +12,8 @@
 #   tests.log    pytest of the GPU-marked tests
 #   bench.json   benchmark results (written after every row, so a timeout keeps what ran)
 #   bench.md     the markdown report        bench.png  speedup chart (needs matplotlib)
-#   more.tar.gz  junit.xml and bench.log (pytest output of the benchmarks)
+#   more.tar.gz  junit.xml, bench.log (pytest output of the benchmarks), errors.md/.json (each
+#                backend's error per dtype against float64, benchmarks/errors.py; also in summary.txt)
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (pytest selection, default "tests/ops tests/models tests/kernels tests/csrc -m gpu"),
 # GPU_CHECK_WORKERS (pytest-xdist workers for the tests, default 6 where xdist is installed; 0: none),
 # GPU_CHECK_TOTAL_S (the total budget).  --no-build uses the dlkunet already installed (for
@@ -135,6 +136,9 @@ if [ $? = 5 ]; then
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
 fi
 
+# Error of every backend per dtype against float64 (Triton's cache is warm from the tests).
+run errors 60 90 "$OUT/errors.md" $PYP benchmarks/errors.py --json "$OUT/errors.json"
+
 BENCH_LIMIT=$(limit 300 25)
 SIZE_ARGS=()
 [ -n "$SIZE" ] && SIZE_ARGS=(--bench-size "$SIZE")
@@ -155,6 +159,8 @@ print("bench.json: %d rows, %d skipped, %d failed" % (len(d["rows"]), len(d["ski
   echo
   echo "== tests.log (tail)"; tail -n 25 "$OUT/tests.log" 2>/dev/null
   echo
+  echo "== errors.md"; grep '^|' "$OUT/errors.md" 2>/dev/null
+  echo
   echo "== bench.log (tail)"; grep -vE '^test_' "$OUT/bench.log" 2>/dev/null | tail -n 40
   echo
   echo "total $(( SECONDS - START ))s, finished $(date -u +%FT%TZ)"
@@ -162,7 +168,7 @@ print("bench.json: %d rows, %d skipped, %d failed" % (len(d["rows"]), len(d["ski
 
 rm -f "$OUT"/*.tmp
 extras=()
-for f in junit.xml bench.log; do [ -f "$OUT/$f" ] && extras+=("$f"); done
+for f in junit.xml bench.log errors.md errors.json; do [ -f "$OUT/$f" ] && extras+=("$f"); done
 if [ ${#extras[@]} -gt 0 ]; then
   tar -C "$OUT" -czf "$OUT/more.tar.gz" "${extras[@]}" && (cd "$OUT" && rm -f "${extras[@]}")
 fi
