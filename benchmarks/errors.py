@@ -127,15 +127,18 @@ def _cases():
     return out
 
 
-def measure(device: str):
+# torch: eager PyTorch's own error in the dtype, the yardstick for the fused backends.
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+
+def measure(device: str, backends=BACKENDS, dtypes=DTYPES):
     rows = []
-    # torch: eager PyTorch's own error in the dtype, the yardstick for the fused backends.
-    for backend in ("torch", "cpu", "triton", "cuda"):
+    for backend in backends:
         ok, why = ops.availability(backend, device)
         if not ok:
             print(f"# {backend}: skipped ({why})", file=sys.stderr)
             continue
-        for dtype in DTYPES:
+        for dtype in dtypes:
             for cl in (False, True):
                 g = torch.Generator().manual_seed(0)
                 worst = {}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -65,3 +68,13 @@ def poisoned_allocations():
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
         torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def load_benchmark_module(name: str):
+    """benchmarks/<name>.py, imported by path under a private name (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_dlkunet_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -1,25 +1,12 @@
 """Unit tests of the benchmark suite's pure parts: the report script, the byte floors, the shapes."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    # By path, under a private name: the benchmarks directory is not a package on sys.path.
-    spec = importlib.util.spec_from_file_location(f"_dlkunet_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
+from dlkunet_testing import load_benchmark_module as _load
 
 report, floors, shapes = _load("report"), _load("floors"), _load("shapes")
 
