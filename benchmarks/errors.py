@@ -81,9 +81,11 @@ def _cast(master, dtype, device, channels_last, float32_names=()):
     return low, ref
 
 
-def _errors(run, low, ref, names, g, training):
-    out = run(low, ops_backend=None)
-    want = run(ref, ops_backend="torch")
+def _errors(backend, run, low, ref, names, g, training):
+    with ops.use_backend(backend):
+        out = run(low)
+    with ops.use_backend("torch"):
+        want = run(ref)
     gout = torch.randn(want.shape, dtype=torch.float64, generator=g)
     leaves = ["x", *names]
     got_grads = torch.autograd.grad(out, [low[n] for n in leaves], gout.to(out.dtype).to(out.device))
@@ -98,23 +100,16 @@ def _errors(run, low, ref, names, g, training):
 
 
 def _dw_run(training):
-    def run(t, ops_backend):
+    def run(t):
         state = dict(running_mean=t["running_mean"].detach().clone(), running_var=t["running_var"].detach().clone())
         return ops.dwconv_bn_act(t["x"], *[t[n] for n in DW_PARAMS], **state, training=training)
     return run
 
 
 def _lka_run(dilation):
-    def run(t, ops_backend):
+    def run(t):
         return ops.lka_gate(t["x"], *[t[n] for n in LKA_PARAMS], dilation=dilation)
     return run
-
-
-def _with(backend, run):
-    def wrapped(t, ops_backend):
-        with ops.use_backend(ops_backend or backend):
-            return run(t, ops_backend)
-    return wrapped
 
 
 def _cases():
@@ -146,7 +141,7 @@ def measure(device: str, backends=BACKENDS, dtypes=DTYPES):
                     low, ref = _cast(make(g), dtype, device, cl, ("gamma", "beta", "running_mean", "running_var"))
                     errs = worst.setdefault((op, mode), {})
                     try:
-                        got = _errors(_with(backend, run), low, ref, names, g, mode == "train")
+                        got = _errors(backend, run, low, ref, names, g, mode == "train")
                     except (RuntimeError, TypeError, ValueError) as exc:  # a dtype the backend lacks
                         errs["unsupported"] = str(exc).splitlines()[0][:120]
                         continue
