@@ -38,6 +38,9 @@ void bind_cpu(pybind11::module_& m) {
   m.def("cpu_parallel_threads", &parallel_threads,
         "the number of threads an at::parallel_for inside the extension uses (torch.get_num_threads() "
         "when the extension was built with torch's threading)");
+  m.def("cpu_scratch_bytes", &cpu::scratch_bytes,
+        "bytes of scratch the cpu kernels keep for the calling thread between calls");
+  m.def("cpu_release_scratch", &cpu::release_scratch, "frees the calling thread's cpu-kernel scratch");
   // The kernels run without the GIL: they touch no Python objects.
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("cpu_dwconv_bn_act_forward", &cpu::dwconv_bn_act_forward, nogil,

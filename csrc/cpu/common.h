@@ -74,6 +74,16 @@ inline at::ScalarType compute_type(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// ---- scratch kept between calls (scratch.cpp) ---------------------------------------------------
+
+// One buffer per slot and calling thread; a kernel takes each slot at most once per call, and never
+// for a tensor it returns (the next call would overwrite it).
+enum class Slot { kInput, kGrad, kDepthwise, kDepthwise2, kPointwise, kCount };
+// A tensor of `sizes` (contiguous) over the slot's buffer, grown when too small; uninitialised.
+Tensor scratch(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype);
+int64_t scratch_bytes();  // held by the calling thread
+void release_scratch();   // frees the calling thread's buffers
+
 // float -> float: the vectorised 8x8-block version of transpose_block (primitives.cpp).
 void transpose_f32(const float* src, float* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,
                    int64_t p1);
@@ -111,10 +121,11 @@ void transpose_batched(const src_t* src, dst_t* dst, int64_t N, int64_t R, int64
   });
 }
 
-// (N, C, H, W) in any layout/dtype -> contiguous (N, H, W, C) in dtype `t` (a view when it already is).
-inline Tensor to_nhwc(const Tensor& x, at::ScalarType t) {
+// (N, C, H, W) in any layout/dtype -> contiguous (N, H, W, C) in dtype `t` (a view when it already
+// is); a transposed copy goes to the `slot` scratch buffer.
+inline Tensor to_nhwc(const Tensor& x, at::ScalarType t, Slot slot) {
   if (x.is_contiguous() && x.size(1) > 1 && x.size(2) * x.size(3) > 1) {
-    Tensor out = at::empty({x.size(0), x.size(2), x.size(3), x.size(1)}, x.options().dtype(t));
+    Tensor out = scratch(slot, {x.size(0), x.size(2), x.size(3), x.size(1)}, t);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "to_nhwc", [&] {
       using src_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(t, "to_nhwc_dst", [&] {

@@ -92,7 +92,7 @@ int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan
   const int64_t HW = s.H * s.W, Cin = s.Cin, Cout = s.Cout;
   if (plan.whole) {
     const int64_t P = s.N * HW;
-    Tensor D = at::empty({P, Cin}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    Tensor D = scratch(Slot::kDepthwise, {P, Cin}, c10::CppTypeToScalarType<T>::value);
     depthwise_all(X, s.N, s.H, s.W, Cin, wd, bd, s.k, 1, D.data_ptr<T>());
     gemm<T>(false, D.data_ptr<T>(), Cin, true, Wp, Cin, zp, Cout, P, Cout, Cin, false);
     for_each_chunk(P, kChunk, [&](int64_t b, int64_t p0, int64_t p1) {
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
   const auto ct = c10::CppTypeToScalarType<T>::value;
   const bool cl = output_format(x) == at::MemoryFormat::ChannelsLast;
   const int64_t HW = s.H * s.W, Cout = s.Cout;
-  Tensor X = to_nhwc(x, ct);
+  Tensor X = to_nhwc(x, ct, Slot::kInput);
   Tensor wd = taps_major(w_dw, ct, false), bd = b_dw.to(ct).contiguous();
   Tensor Wp = w_pw.reshape({Cout, s.Cin}).to(ct).contiguous(), bp = b_pw.to(ct).contiguous();
   Tensor g = gamma.to(ct), be = beta.to(ct);
@@ -198,7 +198,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const auto ct = c10::CppTypeToScalarType<T>::value;
   const int64_t Cin = s.Cin, Cout = s.Cout, W = s.W, k = s.k, P = s.N * s.H * s.W;
-  Tensor X = to_nhwc(x, ct), G = to_nhwc(grad_y, ct);
+  Tensor X = to_nhwc(x, ct, Slot::kInput), G = to_nhwc(grad_y, ct, Slot::kGrad);
   Tensor wd = taps_major(w_dw, ct, false), wdf = taps_major(w_dw, ct, true), bd = b_dw.to(ct).contiguous();
   Tensor Wp = w_pw.reshape({Cout, Cin}).to(ct).contiguous(), bp = b_pw.to(ct).contiguous();
   Tensor invstd = at::rsqrt(var.to(ct) + eps).contiguous();
@@ -207,7 +207,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *Wpp = Wp.data_ptr<T>();
 
   // D, the depthwise output, recomputed; Z = D @ Wp^T is z minus its bias.
-  Tensor D = at::empty({s.N, s.H, W, Cin}, X.options()), Z = at::empty({s.N, s.H, W, Cout}, X.options());
+  Tensor D = scratch(Slot::kDepthwise, {s.N, s.H, W, Cin}, ct), Z = scratch(Slot::kPointwise, {s.N, s.H, W, Cout}, ct);
   T *Dp = D.data_ptr<T>(), *Zp = Z.data_ptr<T>();
   const T* wdp = wd.data_ptr<T>();
   const T* bdp = bd.data_ptr<T>();

@@ -45,8 +45,8 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t C = s.C, HW = s.H * s.W, P = s.N * HW, img = HW * C;
   Tensor x = x_in.contiguous(fmt);
-  Tensor X = to_nhwc(x, ct);
-  Tensor A1 = at::empty_like(X), w0t = taps_major(w0, ct, false), b0c = b0.to(ct).contiguous();
+  Tensor X = to_nhwc(x, ct, Slot::kInput);
+  Tensor A1 = scratch(Slot::kDepthwise, X.sizes(), ct), w0t = taps_major(w0, ct, false), b0c = b0.to(ct).contiguous();
   depthwise_all(X.data_ptr<T>(), s.N, s.H, s.W, C, w0t.data_ptr<T>(), b0c.data_ptr<T>(), s.k0, 1, A1.data_ptr<T>());
   Tensor wst = taps_major(ws, ct, false), bsc = bs.to(ct).contiguous();
   Tensor W1 = w1.reshape({C, C}).to(ct).contiguous(), b1c = b1.to(ct).contiguous();
@@ -54,7 +54,7 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   const TilePlan plan = plan_tiles(s.N, s.H, s.W, 2 * C, sizeof(T));
 
   if (plan.whole) {
-    Tensor A2 = at::empty_like(X), O = at::empty_like(X);
+    Tensor A2 = scratch(Slot::kDepthwise2, X.sizes(), ct), O = at::empty_like(X);  // O may become the output
     T *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>();
     const T* Xp = X.data_ptr<T>();
     depthwise_all(A1p, s.N, s.H, s.W, C, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, A2p);
@@ -104,9 +104,10 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x, const
   using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
   const auto ct = c10::CppTypeToScalarType<T>::value;
   const int64_t C = s.C, W = s.W, img = s.H * s.W * s.C, P = s.N * s.H * s.W;
-  Tensor X = to_nhwc(x, ct), G = to_nhwc(grad_out, ct);
+  Tensor X = to_nhwc(x, ct, Slot::kInput), G = to_nhwc(grad_out, ct, Slot::kGrad);
   Tensor W1 = w1.reshape({C, C}).to(ct).contiguous(), b1c = b1.to(ct).contiguous();
-  Tensor A1 = at::empty_like(X), A2 = at::empty_like(X), O = at::empty_like(X), GX = at::empty_like(X);
+  Tensor A1 = scratch(Slot::kDepthwise, X.sizes(), ct), A2 = scratch(Slot::kDepthwise2, X.sizes(), ct);
+  Tensor O = scratch(Slot::kPointwise, X.sizes(), ct), GX = at::empty_like(X);
   const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>();
   T *A1p = A1.data_ptr<T>(), *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>(), *GXp = GX.data_ptr<T>();
 

@@ -15,10 +15,11 @@ from torch import Tensor
 from . import layout, library, reference
 from .backends import (BACKENDS, BackendUnavailableError, availability, get_backend, resolve,
                        set_backend, use_backend)
+from .extension import release_cpu_scratch
 from .validation import check_depthwise, check_input, check_tensor
 
 __all__ = ["dwconv_bn_act", "lka_gate", "BACKENDS", "BackendUnavailableError", "availability",
-           "get_backend", "set_backend", "use_backend", "resolve", "reference"]
+           "get_backend", "set_backend", "use_backend", "resolve", "reference", "release_cpu_scratch"]
 
 
 def _autocast(device_type: str, *tensors: Tensor):

@@ -308,16 +308,111 @@ LKA_PLANS = {"tiled": dict(n=2, c=96, h=41, w=37), "whole": dict(n=2, c=8, h=19,
 def test_lka_plans_match_reference(two_threads, plan, dtype, layout):
     args = _lka_args(**LKA_PLANS[plan], seed=5)
     args[5] = args[5] / args[5].shape[1] ** 0.5
-    ref_args = [t.double() for t in args]
     args = [t.to(dtype) for t in args]
+    ref_args = [t.double() for t in args]  # the rounded inputs: the budget is for the kernel's own error
     if layout == "channels_last":
         args[0] = args[0].contiguous(memory_format=torch.channels_last)
     budget = BUDGET[dtype]
     out = _lka_fwd(args)
     assert out.dtype == dtype
     assert _rel(out, reference.lka_gate_forward(*ref_args, 3)) < budget
-    go = torch.randn(out.shape, dtype=F64)
+    go = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(6)).to(dtype).double()
     grads = _lka_bwd(args, grad_out=go.to(dtype))
     for name, g, w in zip(("x", "w0", "b0", "ws", "bs", "w1", "b1"), grads,
                           reference.lka_gate_backward(go, *ref_args, 3)):
         assert _rel(g, w) < budget, name
+
+
+# ---- scratch kept between calls (scratch.cpp) ---------------------------------------------------
+
+def _run_both(op, args):
+    """Forward and backward outputs of one call pair; the gradient fed back is fixed by a seed."""
+    def grad_like(y):
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+        return g.contiguous(memory_format=torch.channels_last) if not y.is_contiguous() else g
+    if op == "dwconv_bn_act":
+        y, mean, var = _dw_fwd(args)
+        return [y, mean, var] + list(_dw_bwd(args[:7] + [mean, var], grad_y=grad_like(y)))
+    out = _lka_fwd(args)
+    return [out] + list(_lka_bwd(args, grad_out=grad_like(out)))
+
+
+def _scratch_case(op, plan, layout, seed, dtype=torch.float32):
+    shape = (PLANS if op == "dwconv_bn_act" else LKA_PLANS)[plan]
+    args = (_dw_args if op == "dwconv_bn_act" else _lka_args)(**shape, seed=seed, dtype=dtype)
+    if layout == "channels_last":
+        args[0] = args[0].contiguous(memory_format=torch.channels_last)
+    return args
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("plan", ["tiled", "whole"])
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "lka_gate"])
+def test_outputs_survive_later_calls(two_threads, op, plan, layout, dtype):
+    """No output may live in a scratch buffer: the next call, same shape or larger, rewrites them."""
+    first = _run_both(op, _scratch_case(op, plan, layout, seed=1, dtype=dtype))
+    kept = [t.clone() for t in first]
+    _run_both(op, _scratch_case(op, plan, layout, seed=2, dtype=dtype))
+    nan_filled = _scratch_case(op, "tiled", "contiguous", seed=3, dtype=dtype)  # grows every slot
+    nan_filled[0].fill_(float("nan"))
+    _run_both(op, nan_filled)
+    for i, (a, b) in enumerate(zip(first, kept)):
+        assert torch.equal(a, b), f"output {i} changed when the kernels ran again"
+    # and the buffers' stale contents (NaN now) never reach a result
+    for i, (a, b) in enumerate(zip(_run_both(op, _scratch_case(op, plan, layout, seed=1, dtype=dtype)), kept)):
+        assert torch.equal(a, b), f"output {i} differs on a rerun over used scratch"
+
+
+@pytest.mark.parametrize("shape", [dict(cin=1, cout=1), dict(h=1, w=1)], ids=["one_channel", "one_pixel"])
+def test_degenerate_shapes_survive_later_calls(shape):
+    # from_nhwc returns a view of its buffer when the permute is a no-op: only fresh buffers may reach it
+    first = _run_both("dwconv_bn_act", _dw_args(**shape, seed=1))
+    kept = [t.clone() for t in first]
+    _run_both("dwconv_bn_act", _dw_args(**shape, seed=2))
+    for a, b in zip(first, kept):
+        assert torch.equal(a, b)
+
+
+def test_scratch_is_reused_and_released(two_threads):
+    from dlkunet.ops import release_cpu_scratch
+    release_cpu_scratch()
+    assert _C.cpu_scratch_bytes() == 0
+    args = _scratch_case("dwconv_bn_act", "tiled", "contiguous", seed=1)
+    first = _run_both("dwconv_bn_act", args)
+    held = _C.cpu_scratch_bytes()
+    # the backward's NHWC copies of x and grad_y, the depthwise output and z: 2x96 + 2x96 channels
+    assert held >= 4 * 2 * 41 * 37 * 96 * 4
+    again = _run_both("dwconv_bn_act", args)
+    assert _C.cpu_scratch_bytes() == held, "a same-shaped call should reuse the buffers, not grow them"
+    assert release_cpu_scratch() == held and _C.cpu_scratch_bytes() == 0
+    after = _run_both("dwconv_bn_act", args)
+    for a, b, c in zip(first, again, after):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_concurrent_callers_have_their_own_scratch(two_threads):
+    """The kernels release the GIL: two Python threads run them at once, each on its own buffers."""
+    import threading
+    cases = [_scratch_case(op, "tiled", "contiguous", seed=s) for op, s in
+             (("dwconv_bn_act", 1), ("dwconv_bn_act", 2), ("lka_gate", 3), ("lka_gate", 4))]
+    ops = ["dwconv_bn_act", "dwconv_bn_act", "lka_gate", "lka_gate"]
+    want = [_run_both(op, a) for op, a in zip(ops, cases)]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(4):
+                for a, b in zip(_run_both(ops[i], cases[i]), want[i]):
+                    if not torch.equal(a, b):
+                        errors.append(f"thread {i}: a result differs from the single-thread run")
+                        return
+        except Exception as exc:  # surfaced below, not lost in the thread
+            errors.append(f"thread {i}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
