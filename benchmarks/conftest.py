@@ -1,12 +1,16 @@
 """pytest configuration of the benchmark suite.  Entry point:
 
     pytest benchmarks --benchmark-only [--bench-size full|cpu|quick] [--bench-json PATH]
-                                       [--bench-device auto|cuda|cpu] [--bench-budget SECONDS]
-                                       [--bench-threads N]
+                                       [--bench-table PATH.csv] [--bench-device auto|cuda|cpu]
+                                       [--bench-budget SECONDS] [--bench-threads N]
 
 ``--bench-size`` defaults to ``full`` with a GPU and ``cpu`` without; CI runs ``quick``.
 ``--bench-json`` (or env ``DLKUNET_BENCH_OUT``) writes the run's JSON record (rewritten after every
-row); ``python benchmarks/report.py`` turns it into a markdown table and a chart.
+row); ``--bench-table`` upserts the run's rows into a results table at the end
+(``benchmarks/results/<device>.csv``); ``python benchmarks/report.py`` renders either as a markdown
+table and a chart.  The run ends with a short summary (per backend and mode: median and range of
+the speedup over eager and over the best peer); ``-v`` adds the full table, and
+``--bench-pytest-table`` brings back pytest-benchmark's own per-test table.
 ``--bench-budget`` skips, with that reason, every case that would start after SECONDS; cases run
 most-informative first (fused backends and eager peers before torch.compile) so a short budget
 keeps what matters.  Nothing here asserts anything about speed.
@@ -41,6 +45,10 @@ def pytest_addoption(parser):
                     help="where to run (auto: cuda if available)")
     group.addoption("--bench-json", default=None, metavar="PATH",
                     help="write the results JSON here (default: env DLKUNET_BENCH_OUT, else none)")
+    group.addoption("--bench-table", default=None, metavar="PATH.csv",
+                    help="upsert this run's rows into a results table (e.g. benchmarks/results/cpu.csv)")
+    group.addoption("--bench-pytest-table", action="store_true",
+                    help="also print pytest-benchmark's own per-test table (it repeats the results)")
     group.addoption("--bench-budget", type=float, default=0.0, metavar="SECONDS",
                     help="skip cases that would start after this many seconds (0: no limit)")
     group.addoption("--bench-threads", type=int, default=0, metavar="N",
@@ -177,8 +185,20 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     bench = _state.get("bench")
-    if bench is not None:
-        bench.record.save()
+    if bench is None:
+        return
+    bench.record.save()
+    table = session.config.getoption("--bench-table")
+    if table and bench.record.rows:
+        import report
+
+        _state["table_rows"] = report.merge_into(table, [bench.record.document()])
+
+
+def pytest_benchmark_group_stats(config, benchmarks, group_by):
+    """pytest-benchmark's table repeats, row by row and 196 characters wide, what the summary below
+    says; it is printed only when asked for (an empty grouping makes pytest-benchmark print nothing)."""
+    return None if config.getoption("--bench-pytest-table") else []
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -187,7 +207,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     import report
 
-    terminalreporter.section("dlkunet benchmark results")
-    terminalreporter.write_line(report.markdown(bench.record.document()))
+    doc = bench.record.document()
+    if config.getoption("verbose") > 0:
+        terminalreporter.section("dlkunet benchmark results")
+        terminalreporter.write_line(report.markdown(doc))
+    terminalreporter.section("dlkunet speedups (median (min-max, cases); > 1 is faster)")
+    env = doc["environment"]
+    terminalreporter.write_line(f"{env.get('device_name')}, torch {env.get('torch')}, {len(doc['rows'])} rows, "
+                                f"{len(doc['skipped'])} skipped, {len(doc['failed'])} failed")
+    for line in report.summary(doc):
+        terminalreporter.write_line(line)
     if bench.record.path:
-        terminalreporter.write_line(f"results JSON: {bench.record.path}")
+        terminalreporter.write_line(f"results JSON: {bench.record.path} (python benchmarks/report.py PATH: full table)")
+    elif not config.getoption("verbose"):
+        terminalreporter.write_line("full table: -v, or --bench-json PATH and python benchmarks/report.py PATH")
+    if _state.get("table_rows"):
+        terminalreporter.write_line(f"results table: {config.getoption('--bench-table')} "
+                                    f"({_state['table_rows']} rows)")

@@ -1,7 +1,7 @@
 """Measured error of every fused backend against the float64 reference, per dtype: the numbers behind
 the equivalence tests' budgets (tests/ops), for closing notes and the GPU runbook.
 
-    python benchmarks/errors.py [--device cuda] [--json out.json]
+    python benchmarks/errors.py [--device cuda] [--json out.json] [--table benchmarks/results/errors-cpu.csv]
 
 For each operator x backend (and eager PyTorch, ``torch``) x dtype x layout (x mode for dwconv_bn_act), the largest relative error
 ||out - ref|| / ||ref|| over a few shapes, for the output and for every gradient (x and each
@@ -22,6 +22,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dlkunet.ops as ops  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # report.py and harness.py beside this file
+import report  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DW_SHAPES = ((2, 24, 40, 9, 13, 3), (1, 16, 8, 6, 5, 7))  # N, Cin, Cout, H, W, k
@@ -168,20 +171,61 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def table_rows(rows, env):
+    """``measure``'s rows in the keyed form of ``benchmarks/results/errors-<device>.csv``: one row per
+    output or gradient (an unsupported dtype is one row, tensor ``-``, with the reason as its error)."""
+    out = []
+    for r in rows:
+        base = dict(op=r["op"], backend=r["backend"], mode=r["mode"], dtype=r["dtype"],
+                    layout="channels_last" if r["layout"] == "channels_last" else "nchw", machine=env["machine"],
+                    **{k: env.get(k) for k in report.ERRORS_COLUMNS[8:]})
+        for tensor, err in r["errors"].items():
+            out.append(dict(base, tensor="-" if tensor == "unsupported" else tensor, rel_error=err))
+    return out
+
+
+def _environment(device):
+    import subprocess
+    from datetime import datetime, timezone
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
+                                 "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if device == "cuda":
+        machine = torch.cuda.get_device_name()
+    else:
+        from harness import cpu_model
+        machine = cpu_model()
+    return dict(torch=torch.__version__, triton=triton_version, device=device, machine=machine,
+                triton_interpret=os.environ.get("TRITON_INTERPRET", "0"), commit=commit,
+                date=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--table", metavar="CSV", help="upsert the rows into this table "
+                   "(benchmarks/results/errors-<device>.csv; keyed by op, backend, mode, dtype, layout, tensor, machine)")
     args = p.parse_args(argv)
     rows = measure(args.device)
-    env = dict(torch=torch.__version__, device=args.device,
-               device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
+    env = _environment(args.device)
     print(f"# float64-reference errors: {env}\n")
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, rows=rows), f, indent=1)
+    if args.table:
+        table = report.upsert(report.read_table(args.table), table_rows(rows, env), report.ERRORS_KEY)
+        report.write_table(args.table, table, report.ERRORS_COLUMNS, report.ERRORS_KEY)
+        print(f"# {args.table}: {len(table)} rows")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@
 #   tests.log    pytest of the GPU-marked tests
 #   bench.json   benchmark results (written after every row, so a timeout keeps what ran)
 #   bench.md     the markdown report        bench.png  speedup chart (needs matplotlib)
-#   more.tar.gz  junit.xml, bench.log (pytest output of the benchmarks), errors.md/.json (each
+#   more.tar.gz  junit.xml, bench.log (pytest output of the benchmarks), errors.md/.csv (each
 #                backend's error per dtype against float64, benchmarks/errors.py; also in summary.txt)
+# To record the run in the repository's tables (one per device kind, keyed, newest wins):
+#   python benchmarks/report.py --merge OUTDIR/bench.json --into benchmarks/results/h200.csv
+#   python benchmarks/report.py --merge errors.csv --into benchmarks/results/errors-h200.csv  (from more.tar.gz)
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (pytest selection, default "tests/ops tests/models tests/kernels tests/csrc -m gpu"),
 # GPU_CHECK_WORKERS (pytest-xdist workers for the tests, default 6 where xdist is installed; 0: none),
 # GPU_CHECK_TOTAL_S (the total budget).  --no-build uses the dlkunet already installed (for
@@ -137,14 +140,13 @@ if [ $? = 5 ]; then
 fi
 
 # Error of every backend per dtype against float64 (Triton's cache is warm from the tests).
-run errors 60 90 "$OUT/errors.md" $PYP benchmarks/errors.py --json "$OUT/errors.json"
+run errors 60 90 "$OUT/errors.md" $PYP benchmarks/errors.py --table "$OUT/errors.csv"
 
 BENCH_LIMIT=$(limit 300 25)
 SIZE_ARGS=()
 [ -n "$SIZE" ] && SIZE_ARGS=(--bench-size "$SIZE")
 run bench 300 25 "$OUT/bench.log" $PYP -m pytest benchmarks --benchmark-only "${SIZE_ARGS[@]}" -q -rfE \
-  -p no:cacheprovider --bench-json "$OUT/bench.json" --bench-budget $(( BENCH_LIMIT - 40 > 20 ? BENCH_LIMIT - 40 : 20 )) \
-  --benchmark-columns=median,iqr,rounds
+  -p no:cacheprovider --bench-json "$OUT/bench.json" --bench-budget $(( BENCH_LIMIT - 40 > 20 ? BENCH_LIMIT - 40 : 20 ))
 
 if [ -f "$OUT/bench.json" ]; then
   run report 40 0 "$OUT/bench.log" $PY benchmarks/report.py "$OUT/bench.json" --md "$OUT/bench.md" --png "$OUT/bench.png"
@@ -168,7 +170,7 @@ print("bench.json: %d rows, %d skipped, %d failed" % (len(d["rows"]), len(d["ski
 
 rm -f "$OUT"/*.tmp
 extras=()
-for f in junit.xml bench.log errors.md errors.json; do [ -f "$OUT/$f" ] && extras+=("$f"); done
+for f in junit.xml bench.log errors.md errors.csv; do [ -f "$OUT/$f" ] && extras+=("$f"); done
 if [ ${#extras[@]} -gt 0 ]; then
   tar -C "$OUT" -czf "$OUT/more.tar.gz" "${extras[@]}" && (cd "$OUT" && rm -f "${extras[@]}")
 fi

@@ -42,10 +42,20 @@ class ACDCData(SegmentationData):
         self.num_classes, self.class_names = len(ACDC_CLASSES) + 1, list(ACDC_CLASSES)
         self.lists: Dict[str, Optional[Path]] = {
             split: find_list_file(self.root, names, LIST_DIRS) for split, names in SPLITS.items()}
-        self.paths: Dict[str, Optional[List[Path]]] = {split: self._split_paths(split) for split in SPLITS}
-        if not any(self.paths.values()):
+        if not any(self.lists.values()) and not any(any((self.root / split).glob("*.npz")) for split in SPLITS):
             raise DataError(f"{self.root}: not an ACDC folder (no train/, valid/ or test/ .npz files, "
                             f"no lists_ACDC/)")
+        self._paths: Dict[str, Optional[List[Path]]] = {}
+
+    @property
+    def paths(self) -> Dict[str, Optional[List[Path]]]:
+        """Every split's files, each split checked when first used (evaluation reads only test/)."""
+        return {split: self._split(split) for split in SPLITS}
+
+    def _split(self, split: str) -> Optional[List[Path]]:
+        if split not in self._paths:
+            self._paths[split] = self._split_paths(split)
+        return self._paths[split]
 
     def _split_paths(self, split: str) -> Optional[List[Path]]:
         folder, listing = self.root / split, self.lists[split]
@@ -56,14 +66,14 @@ class ACDCData(SegmentationData):
         return existing(paths, f"{split} split", listing)
 
     def _train_source(self) -> NpzSlices:
-        if not self.paths["train"]:
+        if not self._split("train"):
             raise DataError(f"{self.root / 'train'}: no training slices")
-        return NpzSlices(self.paths["train"], self.num_classes, image_keys=("img", "image"))
+        return NpzSlices(self._split("train"), self.num_classes, image_keys=("img", "image"))
 
     def _val_source(self) -> Optional[NpzSlices]:
-        paths = self.paths["valid"]
+        paths = self._split("valid")
         return NpzSlices(paths, self.num_classes, image_keys=("img", "image")) if paths else None
 
     def test_volumes(self) -> Sequence[VolumeCase]:
-        paths = self.paths["test"] or []
+        paths = self._split("test") or []
         return LazyVolumes([case_name(p) for p in paths], partial(load_listed_volume, paths, self.num_classes))

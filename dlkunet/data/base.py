@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import item_rng, random_augment, resize_pair
-from .volumes import DataError, VolumeCase, check_labels, load_npz_pair
+from .transforms import AUGMENTATIONS, item_rng, random_augment, resize_pair, transunet_augment
+from .volumes import DataError, VolumeCase, check_finite, check_labels, load_npz_pair
 
 __all__ = ["read_list_file", "find_list_file", "SliceSource", "NpzSlices", "SliceDataset",
            "LazyVolumes", "SegmentationData"]
@@ -51,6 +51,10 @@ class SliceSource:
     def name(self, index: int) -> str:
         raise NotImplementedError
 
+    def describe(self, index: int) -> str:
+        """Where item ``index`` is on disk (file, and slice where a file holds many), for messages."""
+        return self.name(index)
+
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -70,6 +74,9 @@ class NpzSlices(SliceSource):
         return self.paths[index].name[: -len(".npz")] if self.paths[index].name.endswith(".npz") \
             else self.paths[index].name
 
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
     def load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         path = self.paths[index]
         image, label = load_npz_pair(path, self.image_keys)
@@ -77,11 +84,12 @@ class NpzSlices(SliceSource):
             raise DataError(f"{path}: a training slice must be 2-D, got shape {image.shape}")
         if not np.issubdtype(image.dtype, np.number):
             raise DataError(f"{path}: image has non-numeric dtype {image.dtype}")
-        return image.astype(np.float32), check_labels(label, self.num_classes, path)
+        return check_finite(image.astype(np.float32), path), check_labels(label, self.num_classes, path)
 
 
 class SliceDataset(Dataset):
-    """2-D slices as ``{"image": (1, size, size) float32, "label": (size, size) int64, "case": str}``.
+    """2-D slices as ``{"image": (1, size, size) float32, "label": (size, size) int64, "case": str,
+    "source": str}`` (``source``: the file, and slice, the item was read from).
 
     With ``augment``, each item's random transform is drawn from ``item_rng(seed, epoch, index)``.
     The training loop should call ``set_epoch(epoch)`` before each epoch (before creating the
@@ -91,10 +99,13 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, source: SliceSource, size: int, augment: bool = False,
-                 rotate_deg: Optional[float] = None, seed: int = 0):
+                 rotate_deg: Optional[float] = None, seed: int = 0, style: str = "paper"):
         if int(size) <= 0:
             raise ValueError(f"slice size must be positive, got {size}")
+        if style not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {style!r}; choose one of {', '.join(AUGMENTATIONS)}")
         self.source = source
+        self.style = style
         self.size = int(size)
         self.augment = bool(augment)
         self.rotate_deg = rotate_deg
@@ -118,12 +129,16 @@ class SliceDataset(Dataset):
                 rng = item_rng(self.seed, 1_000_000 + self._draws, index)
             else:
                 rng = item_rng(self.seed, self.epoch, index)
-            image, label = random_augment(image, label, rng, self.rotate_deg)
+            if self.style == "transunet":
+                image, label = transunet_augment(image, label, rng)
+            else:
+                image, label = random_augment(image, label, rng, self.rotate_deg)
         image, label = resize_pair(image, label, self.size)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
             "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
             "case": self.source.name(index),
+            "source": self.source.describe(index),
         }
 
 
@@ -156,10 +171,19 @@ class SegmentationData:
     Subclasses set ``fmt``, ``root``, ``num_classes``, ``class_names`` and ``intensity``
     (the :func:`normalize_intensity` mode already applied to what they return), and implement
     ``_train_source``, ``_val_source`` and ``test_volumes``.
+
+    ``raw_intensity`` is the normalisation that turns a raw scan into what the model sees: the
+    loader's own mode where it normalises (NIfTI), the preprocessing the files already had where
+    it is known (TransUNet's Synapse files: the CT window), None where unknown.  Checkpoints store
+    it so ``predict`` can handle raw scans.
     """
 
     fmt: str = ""
     intensity: str = "none"
+
+    @property
+    def raw_intensity(self) -> Optional[str]:
+        return None if self.intensity == "none" else self.intensity
 
     def __init__(self, root):
         self.root = Path(root)
@@ -176,8 +200,9 @@ class SegmentationData:
         return None
 
     def train_slices(self, size: int, augment: bool = True, rotate_deg: Optional[float] = None,
-                     seed: int = 0) -> SliceDataset:
-        return SliceDataset(self._train_source(), size, augment, rotate_deg, seed)
+                     seed: int = 0, style: str = "paper") -> SliceDataset:
+        """Training slices; ``style`` "paper" (flips, rot90, optional ``rotate_deg``) or "transunet"."""
+        return SliceDataset(self._train_source(), size, augment, rotate_deg, seed, style)
 
     def val_slices(self, size: int) -> Optional[SliceDataset]:
         source = self._val_source()

@@ -102,6 +102,10 @@ class NiftiSlices(SliceSource):
         case, z = self._locate(index)
         return f"{self.pairs[case][0]}_slice{z:03d}"
 
+    def describe(self, index: int) -> str:
+        case, z = self._locate(index)
+        return f"{self.pairs[case][1]} slice {z}"
+
     def _volume(self, case: int) -> VolumeCase:
         if case in self._cache:
             self._cache.move_to_end(case)

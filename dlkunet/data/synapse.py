@@ -13,7 +13,8 @@ carry their extension or not.  Without a list file every ``.npz`` / ``.npy.h5`` 
 used, in sorted order.  An optional ``root/dataset.json`` with a ``labels`` entry overrides the
 Synapse classes (the synthetic set uses this).
 
-Images are already CT-windowed to [0, 1] by TransUNet's preprocessing, so nothing is normalised.
+Images are already CT-windowed to [0, 1] by TransUNet's preprocessing, so nothing is normalised;
+``raw_intensity`` is "ct", which checkpoints record so ``predict`` can window raw CT the same way.
 Labels 1..8: spleen, right kidney, left kidney, gallbladder, liver, stomach, aorta, pancreas.
 TransUNet has no validation split; ``val_slices`` is None unless a ``val.txt`` list is present
 (names of slices in ``train_npz``).
@@ -56,13 +57,24 @@ class SynapseData(SegmentationData):
             self.num_classes, self.class_names = parsed
         else:
             self.num_classes, self.class_names = len(SYNAPSE_CLASSES) + 1, list(SYNAPSE_CLASSES)
+        # TransUNet windowed the CT to [-125, 275] HU and scaled it to [0, 1]; a dataset.json may
+        # say otherwise (the synthetic set: "none", its images are made in [0, 1]).
+        raw = (meta or {}).get("raw_intensity", "ct")
+        if raw not in ("ct", "percentile", "none"):
+            raise DataError(f"{meta_path}: 'raw_intensity' must be ct, percentile or none, got {raw!r}")
+        self._raw_intensity = None if raw == "none" else raw
         self.train_list = find_list_file(self.root, ["train.txt"], LIST_DIRS)
         self.val_list = find_list_file(self.root, ["val.txt", "valid.txt"], LIST_DIRS)
         self.test_list = find_list_file(self.root, ["test_vol.txt", "test.txt"], LIST_DIRS)
-        has_train = self.train_list is not None or (self.root / "train_npz").is_dir()
-        # Listed files are checked here, so a typo fails at open rather than mid-epoch.
-        self._train_paths = self._slice_paths(self.train_list) if has_train else None
+        self._has_train = self.train_list is not None or (self.root / "train_npz").is_dir()
+        self._train_paths: Optional[List[Path]] = None
+        # Listed files are checked when a split is first used (all of it, so a typo fails before the
+        # first epoch rather than mid-epoch), and only then: evaluation reads no training slice.
         self._test_paths = self._volume_paths()
+
+    @property
+    def raw_intensity(self) -> Optional[str]:
+        return self._raw_intensity
 
     def _slice_paths(self, listing: Optional[Path]) -> List[Path]:
         folder = self.root / "train_npz"
@@ -83,8 +95,10 @@ class SynapseData(SegmentationData):
                         "test volume", self.test_list)
 
     def _train_source(self) -> NpzSlices:
-        if self._train_paths is None:
+        if not self._has_train:
             raise DataError(f"{self.root}: no training data (no train_npz/ folder or train.txt list)")
+        if self._train_paths is None:
+            self._train_paths = self._slice_paths(self.train_list)
         return NpzSlices(self._train_paths, self.num_classes, image_keys=("image",))
 
     def _val_source(self) -> Optional[NpzSlices]:

@@ -127,6 +127,7 @@ def make_synthetic(root, num_train: int = 8, num_test: int = 3, size: int = 64, 
         "name": "dlkunet-synthetic",
         "description": "synthetic abdominal-like phantoms (dlkunet.data.synthetic)",
         "labels": {"background": 0, **{o.name: i for i, o in enumerate(ORGANS[: num_classes - 1], 1)}},
+        "raw_intensity": "none",  # generated in [0, 1]: there is no raw scale to normalise
         "seed": int(seed), "size": int(size), "depth": int(depth),
         "num_train": int(num_train), "num_test": int(num_test),
     }

@@ -19,7 +19,9 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["item_rng", "random_augment", "resize_pair"]
+__all__ = ["item_rng", "random_augment", "transunet_augment", "resize_pair", "AUGMENTATIONS"]
+
+AUGMENTATIONS = ("paper", "transunet")
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -40,6 +42,27 @@ def random_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
         angle = float(rng.uniform(-rotate_deg, rotate_deg))
         # Linear for the image (cubic would overshoot at organ edges); nearest keeps labels whole.
         image = ndimage.rotate(image, angle, order=1, reshape=False, mode="constant", cval=0.0)
+        label = ndimage.rotate(label, angle, order=0, reshape=False, mode="constant", cval=0)
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def transunet_augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+                      ) -> Tuple[np.ndarray, np.ndarray]:
+    """TransUNet's ``RandomGenerator``, which the DLKUNet authors' ``DataLoader_Synapse.py`` reuses.
+
+    With p = 0.5 a random rot90 (k in 0..3) followed by a flip along a random axis; otherwise,
+    with p = 0.5 (0.25 overall), a rotation by an integer angle drawn from [-20, 20) degrees
+    (``np.random.randint(-20, 20)`` there), nearest-neighbour for the image as for the label
+    (``order=0`` in both calls there), zero outside.  The two branches never combine.
+    """
+    if rng.random() > 0.5:
+        k = int(rng.integers(0, 4))
+        image, label = np.rot90(image, k), np.rot90(label, k)
+        axis = int(rng.integers(0, 2))
+        image, label = np.flip(image, axis), np.flip(label, axis)
+    elif rng.random() > 0.5:
+        angle = int(rng.integers(-20, 20))
+        image = ndimage.rotate(image, angle, order=0, reshape=False, mode="constant", cval=0.0)
         label = ndimage.rotate(label, angle, order=0, reshape=False, mode="constant", cval=0)
     return np.ascontiguousarray(image), np.ascontiguousarray(label)
 

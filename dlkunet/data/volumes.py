@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "DataError", "VolumeCase", "read_volume", "write_volume", "volume_format",
-    "load_npz_pair", "check_labels", "normalize_intensity",
+    "load_npz_pair", "check_labels", "check_finite", "normalize_intensity",
 ]
 
 
@@ -34,6 +34,10 @@ class VolumeCase(NamedTuple):
     spacing: Optional[tuple]            # (z, y, x) mm, None where the format has none
     affine: Optional[np.ndarray]        # 4x4 voxel (x, y, z) -> world, NIfTI only
     path: str
+    # The array's shape as stored in the file (a 2-D slice, or NIfTI's (x, y, z[, 1...]) order), so
+    # write_volume gives a prediction back in its input's shape; None: the (D, H, W) shape itself.
+    source_shape: Optional[tuple] = None
+    header: Any = None                  # the NIfTI header (qform / sform codes, zooms), NIfTI only
 
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -63,6 +67,28 @@ def case_name(path) -> str:
 def _require_file(path) -> None:
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+
+
+def check_finite(image: np.ndarray, path, what: str = "image") -> np.ndarray:
+    """``image`` unchanged if every value is finite; else DataError naming the file and the first bad voxel.
+
+    A single NaN would otherwise spread: the cubic resize smears it over the whole slice, the
+    network's BatchNorm over the whole batch, and training goes on writing NaN weights.
+    """
+    image = np.asarray(image)
+    if image.dtype.kind in "fc" and not np.isfinite(image).all():
+        bad = ~np.isfinite(image)
+        where = np.argwhere(bad)[0]
+        names = ("slice", "row", "column") if image.ndim == 3 else ("row", "column")
+        place = ", ".join(f"{n} {int(i)}" for n, i in zip(names[-len(where):], where))
+        slices = ""
+        if image.ndim == 3:
+            affected = np.flatnonzero(bad.any(axis=(1, 2)))
+            slices = f" in {len(affected)} slice(s) ({', '.join(map(str, affected[:5]))}" \
+                     f"{', ...' if len(affected) > 5 else ''})"
+        raise DataError(f"{path}: {what} holds {int(bad.sum())} non-finite value(s) (NaN or inf){slices}, "
+                        f"the first at {place}; fix or mask them before use")
+    return image
 
 
 def check_labels(label: np.ndarray, num_classes: Optional[int], path) -> np.ndarray:
@@ -142,7 +168,13 @@ def _nibabel():
 
 
 def load_nifti(path) -> Tuple[np.ndarray, Tuple[float, float, float], np.ndarray]:
-    """(array (D, H, W), spacing (z, y, x), affine) of a 3-D NIfTI file."""
+    """(array (D, H, W), spacing (z, y, x), affine) of a 3-D (or 2-D) NIfTI file."""
+    data, spacing, affine, _ = _load_nifti(path)
+    return data, spacing, affine
+
+
+def _load_nifti(path):
+    """load_nifti's values and the image's header (for write_volume to copy)."""
     nib = _nibabel()
     _require_file(path)
     try:
@@ -152,10 +184,13 @@ def load_nifti(path) -> Tuple[np.ndarray, Tuple[float, float, float], np.ndarray
         raise DataError(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.ndim == 2:  # a single slice (x, y): a volume of depth 1
+        data = data[..., None]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3-D NIfTI volume, got shape {data.shape}")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return np.transpose(data, (2, 1, 0)), (zooms[2], zooms[1], zooms[0]), np.array(img.affine, dtype=np.float64)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3]) + (1.0,) * max(0, 3 - len(img.header.get_zooms()))
+    return (np.transpose(data, (2, 1, 0)), (zooms[2], zooms[1], zooms[0]), np.array(img.affine, dtype=np.float64),
+            img.header)
 
 
 def _npz_spacing(path) -> Optional[np.ndarray]:
@@ -190,9 +225,10 @@ def read_volume(path, label_path=None, num_classes: Optional[int] = None) -> Vol
     """
     path = str(path)
     fmt = volume_format(path)
-    spacing = affine = None
+    spacing = affine = header = None
     if fmt == "nifti":
-        image, spacing, affine = load_nifti(path)
+        image, spacing, affine, header = _load_nifti(path)
+        source_shape = tuple(int(n) for n in header.get_data_shape())
         label = None
         if label_path is not None:
             label, _, _ = load_nifti(label_path)
@@ -201,18 +237,20 @@ def read_volume(path, label_path=None, num_classes: Optional[int] = None) -> Vol
                                 f"shape {image.shape} of {path}")
     elif fmt == "h5":
         image, label, spacing = _load_h5_pair(path, need_label=False)
+        source_shape = tuple(np.shape(image))
     else:
         image, label = load_npz_pair(path, need_label=False)
         spacing = _npz_spacing(path)
+        source_shape = tuple(np.shape(image))
     if fmt != "nifti" and spacing is not None:
         spacing = _check_spacing(spacing, path)
     image = _as_3d(np.asarray(image), path, "image")
     if not np.issubdtype(image.dtype, np.number):
         raise DataError(f"{path}: image has non-numeric dtype {image.dtype}")
+    image = check_finite(np.ascontiguousarray(image, dtype=np.float32), path)
     if label is not None:
         label = check_labels(_as_3d(label, label_path or path, "label"), num_classes, label_path or path)
-    return VolumeCase(case_name(path), np.ascontiguousarray(image, dtype=np.float32),
-                      label, spacing, affine, path)
+    return VolumeCase(case_name(path), image, label, spacing, affine, path, source_shape, header)
 
 
 def _label_dtype(label: np.ndarray):
@@ -222,9 +260,11 @@ def _label_dtype(label: np.ndarray):
 def write_volume(path, label_volume: np.ndarray, like: VolumeCase) -> Path:
     """Write a (D, H, W) label volume in the format of ``path``, with ``like``'s geometry.
 
-    NIfTI: ``like.affine`` (or, without one, a diagonal affine from ``like.spacing``) and the
-    inverse of ``read_volume``'s transpose.  ``.npy.h5`` / ``.npz``: datasets ``image`` (like's
-    image) and ``label`` (the given volume), plus ``spacing`` when ``like`` has one.
+    NIfTI: ``like``'s header (its qform / sform codes and zooms) and affine (or, without them, a
+    diagonal affine from ``like.spacing``) and the inverse of ``read_volume``'s transpose.
+    ``.npy.h5`` / ``.npz``: datasets ``image`` (like's image) and ``label`` (the given volume), plus
+    ``spacing`` when ``like`` has one.  Arrays come back in ``like.source_shape`` (a 2-D input
+    gives a 2-D output).
     """
     path = Path(path)
     fmt = volume_format(path)
@@ -238,25 +278,41 @@ def write_volume(path, label_volume: np.ndarray, like: VolumeCase) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "nifti":
         nib = _nibabel()
-        affine = like.affine
-        if affine is None:
-            z, y, x = like.spacing if like.spacing is not None else (1.0, 1.0, 1.0)
-            affine = np.diag([x, y, z, 1.0])
-        img = nib.Nifti1Image(np.transpose(label, (2, 1, 0)), np.asarray(affine, dtype=np.float64))
-        img.set_qform(img.affine, code=1)
-        img.set_sform(img.affine, code=1)
+        data = np.transpose(label, (2, 1, 0))
+        if like.source_shape is not None and len(like.source_shape) != 3:
+            data = data.reshape(like.source_shape)  # (x, y) or (x, y, z, 1): as the input was
+        if like.header is not None and like.affine is not None:
+            # The input's header keeps its qform / sform codes (e.g. 0 / 2) and zooms; only what
+            # describes the voxel values changes (labels: integer, unscaled).
+            header = like.header.copy()
+            header.set_data_dtype(data.dtype)
+            header.set_slope_inter(1.0, 0.0)
+            header["cal_min"], header["cal_max"] = 0, 0
+            img = nib.Nifti1Image(data, np.asarray(like.affine, dtype=np.float64), header=header)
+        else:
+            affine = like.affine
+            if affine is None:
+                z, y, x = like.spacing if like.spacing is not None else (1.0, 1.0, 1.0)
+                affine = np.diag([x, y, z, 1.0])
+            img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+            img.set_qform(img.affine, code=1)
+            img.set_sform(img.affine, code=1)
         nib.save(img, str(path))
-    elif fmt == "h5":
+        return path
+    image = like.image
+    if like.source_shape is not None and tuple(like.source_shape) != image.shape:
+        image, label = image.reshape(like.source_shape), label.reshape(like.source_shape)
+    if fmt == "h5":
         import h5py
 
         with h5py.File(path, "w") as out:
-            out.create_dataset("image", data=like.image, compression="gzip")
+            out.create_dataset("image", data=image, compression="gzip")
             out.create_dataset("label", data=label, compression="gzip")
             if like.spacing is not None:
                 out.create_dataset("spacing", data=np.asarray(like.spacing, dtype=np.float64))
     else:
         extra = {} if like.spacing is None else {"spacing": np.asarray(like.spacing, dtype=np.float64)}
-        np.savez_compressed(path, image=like.image, label=label, **extra)
+        np.savez_compressed(path, image=image, label=label, **extra)
     return path
 
 

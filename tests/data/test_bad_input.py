@@ -32,8 +32,16 @@ class TestMissingFile:
         root, _ = synapse_dir
         missing = root / "train_npz" / "case0005_slice001.npz"
         missing.unlink()
+        data = open_dataset(root)
         with raises("file not found.*listed in", missing):
-            open_dataset(root)
+            data.train_slices(16)  # every listed slice is checked before the first epoch
+
+    def test_missing_training_slice_does_not_stop_evaluation(self, synapse_dir):
+        # Issue 17, defect 5: evaluation reads only the test volumes.
+        root, arrays = synapse_dir
+        (root / "train_npz" / "case0005_slice001.npz").unlink()
+        cases = open_dataset(root).test_volumes()
+        assert len(cases) == 1 and np.array_equal(cases[0].image, arrays["case0001"][0])
 
     def test_listed_volume_missing(self, synapse_dir):
         root, _ = synapse_dir
@@ -44,8 +52,10 @@ class TestMissingFile:
     def test_acdc_listed_missing(self, acdc_dir):
         root, _ = acdc_dir
         (root / "valid" / "case_019_sliceED_0.npz").unlink()
+        data = open_dataset(root)
+        assert len(data.test_volumes()) == 2  # the test split does not need the others
         with raises("not found", root / "valid" / "case_019_sliceED_0.npz"):
-            open_dataset(root)
+            data.val_slices(16)
 
     def test_nifti_label_missing(self, nifti_dir):
         root, _ = nifti_dir
@@ -136,14 +146,14 @@ class TestEmptyList:
         path = root / "lists/lists_Synapse/train.txt"
         path.write_text("\n  \n")
         with raises("list file is empty", path):
-            open_dataset(root)
+            open_dataset(root).train_slices(8)
 
     def test_acdc_test_list(self, acdc_dir):
         root, _ = acdc_dir
         path = root / "lists_ACDC" / "test.txt"
         path.write_text("")
         with raises("list file is empty", path):
-            open_dataset(root)
+            open_dataset(root).test_volumes()
 
 
 class TestCorrupt:
@@ -194,3 +204,43 @@ def test_slice_not_2d(synapse_dir):
     np.savez(path, image=np.zeros((2, 4, 4)), label=np.zeros((2, 4, 4)))
     with raises("must be 2-D", path):
         open_dataset(root).train_slices(8)[0]
+
+
+class TestNonFinite:
+    """Issue 17, defects 1 and 2: a NaN in one image is an error naming the file and the slice."""
+
+    def test_training_slice(self, synapse_dir):
+        root, arrays = synapse_dir
+        path = root / "train_npz" / "case0005_slice001.npz"
+        image, label = arrays["case0005_slice001"]
+        image = image.copy()
+        image[3, 4] = np.nan
+        np.savez(path, image=image, label=label)
+        data = open_dataset(root).train_slices(8)
+        data[0]  # the other slices still load
+        with raises("1 non-finite value.*row 3, column 4", path):
+            data[1]
+
+    def test_test_volume(self, synapse_dir):
+        root, arrays = synapse_dir
+        path = root / "test_vol_h5" / "case0001.npy.h5"
+        image, label = arrays["case0001"]
+        image = image.copy()
+        image[2, 5, 6:10] = np.nan
+        image[0, 0, 0] = np.inf
+        with h5py.File(path, "w") as f:
+            f.create_dataset("image", data=image)
+            f.create_dataset("label", data=label)
+        with raises(r"5 non-finite value.*in 2 slice\(s\) \(0, 2\).*slice 0, row 0, column 0", path):
+            open_dataset(root).test_volumes()[0]
+
+    def test_nifti_training_volume(self, nifti_dir):
+        import nibabel as nib
+
+        root, arrays = nifti_dir
+        path = root / "imagesTr" / "case_0002_0000.nii.gz"
+        image = arrays["case_0002"][0].copy()
+        image[1, 2, 3] = np.nan  # (x, y, z): slice 3, row 2, column 1
+        nib.save(nib.Nifti1Image(image, np.eye(4)), path)
+        with raises("non-finite.*slice 3, row 2, column 1", path):
+            open_dataset(root).train_slices(8)[len(arrays["case_0001"][0][0, 0]) + 3]

@@ -12,7 +12,7 @@ from dlkunet.data.volumes import normalize_intensity
 
 
 def check_item(item, size):
-    assert set(item) == {"image", "label", "case"}
+    assert set(item) == {"image", "label", "case", "source"}
     assert item["image"].shape == (1, size, size) and item["image"].dtype == torch.float32
     assert item["label"].shape == (size, size) and item["label"].dtype == torch.int64
 

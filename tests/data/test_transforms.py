@@ -122,3 +122,50 @@ def test_no_augment_is_identity():
     assert torch.equal(item["label"], torch.from_numpy(label))
     with pytest.raises(IndexError):
         ds[6]
+
+
+def test_transunet_augment_branches_and_alignment():
+    # TransUNet's RandomGenerator: rot90+flip (p 0.5) or else a rotation (p 0.25 overall), never both.
+    from scipy import ndimage
+
+    from dlkunet.data.transforms import transunet_augment
+
+    image, label = asymmetric_pair(9, 9)
+    variants = all_variants(image)
+    kinds = {"none": 0, "dihedral": 0, "rotated": 0}
+    for i in range(400):
+        out_image, out_label = transunet_augment(image, label, item_rng(5, 0, i))
+        np.testing.assert_array_equal(out_label, out_image.astype(np.int64) % 5)  # nearest for both
+        if np.array_equal(out_image, image):
+            kinds["none"] += 1
+        elif any(np.array_equal(out_image, v) for v in variants):
+            kinds["dihedral"] += 1
+        else:
+            angles = [a for a in range(-20, 20)
+                      if np.array_equal(out_image, ndimage.rotate(image, a, order=0, reshape=False))]
+            assert angles, f"draw {i} is neither a dihedral variant nor a rotation in [-20, 20)"
+            kinds["rotated"] += 1
+    # Expected 50 / 100+ / 100-: rot90 k=0 then a flip is a dihedral variant, so "none" also
+    # collects the draws of the rotation branch's angle 0 and of neither branch (p 0.25).
+    assert 60 <= kinds["rotated"] <= 140 and 160 <= kinds["dihedral"] <= 240, kinds
+
+
+def test_slice_dataset_transunet_style(tmp_path):
+    class One(SliceSource):
+        def __len__(self):
+            return 1
+
+        def name(self, index):
+            return "one"
+
+        def load(self, index):
+            return asymmetric_pair(8, 8)
+
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        SliceDataset(One(), 8, augment=True, style="mixup")
+    data = SliceDataset(One(), 8, augment=True, seed=3, style="transunet")
+    data.set_epoch(0)
+    image, label = asymmetric_pair(8, 8)
+    from dlkunet.data.transforms import transunet_augment
+    expected, _ = transunet_augment(image, label, item_rng(3, 0, 0))
+    np.testing.assert_array_equal(data[0]["image"][0].numpy(), expected)

@@ -128,3 +128,55 @@ def test_normalize_intensity():
     assert (normalize_intensity(np.full(5, 3.0), "percentile") == 0).all()
     with pytest.raises(ValueError, match="unknown intensity"):
         normalize_intensity(ct, "zscore")
+
+
+def test_nifti_output_keeps_the_header_codes(tmp_path, writers):
+    # Issue 17, defect 8: qform/sform codes 0/2 used to come back as 1/1.
+    img = nib.Nifti1Image(np.random.default_rng(0).random((5, 4, 3)).astype(np.float32), writers.affine())
+    img.set_qform(None, code=0)
+    img.set_sform(writers.affine(), code=2)
+    src = tmp_path / "scan_0000.nii.gz"
+    nib.save(img, src)
+    like = read_volume(src)
+    out = nib.load(str(write_volume(tmp_path / "out" / "scan.nii.gz", np.ones(like.image.shape, np.int64), like)))
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 2)
+    np.testing.assert_allclose(out.affine, nib.load(str(src)).affine, atol=1e-6)
+    assert out.header.get_zooms() == pytest.approx(nib.load(str(src)).header.get_zooms())
+    assert out.get_data_dtype().kind == "u" and np.asarray(out.dataobj).max() == 1  # unscaled labels
+
+
+def test_nifti_output_of_a_ct_header_is_not_rescaled(tmp_path, writers):
+    # A CT header's slope/intercept (e.g. -1024 offset) must not be applied to the labels written.
+    img = nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), writers.affine())
+    img.header.set_slope_inter(1.0, -1024.0)
+    src = tmp_path / "ct_0000.nii.gz"
+    nib.save(img, src)
+    like = read_volume(src)
+    pred = np.full(like.image.shape, 3, np.int64)
+    back = read_volume(write_volume(tmp_path / "o" / "ct.nii.gz", pred, like))
+    np.testing.assert_array_equal(back.image, pred)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".npy.h5"])
+def test_2d_input_comes_back_2d(tmp_path, suffix):
+    # Issue 17, defect 9: a (64, 64) slice came back as (1, 64, 64).
+    image = np.random.default_rng(1).random((6, 7)).astype(np.float32)
+    like = VolumeCase("s", image[None], None, None, None, "s" + suffix, source_shape=(6, 7))
+    out = write_volume(tmp_path / ("s" + suffix), np.ones((1, 6, 7), np.int64), like)
+    if suffix == ".npz":
+        with np.load(out) as data:
+            assert data["label"].shape == (6, 7) and data["image"].shape == (6, 7)
+    else:
+        with h5py.File(out, "r") as data:
+            assert data["label"].shape == (6, 7) and data["image"].shape == (6, 7)
+    np.savez(tmp_path / "in.npz", image=image)
+    assert read_volume(tmp_path / "in.npz").source_shape == (6, 7)
+
+
+def test_2d_and_singleton_4d_nifti_keep_their_shape(tmp_path):
+    for shape in [(5, 4), (5, 4, 3, 1)]:
+        src = tmp_path / f"v{len(shape)}_0000.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), src)
+        like = read_volume(src)
+        out = write_volume(tmp_path / "o" / src.name, np.zeros(like.image.shape, np.int64), like)
+        assert nib.load(str(out)).shape == shape
