@@ -11,8 +11,9 @@ from dlkunet_testing import load_benchmark_module as _load
 report, floors, shapes = _load("report"), _load("floors"), _load("shapes")
 
 
-def _row(backend, ms, kind="op", op="dwconv_bn_act", mode="eval", pass_="fwd", **extra):
-    shape = dict(N=16, Cin=96, Cout=96, H=224, W=224, k=3) if kind == "op" else dict(variant="L", N=8, H=224, W=224, C=96)
+def _row(backend, ms, kind="op", op="dwconv_bn_act", mode="eval", pass_="fwd", shape=None, **extra):
+    shape = shape or (dict(N=16, Cin=96, Cout=96, H=224, W=224, k=3) if kind == "op"
+                      else dict(variant="L", N=8, H=224, W=224, C=96))
     row = dict(kind=kind, op=op, backend=backend, mode=mode, dtype="float32", shape=shape, median_ms=ms,
                bytes=616_000_000, bandwidth_fraction=0.5)
     row["pass"] = pass_
@@ -184,3 +185,77 @@ def test_pointwise_bound_rows_are_compared_in_their_layout_and_tabled_beside_eag
     assert (bound_cl["speedup_vs_eager"], bound_cl["speedup_same_layout"]) == (2.5, 1.25)
     header = next(line for line in report.markdown(_doc(rows)).splitlines() if line.startswith("| op |"))
     assert [c.strip() for c in header.split("|")[-6:-1]] == ["eager", "eager_cl", "eager_pw", "eager_pw_cl", "cpu_cl"]
+
+
+def _run(rows, when, commit, **env):
+    base = {"device_type": "cpu", "cpu_model": "Test CPU", "torch_threads": 2, "torch": "2.x",
+            "timestamp_utc": when, "git_commit": commit, "bandwidth": {"bytes_per_s": 2.0e10}}
+    return {"schema": "dlkunet-bench/1", "environment": dict(base, **env), "rows": rows}
+
+
+def test_table_rows_split_the_layout_from_the_backend_and_keep_provenance():
+    rows = report.table_rows(_run([_row("eager_cl", 2.0), _row("cpu", 1.0)], "2026-01-01T00:00:00Z", "abc1234"))
+    assert [(r["backend"], r["layout"]) for r in rows] == [("eager", "channels_last"), ("cpu", "nchw")]
+    assert rows[0]["shape"] == "N=16 Cin=96 Cout=96 H=224 W=224 k=3"
+    assert report.shape_dict(rows[0]["shape"]) == dict(N=16, Cin=96, Cout=96, H=224, W=224, k=3)
+    assert rows[1]["machine"] == "Test CPU, 2 threads" and rows[1]["commit"] == "abc1234"
+    assert rows[1]["bandwidth_GBps"] == 20.0
+    gpu = {"device_type": "cuda", "device_name": "NVIDIA H200"}
+    assert report.device_kind(gpu) == "h200" and report.device_kind({"device_type": "cpu"}) == "cpu"
+
+
+def test_merge_upserts_by_key_newest_run_wins(tmp_path):
+    path = str(tmp_path / "cpu.csv")
+    old = _run([_row("eager", 4.0), _row("cpu", 2.0), _row("cpu", 3.0, mode="train", pass_="fwd+bwd")],
+               "2026-01-01T00:00:00Z", "old0000")
+    new = _run([_row("eager", 4.0), _row("cpu", 1.0)], "2026-02-01T00:00:00Z", "new0000")
+    # given newest first: the merge orders runs by date, so the older run cannot overwrite the newer
+    assert report.merge_into(path, [new, old]) == 3
+    table = {(r["backend"], r["mode"]): r for r in report.read_table(path)}
+    assert table[("cpu", "eval")]["median_ms"] == 1.0 and table[("cpu", "eval")]["commit"] == "new0000"
+    assert table[("cpu", "train")]["median_ms"] == 3.0 and table[("cpu", "train")]["commit"] == "old0000"
+    # another machine's row of the same case is another key
+    other = _run([_row("cpu", 9.0)], "2026-03-01T00:00:00Z", "x", cpu_model="Other CPU")
+    assert report.merge_into(path, [other]) == 4
+    text = report.markdown(report.load(path))
+    assert "Other CPU, 2 threads; Test CPU, 2 threads" in text and "commits new0000 .. x" in text
+
+
+def test_a_table_renders_like_the_run_it_came_from(tmp_path):
+    run = _run([_row("eager", 4.0), _row("eager_cl", 2.0), _row("cpu_cl", 1.0)], "2026-01-01T00:00:00Z", "c")
+    harness.annotate_speedups(run["rows"])
+    path = str(tmp_path / "t.csv")
+    report.merge_into(path, [run])
+    line = next(x for x in report.markdown(report.load(path)).splitlines() if x.startswith("| dwconv_bn_act"))
+    assert "1 (4.00x, 2.00x cl, 50%)" in line
+    assert "| 30.8 |" in line  # floor: 616 MB at the row's own 20 GB/s
+
+
+def test_summary_gives_median_and_range_against_eager_and_the_best_peer():
+    shapes_ = [dict(N=1, Cin=c, Cout=c, H=8, W=8, k=3) for c in (8, 16, 32)]
+    rows = []
+    for shape, (eager, eager_cl, cpu) in zip(shapes_, [(4.0, 2.0, 1.0), (4.0, 8.0, 2.0), (3.0, 3.0, 6.0)]):
+        rows += [_row("eager", eager, shape=shape), _row("eager_cl", eager_cl, shape=shape),
+                 _row("cpu", cpu, shape=shape)]
+    lines = report.summary({"rows": rows})
+    cpu = next(x for x in lines if x.startswith("| cpu |"))
+    # vs eager: 4, 2, 0.5 -> median 2; vs the best peer (fastest of eager, eager_cl): 2, 2, 0.5
+    assert cpu == "| cpu | inference | 2.00x (0.50-4.00, n=3) | 2.00x (0.50-2.00, n=3) |"
+    assert report.summary({"rows": rows}, per_op=True)[2].startswith("| eager_cl | dwconv_bn_act | inference |")
+
+
+def test_merge_command_and_errors_table(tmp_path, capsys):
+    src, into = tmp_path / "run.json", str(tmp_path / "cpu.csv")
+    src.write_text(json.dumps(_run([_row("eager", 2.0)], "2026-01-01T00:00:00Z", "c")))
+    assert report.main(["--merge", str(src), "--into", into]) == 0
+    assert "1 rows" in capsys.readouterr().out
+    errs = str(tmp_path / "e.csv")
+    row = dict(op="lka_gate", backend="cpu", mode="-", dtype="float32", layout="nchw", tensor="out",
+               machine="m", rel_error=1e-7)
+    report.write_table(errs, [row], report.ERRORS_COLUMNS, report.ERRORS_KEY)
+    target = str(tmp_path / "errors-cpu.csv")
+    report.write_table(target, [dict(row, rel_error=5e-7), dict(row, tensor="grad_x")], report.ERRORS_COLUMNS,
+                       report.ERRORS_KEY)
+    assert report.main(["--merge", errs, "--into", target]) == 0
+    got = {r["tensor"]: r["rel_error"] for r in report.read_table(target)}
+    assert got == {"out": 1e-7, "grad_x": 1e-7}
