@@ -1,0 +1,74 @@
+"""The GPU cost model (benchmarks/roofline.py): its counts agree with the byte floors and its
+arithmetic, and the plans it chooses meet the design contract against the committed eager times."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dlkunet_testing import load_benchmark_module as _load
+
+roofline, floors = _load("roofline"), _load("floors")
+
+
+@pytest.mark.parametrize("c,side", roofline.LEVELS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_eval_plan_moves_exactly_the_byte_floor(c, side, dtype):
+    (fused,) = [p for p in roofline.dwconv_plans(16, c, c, side, dtype, "eval", "fwd") if p.name == "fused"]
+    floor = floors.dwconv_bytes(16, c, c, side, side, 3, getattr(torch, dtype), backward=False)
+    assert fused.bytes == floor
+    assert len(fused.kernels) == 1
+    # one depthwise pass over Cin (at most one recomputation per 256-wide output tile), one GEMM
+    p = 16 * side * side
+    assert fused.tensor_flops == 2 * p * c * c
+    assert fused.fma_flops == 2 * p * c * 9 * math.ceil(c / roofline.FUSED_MAX_COUT)
+
+
+def test_lka_fused_forward_moves_less_than_split_and_recomputes_the_halo():
+    plans = {p.name: p for p in roofline.lka_plans(16, 96, 224, "float32", "fwd")}
+    act = 16 * 96 * 224 * 224 * 4
+    assert plans["fused"].bytes < plans["split"].bytes
+    assert plans["split"].bytes - plans["fused"].bytes == 2 * act  # a1 written and read back
+    # radius 9 (7 taps, dilation 3): a 32x32 tile needs a1 on 50x50
+    assert roofline.lka_halo_factor(5, 7, 3, (32, 32)) == pytest.approx(2500 / 1024)
+
+
+def test_kernel_time_is_its_slowest_resource_plus_the_launch_gap():
+    dev = roofline.DEVICES["H200"]
+    k = roofline.Kernel(bytes=1e9, tensor_flops=1e12, fma_flops=1e9)
+    t_bytes = 1e9 / (dev.hbm_bytes_per_s * roofline.BANDWIDTH_EFFICIENCY)
+    t_tf32 = 1e12 / (dev.tf32_tensor_flops * roofline.TENSOR_EFFICIENCY)
+    assert k.seconds(dev, "float32", tf32=True) == pytest.approx(max(t_bytes, t_tf32) + roofline.LAUNCH_GAP_S)
+    # full precision (tf32x3) triples the tensor-core time; 16-bit halves TF32's
+    assert k.seconds(dev, "float32", tf32=False) == pytest.approx(max(t_bytes, 3 * t_tf32) + roofline.LAUNCH_GAP_S)
+    t_half = 1e12 / (dev.half_tensor_flops * roofline.TENSOR_EFFICIENCY)
+    assert k.seconds(dev, "bfloat16", tf32=True) == pytest.approx(max(t_bytes, t_half) + roofline.LAUNCH_GAP_S)
+
+
+def test_chosen_plans_predict_four_times_eager_forward_on_the_committed_h200_table():
+    measured = roofline.measured_times("h200")
+    if not measured:
+        pytest.skip("benchmarks/results/h200.csv is absent")
+    dev = roofline.DEVICES["H200"]
+    checked = 0
+    for c, side in roofline.LEVELS:
+        for dtype in ("float32", "bfloat16"):
+            for op, mode, pass_, passes in roofline.TIMED:
+                if pass_ != "fwd":
+                    continue
+                ms, plan = roofline.predicted_ms(op, mode, passes, c, side, dtype, dev, tf32=True)
+                for layout in ("nchw", "channels_last"):
+                    eager = measured.get(("eager", op, mode, pass_, c, side, dtype, layout))
+                    if eager is None:
+                        continue
+                    checked += 1
+                    assert eager / ms >= 4.0, (op, c, side, dtype, layout, plan, ms, eager)
+    assert checked >= 20  # the committed table covers most of the forward cases
+
+
+def test_cli_prints_a_table_per_device(capsys):
+    assert roofline.main(["--device", "H100", "--dtype", "bfloat16", "--plans"]) == 0
+    out = capsys.readouterr().out
+    assert "## Chosen plans on H100" in out and "## Every plan of every pass" in out
+    assert "| lka_gate | - | fwd | C96 224x224 | bfloat16 |" in out
