@@ -1,4 +1,4 @@
-"""``dlkunet train | evaluate | predict | demo | info`` (also ``python -m dlkunet``).
+"""``dlkunet train | evaluate | predict | demo | export | info`` (also ``python -m dlkunet``).
 
 Expected failures (missing data, bad checkpoints, mismatched classes, bad values) print one
 ``dlkunet: error: ...`` line and exit with status 2; ``--traceback`` shows the full stack.
@@ -164,6 +164,36 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as ONNX (for ONNX Runtime / OpenVINO)",
+                       description="Export the model as its reference decomposition (standard ONNX ops) with "
+                                   "dynamic batch, height and width, then check it in ONNX Runtime against "
+                                   "PyTorch on a random input (needs dlkunet[onnx]).")
+    p.add_argument("checkpoint", help="a .pt checkpoint (or .safetensors) written by dlkunet train")
+    p.add_argument("--output", "-o", required=True, help="the .onnx file to write")
+    p.add_argument("--image-size", type=_positive,
+                   help="height and width traced with (any size runs later) [the checkpoint's, else 224]")
+    p.add_argument("--opset", type=_positive, help="ONNX opset [the exporter's default]")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the ONNX Runtime comparison (e.g. where onnxruntime is not installed)")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from .checkpointing import load_model
+    from .export import export_onnx
+
+    model, ckpt = load_model(args.checkpoint, "cpu")
+    size = args.image_size or int((ckpt.get("data") or {}).get("image_size") or 224)
+    result = export_onnx(model, args.output, image_size=size, opset=args.opset, check=args.check)
+    print(f"wrote {result['path']} ({result['bytes'] / 2**20:.1f} MiB): input 'image' (N, "
+          f"{result['input_shape'][1]}, H, W), output 'logits', N, H and W dynamic")
+    if result["checked"]:
+        print(f"ONNX Runtime vs PyTorch on a random {tuple(result['check_shape'])} input: max abs difference "
+              f"{result['max_abs_diff']:.3g} (relative {result['rel_diff']:.3g})")
+    return 0
+
+
 def _info(args) -> int:
     from .info import print_info
 
@@ -185,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_demo(sub)
+    _add_export(sub)
     info = sub.add_parser("info", help="versions, backends and parameter counts")
     info.set_defaults(func=_info)
     return parser

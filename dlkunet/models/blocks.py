@@ -104,6 +104,8 @@ class Up(nn.Module):
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
         up = self.up(deep)
         dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
-        if dh or dw:  # the reference's "auto-resize" (a negative difference crops: see Down)
+        # The reference's "auto-resize" (a negative difference crops: see Down); an export pads
+        # always, so that a graph with dynamic height and width stays right for odd sizes.
+        if torch.compiler.is_exporting() or dh or dw:
             up = F.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
         return self.block(torch.cat([skip, up], dim=1))

@@ -148,6 +148,8 @@ def availability(name: str, device_type: Optional[str] = None) -> Tuple[bool, st
 def resolve(device_type: str, op: str, mode: str) -> str:
     """The backend that runs ``op`` in ``mode`` ('inference' or 'training') for tensors on
     ``device_type`` under the current setting; only 'auto' looks at op and mode."""
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return "torch"  # an export records the reference formulas (dlkunet.export)
     setting = _state["setting"]
     if setting != "auto":
         ok, why = availability(setting, device_type)
