@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -102,6 +105,58 @@ def make_checkpoint(model: nn.Module, data: Optional[Mapping[str, Any]] = None, 
             "data": dict(data or {}), **extra}
 
 
+def _foreign_format(path: Path) -> Optional[str]:
+    """What a file that is not a PyTorch checkpoint looks like, from its first bytes; None if it may be one."""
+    with open(path, "rb") as handle:
+        head = handle.read(352)
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip-compressed file (a .nii.gz volume?)"
+    if head[:8] == b"\x89HDF\r\n\x1a\n":
+        return "an HDF5 file (a .h5 volume?)"
+    if head[:6] == b"\x93NUMPY":
+        return "a NumPy .npy array"
+    if len(head) >= 348 and int.from_bytes(head[:4], "little") in (348, 540) and head[344:347] in (b"n+1", b"ni1", b"n+2"):
+        return "a NIfTI image"
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None  # a damaged archive: torch.load names the damage below
+        if not any(n.endswith("data.pkl") for n in names):
+            return "a zip archive without PyTorch data (an .npz array file?)"
+    return None
+
+
+def torch_load_weights(path, map_location="cpu", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` with our own messages instead of PyTorch's.
+
+    A file that asks to unpickle Python objects is refused: dlkunet never unpickles objects from
+    a checkpoint (unpickling can run any code), so PyTorch's advice to retry with
+    ``weights_only=False`` is never passed on.
+    """
+    path = Path(path)
+    try:
+        foreign = _foreign_format(path)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if foreign:
+        raise CheckpointError(f"{path} is not a dlkunet {what}: it is {foreign}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused: the file asks to unpickle Python objects ({refused.group(1)}); dlkunet "
+                f"never unpickles objects from a {what} (that can run arbitrary code), so it cannot be used. "
+                f"A dlkunet {what} holds only tensors, numbers and strings.") from None
+        reason = "not a PyTorch file"
+    except Exception as exc:  # truncated or damaged archives, other formats
+        reason = f"not a readable PyTorch file: truncated, damaged or another format ({type(exc).__name__})"
+    raise CheckpointError(f"{path} is not a dlkunet {what} ({reason})") from None
+
+
 def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
     """Read a dlkunet checkpoint with ``weights_only=True``; clear errors for anything else."""
     path = Path(path)
@@ -112,10 +167,7 @@ def load_checkpoint(path, map_location="cpu") -> Dict[str, Any]:
                               f"(training writes {path / 'best.pt'} and {path / 'last.pt'})")
     if path.suffix == ".safetensors":
         return load_safetensors(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, not a torch file, pickled objects, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    ckpt = torch_load_weights(path, map_location)
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dlkunet checkpoint (no '{FORMAT}' marker); "
                               "checkpoints of the authors' code load with "

@@ -164,8 +164,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="garbage.pt is not a dlkunet checkpoint"):
         load_checkpoint(garbage)
+    truncated = tmp_path / "truncated.pt"
+    atomic_save(make_checkpoint(build_model("S", num_classes=3, base_width=4)), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    with pytest.raises(CheckpointError, match="truncated, damaged or another format"):
+        load_checkpoint(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not a dlkunet checkpoint"):
@@ -198,3 +203,32 @@ def test_safetensors_export_roundtrip(tmp_path):
     x = torch.rand(1, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
+
+
+class Payload:
+    """A class outside torch's weights-only allow-list, as a malicious checkpoint would carry."""
+
+
+def test_unsafe_checkpoint_is_refused_in_our_words(tmp_path):
+    # Issue 17, defect 7: PyTorch's error advises retrying with weights_only=False; we never do.
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "dlkunet-checkpoint", "model": Payload()}, path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    text = str(err.value)
+    assert "refused" in text and "never unpickles" in text and "test_training.Payload" in text
+    assert "weights_only" not in text and len(text.splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["nifti", "nifti_gz", "npz", "h5"])
+def test_data_file_given_as_checkpoint(tmp_path, kind):
+    # Issue 17, defect 9: a NIfTI passed as the checkpoint gave PyTorch's "Unsupported operand 31 ...
+    # please file an issue" text.
+    from dlkunet.data import VolumeCase, write_volume
+
+    name = {"nifti": "x.nii", "nifti_gz": "x.nii.gz", "npz": "x.npz", "h5": "x.npy.h5"}[kind]
+    like = VolumeCase("x", np.zeros((2, 4, 4), np.float32), None, None, None, name)
+    path = write_volume(tmp_path / name, np.zeros((2, 4, 4), np.int64), like)
+    with pytest.raises(CheckpointError, match=f"{name} is not a dlkunet checkpoint: it is ") as err:
+        load_checkpoint(path)
+    assert "issue" not in str(err.value) and len(str(err.value).splitlines()) == 1

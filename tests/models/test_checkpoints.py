@@ -124,11 +124,52 @@ def test_mismatches_are_reported_by_name(tmp_path):
     ours = DLKUNetS(num_classes=4, base_width=8)
     with pytest.raises(RuntimeError) as err:
         load_reference_checkpoint(ours, state)
-    assert "stem.conv1.bn.running_var" in str(err.value) and "extra.weight" in str(err.value)
+    assert "inc.bn1.running_var" in str(err.value) and "extra.weight" in str(err.value)  # the file's names
+    assert "build DLKUNet" not in str(err.value)  # same depth, width and classes: no other variant to suggest
     report = load_reference_checkpoint(ours, state, strict=False)
-    assert report["missing"] == ["stem.conv1.bn.running_var"] and report["unexpected"] == ["extra.weight"]
+    assert report["missing"] == ["inc.bn1.running_var"] and report["unexpected"] == ["extra.weight"]
     path = tmp_path / "ref.pth"
     torch.save(RefNet(3).state_dict(), path)
     assert load_reference_checkpoint(DLKUNetS(num_classes=4, base_width=8), path)["missing"] == []
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_reference_checkpoint(ours, tmp_path / "nope.pth")
+
+
+def test_a_deeper_file_names_its_keys_and_the_variant_that_fits():
+    # Issue 17, defect 6: the authors' 4-level (M) checkpoint into DLKUNetS gave a 5,211-character
+    # error listing our converted key names and no hint.
+    state = {"module." + k: v for k, v in RefNet(4, c=8, classes=4).state_dict().items()}
+    with pytest.raises(RuntimeError) as err:
+        load_reference_checkpoint(DLKUNetS(num_classes=4, base_width=8), state)
+    text = str(err.value)
+    assert "build DLKUNetM(in_channels=1, num_classes=4, base_width=8)" in text, text
+    assert "module.down3.maxpool_conv.1." in text and "downs.2" not in text and "ups." not in text
+    assert "up1.up.weight: file (64, 32, 2, 2) vs model (32, 16, 2, 2)" in text
+    assert len(text) < 1200, len(text)
+    # Other widths and class counts are named too.
+    with pytest.raises(RuntimeError, match=r"build DLKUNetS\(in_channels=1, num_classes=4, base_width=8\)"):
+        load_reference_checkpoint(DLKUNetS(num_classes=9, base_width=16), RefNet(3, c=8, classes=4).state_dict())
+    # What the suggestion says loads.
+    ours = DLKUNetM(num_classes=4, base_width=8)
+    assert load_reference_checkpoint(ours, state) == {"missing": [], "unexpected": [], "mismatched": []}
+
+
+def test_reference_key_inverts_convert_key():
+    from dlkunet.models.checkpoints import convert_key, reference_key
+
+    for key in RefNet(4).state_dict():
+        assert reference_key(convert_key(key, 4)) == key
+
+
+def test_unsafe_reference_file_is_refused_without_unpickling(tmp_path):
+    from dlkunet.checkpointing import CheckpointError
+
+    path = tmp_path / "evil.pth"
+    torch.save({"inc.x": Unpicklable()}, path)
+    with pytest.raises(CheckpointError, match="refused.*never unpickles") as err:
+        load_reference_checkpoint(DLKUNetS(num_classes=4, base_width=8), path)
+    assert "weights_only=False" not in str(err.value)
+
+
+class Unpicklable:
+    """Any class outside torch's allow-list: loading it would mean running its module's code."""
