@@ -96,15 +96,21 @@ def markdown_table(summary: Dict[str, Any], method: str = "DLKUNet") -> str:
     row += [_fmt(per_class[str(i)]["dsc"], 100) for _, i in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
              "| " + " | ".join(row) + " |"]
-    note = ("DSC in %, HD95 in mm" if summary.get("spacing_used") else "DSC in %, HD95 in voxels") \
-        + f" ({summary['num_cases']} cases, HD95 protocol {summary['hd95_protocol']})"
+    note = f"DSC in %, HD95 in {hd95_unit(summary)} ({summary['num_cases']} cases, HD95 protocol " \
+        f"{summary['hd95_protocol']})"
     return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def hd95_unit(summary: Dict[str, Any]) -> str:
+    """"mm" only when every case's spacing was used, else "voxels" (summaries before "hd95_unit" too)."""
+    return summary.get("hd95_unit") or ("mm" if summary.get("spacing_used") else "voxels")
 
 
 def evaluate_model(model, cases, num_classes: int, class_names: Sequence[str], image_size: int,
                    fmt: str = "generic", device="cpu", batch_size: int = 16, hd95_protocol: str = "transunet",
                    progress: bool = True, amp_dtype=None, on_case=None) -> Dict[str, Any]:
     """Per-case and mean DSC / HD95 of ``model`` on labelled volumes (``VolumeCase``s)."""
+    from .data import DataError
     from .metrics import case_metrics
 
     if model.num_classes != num_classes:
@@ -116,6 +122,12 @@ def evaluate_model(model, cases, num_classes: int, class_names: Sequence[str], i
     for case in bar:
         if case.label is None:
             raise ValueError(f"test case {case.name} ({case.path}) has no label; evaluation needs labels")
+        if use_spacing and case.spacing is None:
+            # Distances in mm need the voxel size; 1 mm stand-ins would label voxels as mm.
+            raise DataError(f"{case.path}: no voxel spacing stored (TransUNet's .npy.h5 and the ACDC .npz files "
+                            f"have none), so HD95 cannot be given in mm; use --hd95-protocol transunet "
+                            f"(voxels, as the paper's tables), or data that records its spacing (NIfTI, or a "
+                            f"'spacing' entry in .h5 / .npz)")
         pred = predict_volume(model, case.image, image_size, device, batch_size, amp_dtype)
         metrics = case_metrics(pred, case.label, num_classes, spacing=case.spacing if use_spacing else None,
                                protocol=hd95_protocol)
@@ -138,7 +150,8 @@ def evaluate_model(model, cases, num_classes: int, class_names: Sequence[str], i
                              "hd95": _nanmean([r[f"hd95_{c}"] for r in rows])}
     return {
         "fmt": fmt, "class_names": list(class_names), "num_cases": len(rows), "hd95_protocol": hd95_protocol,
-        "spacing_used": use_spacing,
+        # Every case had its spacing (a case without one is refused above), so the unit is what it says.
+        "spacing_used": use_spacing, "hd95_unit": "mm" if use_spacing else "voxels",
         # TransUNet's averaging: per-class means over cases, then the mean over classes.
         "mean_dsc": _nanmean([v["dsc"] for v in per_class.values()]),
         "mean_hd95": _nanmean([v["hd95"] for v in per_class.values()]),
@@ -195,14 +208,17 @@ def evaluate(checkpoint, data=None, fmt: str = "auto", output="eval", device: st
 
     if hd95_protocol not in ("transunet", "mm"):
         raise ValueError(f"unknown HD95 protocol {hd95_protocol!r}; choose transunet or mm")
-    dev = pick_device(device)
-    model, ckpt = load_model(checkpoint, dev)
-    meta = ckpt.get("data") or {}
+    # The inputs first: a wrong folder should not wait for a model to load.
     if data is None:
         raise DataError("no data set given (--data)")
     if not Path(data).exists():
         raise DataError(f"data directory not found: {data}")
     dataset = open_dataset(data, fmt)
+    if len(dataset.test_volumes()) == 0:
+        raise DataError(f"{data}: no test volumes found")
+    dev = pick_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    meta = ckpt.get("data") or {}
     if model.num_classes != dataset.num_classes:
         raise CheckpointError(f"checkpoint {checkpoint} predicts {model.num_classes} classes but {data} has "
                               f"{dataset.num_classes} (background included); was it trained on another data set?")

@@ -123,3 +123,31 @@ def test_evaluate_errors(synthetic, tmp_path):
         evaluate(_checkpoint(tmp_path / "m5.pt"), tmp_path / "nowhere", output=tmp_path / "e", progress=False)
     with pytest.raises(ValueError, match="HD95 protocol"):
         evaluate(ckpt, synthetic, hd95_protocol="inches")
+
+
+def test_hd95_in_mm_needs_a_spacing_for_every_case(synthetic, tmp_path):
+    # Issue 17, defect 3: --hd95-protocol mm on .npy.h5 files without spacing used 1 mm, yet the
+    # table said "HD95 in mm" and summary.json "spacing_used: true".
+    from dlkunet.data import DataError, VolumeCase
+
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    with pytest.raises(DataError, match=r"case0002.npy.h5: no voxel spacing stored.*--hd95-protocol transunet"):
+        evaluate(ckpt, synthetic, output=tmp_path / "e", device="cpu", progress=False, hd95_protocol="mm")
+    assert not (tmp_path / "e" / "summary.json").exists()
+    summary = evaluate(ckpt, synthetic, output=tmp_path / "v", device="cpu", progress=False)
+    saved = json.loads((tmp_path / "v" / "summary.json").read_text())
+    assert saved["hd95_unit"] == "voxels" and saved["spacing_used"] is False
+    assert "HD95 in voxels" in (tmp_path / "v" / "table.md").read_text()
+    # With spacings the unit is mm, and says so.
+    image = np.zeros((3, 30, 30), dtype=np.float32)
+    image[:, 5:20, 8:25] = 1
+    case = VolumeCase("c", image, image.astype(np.int64), (2.0, 0.8, 0.8), None, "c.npz")
+    summary = evaluate_model(Threshold(), [case], 2, ["thing"], 64, progress=False, hd95_protocol="mm")
+    assert summary["hd95_unit"] == "mm" and "HD95 in mm" in markdown_table(summary)
+
+
+def test_evaluate_checks_the_data_before_loading_the_model(tmp_path):
+    from dlkunet.data import DataError
+
+    with pytest.raises(DataError, match="not found"):
+        evaluate(tmp_path / "no-such-model.pt", tmp_path / "nowhere", output=tmp_path / "e", progress=False)
