@@ -13,18 +13,48 @@ Build switches (environment variables):
   DLKUNET_BUILD_CUDA  auto (default) / 1 / 0: the same choice for the CUDA part alone.
   TORCH_CUDA_ARCH_LIST  GPU architectures, e.g. "9.0" or "8.0;9.0" (default "8.0;8.6;8.9;9.0").
   MAX_JOBS            parallel compile jobs (ninja), e.g. 16.
-An isolated `pip install .` cannot see torch, so it builds no extension: use
-`pip install --no-build-isolation .` to build against the torch you run.
+An isolated `pip install .` (pip's default) cannot see torch, so it builds no extension; the
+wheel always ships the C++/CUDA sources (csrc/ as the package data dlkunet/_csrc/), and the
+package compiles them at first use against the torch that is running (dlkunet/ops/jit_build.py).
+`pip install --no-build-isolation .` builds the extension at install time instead.
+Sources and flags come from dlkunet/ops/build_spec.py, which the first-use build reads too.
 """
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORD = os.path.join(HERE, "dlkunet", "_build.py")
+CSRC = os.path.join(HERE, "csrc")
 PACKAGES = ["dlkunet", "dlkunet.ops", "dlkunet.models", "dlkunet.data", "dlkunet.kernels"]
+
+
+def _load_spec():
+    """dlkunet/ops/build_spec.py by its path: importing dlkunet.ops would need torch."""
+    path = os.path.join(HERE, "dlkunet", "ops", "build_spec.py")
+    spec = importlib.util.spec_from_file_location("dlkunet_build_spec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SPEC = _load_spec()
+
+
+class BuildPy(build_py):
+    """Also ship csrc/ as dlkunet/_csrc/: what the first-use build compiles when no extension was built."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install compiles csrc/ of the checkout itself
+        target = os.path.join(self.build_lib, "dlkunet", "_csrc")
+        for rel in SPEC.all_files(CSRC):
+            self.mkpath(os.path.dirname(os.path.join(target, rel)))
+            self.copy_file(os.path.join(CSRC, rel), os.path.join(target, rel))
 
 
 def _switch(name):
@@ -40,10 +70,6 @@ def _record(extension, reason, torch_version=""):
         f.write(f"EXTENSION = {extension!r}\nREASON = {reason!r}\nTORCH_VERSION = {torch_version!r}\n")
 
 
-def _sources(pattern):
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern), recursive=True))
-
-
 def extension_plan():
     """Return (ext_modules, cmdclass)."""
     build = _switch("DLKUNET_BUILD_EXT")
@@ -57,8 +83,7 @@ def extension_plan():
         if build == "1":
             sys.exit("setup.py: DLKUNET_BUILD_EXT=1 but torch is not importable in the build environment; "
                      "install torch first and use pip install --no-build-isolation .")
-        _record(None, "torch was not importable at build time (isolated build); "
-                      "reinstall with: pip install --no-build-isolation .")
+        _record(None, "torch was not importable at build time (an isolated build: pip's default)")
         return [], {}
 
     cuda = _switch("DLKUNET_BUILD_CUDA")
@@ -73,23 +98,14 @@ def extension_plan():
         sys.exit(f"setup.py: DLKUNET_BUILD_CUDA=1 but the CUDA extension cannot be built: {why_no_cuda}")
     with_cuda = not why_no_cuda
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", SPEC.DEFAULT_CUDA_ARCH_LIST)
 
-    cxx = ["-O3", "-std=c++17"]
-    # at::parallel_for is a header template: compiled without -fopenmp it runs serially inside this
-    # extension even though torch itself is threaded.  Compile flag only: the GOMP_* calls stay
-    # undefined here and bind, through libtorch_cpu's dependencies, to the OpenMP runtime torch
-    # loaded (wheels may ship it renamed); linking -lgomp could load a second runtime.
-    if torch._C.has_openmp and sys.platform.startswith("linux"):
-        cxx.append("-fopenmp")
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    macros = []
+    cxx = SPEC.cxx_flags(torch._C.has_openmp)
+    sources = SPEC.sources(CSRC, with_cuda, relative_to=HERE)
     if with_cuda:
-        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
-        macros.append(("DLKUNET_WITH_CUDA", None))
         ext = cpp_extension.CUDAExtension(
-            "dlkunet._C", sources, define_macros=macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]})
+            "dlkunet._C", sources, define_macros=SPEC.CUDA_MACROS,
+            extra_compile_args={"cxx": cxx, "nvcc": SPEC.NVCC_FLAGS})
         kind = "cuda"
     else:
         ext = cpp_extension.CppExtension("dlkunet._C", sources, extra_compile_args={"cxx": cxx})
@@ -115,7 +131,8 @@ def extension_plan():
                 self._give_up(exc)
 
         def _give_up(self, exc):
-            message = f"the extension failed to compile ({type(exc).__name__}: {exc}); set DLKUNET_BUILD_EXT=1 to see the error"
+            message = (f"the extension failed to compile at install time ({type(exc).__name__}: {exc}); "
+                       "set DLKUNET_BUILD_EXT=1 to see the error")
             print("setup.py: WARNING: " + message, file=sys.stderr)
             _record(None, message, torch.__version__)
             self._rewrite_record_in_build_lib()
@@ -130,6 +147,7 @@ def extension_plan():
 
 
 ext_modules, cmdclass = extension_plan()
+cmdclass["build_py"] = BuildPy
 
 setup(
     packages=PACKAGES,
