@@ -194,6 +194,35 @@ def _export(args) -> int:
     return 0
 
 
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="compile the C++/CUDA kernels now, into the first-use cache",
+                       description="Compile dlkunet._C (the cpu and cuda backends) against the running torch "
+                                   "into the cache a first use would otherwise fill (DLKUNET_EXTENSIONS_DIR, "
+                                   "default: torch's extensions folder), and print where it went.  Honours "
+                                   "TORCH_CUDA_ARCH_LIST (default: the visible GPUs), MAX_JOBS and CXX; runs "
+                                   "even with DLKUNET_JIT=0.")
+    p.add_argument("--force", action="store_true",
+                   help="compile again even when this build is cached (or failed before)")
+    p.set_defaults(func=_build)
+
+
+def _build(args) -> int:
+    from .ops import extension, jit_build
+
+    plan = jit_build.make_plan()
+    try:
+        _, compiled = jit_build.build(plan, "`dlkunet build` asked for it", force=args.force)
+    except jit_build.BuildError as exc:
+        if exc.tail:
+            print(f"the compiler's last lines:\n{exc.tail}", file=sys.stderr)
+        raise
+    print(f"{'compiled' if compiled else 'already built (--force compiles again)'}: {plan.what} for torch "
+          f"{plan.inputs['torch']}, in {plan.directory}")
+    if extension.installed_extension()[0] is not None:
+        print("note: the installed dlkunet._C is used first; processes use this build where the install has none")
+    return 0
+
+
 def _info(args) -> int:
     from .info import print_info
 
@@ -215,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_demo(sub)
+    _add_build(sub)
     _add_export(sub)
     info = sub.add_parser("info", help="versions, backends and parameter counts")
     info.set_defaults(func=_info)

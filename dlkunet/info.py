@@ -1,6 +1,10 @@
-"""`dlkunet info`: versions, backends (and why any is missing), and the model zoo's sizes."""
+"""`dlkunet info`: versions, backends (and why any is missing), and the model zoo's sizes.
+
+Nothing is compiled here: a compiled backend whose extension a first use would build says so.
+"""
 from __future__ import annotations
 
+import os
 import platform
 from typing import Dict
 
@@ -58,9 +62,8 @@ def print_info() -> None:
             print(f"  {device} tensors, {op}: {choices}")
     print("backends:")
     for name in ops.BACKENDS:
-        ok, why = ops.availability(name)
-        print(f"  {name:<7} {'available' if ok else 'unavailable: ' + why}")
-    module, _ = ops.extension.load_extension()
+        print(f"  {name:<7} {backend_status(name)}")
+    module, _ = ops.extension.load_extension(compile_now=False)
     if module is not None and hasattr(module, "cpu_parallel_threads"):
         torch_threads, kernel_threads = torch.get_num_threads(), module.cpu_parallel_threads()
         why = " (the extension was built without torch's OpenMP)" if kernel_threads < torch_threads else ""
@@ -71,13 +74,30 @@ def print_info() -> None:
         print(f"  DLKUNet-{name}  {row['params']:>12,} parameters  {row['gmacs']:6.2f} GMACs")
 
 
+def backend_status(name: str) -> str:
+    """One line: available or why not; for the compiled backends, where their extension comes from
+    (the install, the first-use build cache) or that a first use will compile it."""
+    ok, why = ops.availability(name, compile_now=False)
+    if not ok:
+        return f"unavailable: {why}"
+    if name not in ("cpu", "cuda"):
+        return "available"
+    where, detail = ops.extension.origin()
+    if where == "install":
+        return f"available: dlkunet._C from the install ({detail})"
+    if where in ("cache", "compiled"):
+        return f"available: dlkunet._C built at first use, from the cache ({os.path.dirname(detail)})"
+    return f"not built yet: {detail}"
+
+
 def _auto_choice(device: str, op: str, mode: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         return "- (no GPU)"
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return ops.resolve(device, op, mode)
-        except ops.BackendUnavailableError as exc:
-            return f"error: {exc}"
+    setting = ops.get_backend()
+    if setting != "auto":
+        ok, why = ops.availability(setting, device, compile_now=False)
+        return setting if ok else f"error: {why}"
+    name, _ = ops.backends.auto_choice(device, op, mode, compile_now=False)
+    if name in ("cpu", "cuda") and ops.extension.origin()[0] == "pending":
+        return f"{name} (compiled at first use)"
+    return name

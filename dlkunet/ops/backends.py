@@ -12,7 +12,14 @@ Selection, strongest first: the ``use_backend`` context manager, ``set_backend``
 ``DLKUNET_BACKEND`` environment variable (read at import), and ``auto``.  ``auto`` picks the
 first available backend of ``AUTO_PREFERENCE`` for the tensor's device, the operator and whether
 gradients are needed, and falls back to ``torch`` with a single warning that says what is missing.
-A backend named explicitly that cannot run is an error that says why.
+
+A backend named explicitly that cannot run on this machine at all is refused when it is named,
+with the reason (``BackendUnavailableError``): by ``set_backend`` and ``use_backend`` after
+loading (or, when the install has none, compiling: ``dlkunet.ops.jit_build``) the extension of a
+compiled backend; by ``DLKUNET_BACKEND`` at import, where nothing is compiled, for every reason
+known without compiling (a failed compile then surfaces at the first use).  A backend that runs
+on some device type only (``cuda`` on CUDA tensors, ``triton`` on CPU tensors only under
+``TRITON_INTERPRET=1``) is accepted, and refused per tensor by ``resolve``.
 
 Every backend module provides the four functions documented in ``dlkunet.ops.reference``:
 ``dwconv_bn_act_forward``, ``dwconv_bn_act_backward``, ``lka_gate_forward``, ``lka_gate_backward``.
@@ -77,13 +84,24 @@ def _check_name(name: str) -> str:
     return name
 
 
-_state = {"setting": _check_name(os.environ.get("DLKUNET_BACKEND", "auto") or "auto"), "warned": set()}
 _probe_cache: Dict[str, Tuple[Optional[ModuleType], str]] = {}
+_ran: Dict[Tuple[str, str], str] = {}  # (device type, operator) -> the backend resolve last chose
+
+
+def _named(name: str, source: str, compile_now: bool = True) -> str:
+    """``name`` checked, and refused when it cannot run here at all; ``source`` names who asked."""
+    name = _check_name(name)
+    ok, why = availability(name, compile_now=compile_now)
+    if not ok:
+        raise BackendUnavailableError(f"dlkunet backend {name!r} ({source}) cannot run here: {why}")
+    return name
 
 
 def set_backend(name: str) -> None:
-    """Set the process-wide backend: 'auto', 'torch', 'triton', 'cuda' or 'cpu'."""
-    _state["setting"] = _check_name(name)
+    """Set the process-wide backend: 'auto', 'torch', 'triton', 'cuda' or 'cpu'.
+
+    A backend that cannot run here raises BackendUnavailableError with the reason."""
+    _state["setting"] = _named(name, "set_backend")
 
 
 def get_backend() -> str:
@@ -95,7 +113,7 @@ def get_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Run a block of code with another backend setting."""
     previous = _state["setting"]
-    _state["setting"] = _check_name(name)
+    _state["setting"] = _named(name, "use_backend")
     try:
         yield
     finally:
@@ -106,8 +124,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _probe(name: str) -> Tuple[Optional[ModuleType], str]:
-    """Import a backend's module once; return (module, '') or (None, why it is missing)."""
+def _probe(name: str, compile_now: bool = True) -> Tuple[Optional[ModuleType], str]:
+    """Import a backend's module once; return (module, '') or (None, why it is missing).
+
+    For a compiled backend this loads the extension, compiling it first when the install has none
+    (unless not ``compile_now``: then a build still to come counts as available, and nothing is
+    remembered)."""
     if name in _probe_cache:
         return _probe_cache[name]
     module, why = None, ""
@@ -116,18 +138,24 @@ def _probe(name: str) -> Tuple[Optional[ModuleType], str]:
     except ImportError as exc:
         why = f"{_MODULES[name]} could not be imported ({exc})"
     if module is not None and name in ("cpu", "cuda"):
-        why = module.unavailable_reason(name)
+        why = module.unavailable_reason(name, compile_now)
         module = None if why else module
+        if not compile_now:
+            return module, why
     _probe_cache[name] = (module, why)
     return module, why
 
 
-def availability(name: str, device_type: Optional[str] = None) -> Tuple[bool, str]:
-    """Whether ``name`` can run (on ``device_type`` if given) and, if not, why."""
+def availability(name: str, device_type: Optional[str] = None, compile_now: bool = True) -> Tuple[bool, str]:
+    """Whether ``name`` can run (on ``device_type`` if given) and, if not, why.
+
+    For ``cpu`` and ``cuda`` this is a use: an extension the install lacks is compiled first
+    (``dlkunet.ops.jit_build``), unless ``compile_now`` is False, which answers whether it could run
+    once compiled."""
     name = _check_name(name)
     if name == "auto":
         return True, ""
-    _, why = _probe(name)
+    _, why = _probe(name, compile_now)
     if why:
         return False, why
     devices = _DEVICES[name]
@@ -155,20 +183,50 @@ def resolve(device_type: str, op: str, mode: str) -> str:
         ok, why = availability(setting, device_type)
         if not ok:
             raise BackendUnavailableError(f"dlkunet backend {setting!r} is not available: {why}")
+        _ran[(device_type, op)] = setting
         return setting
-    missing = []
-    for name in AUTO_PREFERENCE.get((device_type, op, mode), ()):
-        ok, why = availability(name, device_type)
-        if ok:
-            return name
-        missing.append(f"{name}: {why}")
+    name, missing = auto_choice(device_type, op, mode)
+    _ran[(device_type, op)] = name
     if missing and device_type not in _state["warned"]:
         _state["warned"].add(device_type)
         warnings.warn(
             "dlkunet: no fused backend for " + device_type + " tensors, using the pure-PyTorch "
             "reference (" + "; ".join(missing) + "). Run `dlkunet info` for details.",
             RuntimeWarning, stacklevel=3)
-    return "torch"
+    return name
+
+
+def auto_choice(device_type: str, op: str, mode: str, compile_now: bool = True) -> Tuple[str, list]:
+    """What ``auto`` runs ``op`` in ``mode`` on, and the preferred backends passed over, with why.
+
+    Without ``compile_now`` nothing is compiled: a compiled backend still to be built counts."""
+    missing = []
+    for name in AUTO_PREFERENCE.get((device_type, op, mode), ()):
+        ok, why = availability(name, device_type, compile_now)
+        if ok:
+            return name, missing
+        missing.append(f"{name}: {why}")
+    return "torch", missing
+
+
+# After set_backend, so a refusal can name the variable; nothing is compiled at import.
+_state = {"setting": "auto", "warned": set()}
+_state["setting"] = _named(os.environ.get("DLKUNET_BACKEND", "auto") or "auto", "DLKUNET_BACKEND", compile_now=False)
+
+
+def ran_on() -> str:
+    """Which backend the operators ran on in this process so far, for a report line, e.g.
+    'cpu (dlkunet._C compiled at first use) for dwconv_bn_act, lka_gate on cpu tensors'."""
+    parts = []
+    for (device, name) in sorted({(d, n) for (d, _), n in _ran.items()}):
+        ops = ", ".join(sorted(op for (d, op), n in _ran.items() if (d, n) == (device, name)))
+        where = ""
+        if name in ("cpu", "cuda"):
+            from . import extension
+            where = {"install": " (dlkunet._C from the install)", "cache": " (dlkunet._C from the first-use cache)",
+                     "compiled": " (dlkunet._C compiled at first use)"}.get(extension.origin()[0], "")
+        parts.append(f"{name}{where} for {ops} on {device} tensors")
+    return "; ".join(parts) or "no fused operator ran"
 
 
 def implementation(name: str) -> ModuleType:

@@ -2,18 +2,24 @@
 
 ``_C`` exports, per device ``cpu`` / ``cuda``, four functions with the signatures documented in
 ``dlkunet.ops.reference`` (``cpu_dwconv_bn_act_forward``, ``cuda_lka_gate_backward``, ...).  This
-module picks the one for the tensor's device.  Whether the extension exists, and why not, is
-decided once, here; ``dlkunet info`` prints it.
+module picks the one for the tensor's device.
+
+Where the extension comes from is decided once per process, at the first use of a compiled
+backend (never at import): the one built at install time (``dlkunet._C``), else the first-use
+build in the cache, else compiled now (``dlkunet.ops.jit_build``), else none, with the reason.
+``dlkunet info`` prints it (``origin``) without compiling anything.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
+from . import jit_build
+
 _OPS = ("dwconv_bn_act_forward", "dwconv_bn_act_backward", "lka_gate_forward", "lka_gate_backward")
-_loaded = {}
+_loaded = {}  # "installed": (module, reason); "result": (module, reason, origin), once decided
 
 
 def _build_record():
@@ -24,35 +30,70 @@ def _build_record():
     return _build
 
 
-def load_extension():
-    """Return ``(module, reason)``: the imported ``dlkunet._C``, or None and why it is missing."""
-    if "result" in _loaded:
-        return _loaded["result"]
+def installed_extension():
+    """``(module, reason)``: ``dlkunet._C`` as installed, or None and why it is missing or unusable."""
+    if "installed" in _loaded:
+        return _loaded["installed"]
     module, reason = None, ""
     record = _build_record()
     if record is not None and not record.EXTENSION:
-        reason = f"the compiled extension was not built: {record.REASON}"
+        reason = f"not built at install time: {record.REASON}"
     elif record is not None and record.TORCH_VERSION != torch.__version__:
-        reason = (f"the compiled extension was built against torch {record.TORCH_VERSION} but torch "
-                  f"{torch.__version__} is installed; reinstall dlkunet (pip install --no-build-isolation .)")
+        reason = (f"the installed dlkunet._C was built against torch {record.TORCH_VERSION}, "
+                  f"but torch {torch.__version__} is running")
     else:
         try:
             module = importlib.import_module("dlkunet._C")
         except ImportError as exc:
             reason = f"dlkunet._C could not be loaded ({exc})"
-    _loaded["result"] = (module, reason)
+    _loaded["installed"] = (module, reason)
     return module, reason
 
 
-def unavailable_reason(device_type: str) -> str:
-    """Empty when the ``device_type`` backend ('cpu' or 'cuda') can run, else why it cannot."""
-    module, reason = load_extension()
+def _decide(compile_now: bool) -> Tuple[Optional[object], str, str]:
+    if "result" in _loaded:
+        return _loaded["result"]
+    module, reason = installed_extension()
+    result = (module, "", "install") if module is not None else jit_build.obtain(reason, compile_now)
+    if result[2] != "pending":
+        _loaded["result"] = result
+    return result
+
+
+def load_extension(compile_now: bool = True):
+    """``(module, reason)``: the extension, or None and why it is missing.
+
+    With ``compile_now`` (a use of a compiled backend) a missing extension is compiled into the
+    cache first, unless DLKUNET_JIT=0; without it nothing is compiled, and a build that a first use
+    would make gives None and says so."""
+    module, reason, _ = _decide(compile_now)
+    return module, reason
+
+
+def origin() -> Tuple[str, str]:
+    """Where the extension comes from, without compiling: ``(origin, detail)``, origin one of
+    'install', 'cache', 'compiled' (by this process, into the cache), 'pending' (a first use will
+    compile it) or 'missing' (detail: why)."""
+    module, reason, where = _decide(compile_now=False)
     if module is None:
-        return reason
-    if not all(hasattr(module, f"{device_type}_{op}") for op in _OPS):
-        return f"the compiled extension has no {device_type} kernels (built without them)"
+        return where, reason
+    return where, str(getattr(module, "__file__", "") or "")
+
+
+def unavailable_reason(device_type: str, compile_now: bool = True) -> str:
+    """Empty when the ``device_type`` backend ('cpu' or 'cuda') can run (without ``compile_now``:
+    could run once compiled at first use), else why it cannot."""
     if device_type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA GPU is visible to PyTorch"
+        return "no CUDA GPU is visible to PyTorch"  # first: nothing is compiled only to find this
+    module, reason, where = _decide(compile_now)
+    if module is None and where != "pending":
+        return reason
+    if module is None:
+        plan = jit_build.make_plan()
+        if device_type == "cuda" and not plan.with_cuda:
+            return f"the first-use build would have no CUDA kernels ({plan.why_no_cuda})"
+    elif not all(hasattr(module, f"{device_type}_{op}") for op in _OPS):
+        return f"the compiled extension has no {device_type} kernels (built without them)"
     return ""
 
 
@@ -90,7 +131,7 @@ def release_cpu_scratch() -> int:
     fault per 4 KiB, which made small ops up to 2x slower), so a thread that ran them holds up to a
     few activations' worth of memory until it ends or calls this.
     """
-    module, _ = load_extension()
+    module, _ = load_extension(compile_now=False)
     if module is None or not hasattr(module, "cpu_release_scratch"):
         return 0
     held = module.cpu_scratch_bytes()

@@ -1,4 +1,5 @@
 """The backend registry: setting, context manager, environment variable, auto, and errors."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,12 +32,44 @@ def test_unknown_backend_name_is_an_error():
         ops.set_backend("cudnn")
 
 
-def test_explicit_unavailable_backend_says_why():
-    with ops.use_backend("cuda"):
-        if ops.availability("cuda", "cpu")[0]:
-            pytest.fail("the cuda backend must not claim CPU tensors")
-        with pytest.raises(ops.BackendUnavailableError, match="'cuda' is not available: .+"):
-            ops.resolve("cpu", "lka_gate", "inference")
+def test_explicit_backend_for_a_device_it_does_not_run_on_says_why(monkeypatch):
+    monkeypatch.setattr(backends, "_state", {"setting": "cuda", "warned": set()})  # named where it could run
+    if ops.availability("cuda", "cpu")[0]:
+        pytest.fail("the cuda backend must not claim CPU tensors")
+    with pytest.raises(ops.BackendUnavailableError, match="'cuda' is not available: .+"):
+        ops.resolve("cpu", "lka_gate", "inference")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_backend_that_cannot_run_here_is_refused_when_named(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = ops.get_backend()
+    for name in ("cuda", "triton"):
+        with pytest.raises(ops.BackendUnavailableError, match=rf"'{name}' \(set_backend\) cannot run here: .+"):
+            ops.set_backend(name)
+        with pytest.raises(ops.BackendUnavailableError, match=rf"'{name}' \(use_backend\) cannot run here: .+"):
+            with ops.use_backend(name):
+                pytest.fail("the block must not run")
+        assert ops.get_backend() == before
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (the [triton] extra)")
+def test_triton_under_the_interpreter_is_accepted_when_named(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with ops.use_backend("triton"):
+        assert ops.get_backend() == "triton"
+        assert ops.availability("triton", "cpu") == (True, "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_backend_named_on_the_command_line_is_refused_before_the_command_runs(capsys):
+    from dlkunet.cli import main
+
+    assert main(["--backend", "cuda", "info"]) == 2
+    err = capsys.readouterr()
+    assert "dlkunet: error: dlkunet backend 'cuda' (set_backend) cannot run here: no CUDA GPU" in err.err
+    assert "models" not in err.out, "info must not have run"
+    assert ops.get_backend() != "cuda"
 
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
@@ -85,6 +118,21 @@ def test_environment_variable_sets_the_default():
     env["DLKUNET_BACKEND"] = "nonsense"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown dlkunet backend 'nonsense'" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
+def test_environment_variable_naming_a_backend_that_cannot_run_is_refused_at_import():
+    code = "import dlkunet.ops as o; print(o.get_backend())"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DLKUNET_BACKEND"] = "cuda"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0, bad.stdout
+    assert "dlkunet backend 'cuda' (DLKUNET_BACKEND) cannot run here: no CUDA GPU" in bad.stderr
+    if importlib.util.find_spec("triton") is None:
+        return  # triton is not installed: nothing more to check
+    env.update(DLKUNET_BACKEND="triton", TRITON_INTERPRET="1")
+    good = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout.strip() == "triton", good.stderr
 
 
 def test_every_backend_reports_availability_with_a_reason():
