@@ -26,7 +26,7 @@ def _slices(text: str) -> List[int]:
 
 
 def _add_train(sub) -> None:
-    from .training import PRESETS, TrainConfig
+    from .training import PRESETS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a DLKUNet",  # defaults are written into each help text
@@ -34,7 +34,13 @@ def _add_train(sub) -> None:
                                    "built-in synthetic set.  Flags override the preset; the defaults shown "
                                    "are the paper's settings (see dlkunet.training for the choices).  "
                                    "Multi-GPU: torchrun --nproc_per_node N -m dlkunet train ...")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings for a data set")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a data set's settings: the paper's (synapse, acdc) or the authors' released scripts' "
+                        "(authors-synapse, authors-acdc)")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES),
+                   help="paper: its lr decay to a 1e-5 floor, 400 epochs, batch 24; authors: their scripts' "
+                        "StepLR(20, 0.9), 300 epochs, batch 12, Ordinary loss, TransUNet augmentation with "
+                        f"+-20 degree rotations [{d.schedule}]")
     p.add_argument("--data", help="data set folder (default: the synthetic set, generated under --output)")
     p.add_argument("--format", dest="fmt", choices=["auto", "synapse", "acdc", "nifti"], help=f"[{d.fmt}]")
     p.add_argument("--output", "-o", help=f"run folder for checkpoints and logs [{d.output}]")
@@ -60,6 +66,8 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", nargs="?", const="auto",
                    help="continue from a checkpoint (alone: <output>/last.pt); its settings are the defaults")
     p.add_argument("--stop-after", type=_positive, help="stop after this many epochs of this run")
+    p.add_argument("--sync-bn", dest="sync_bn", action="store_const", const=True,
+                   help="with torchrun: BatchNorm statistics over all processes (as nn.SyncBatchNorm)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
     p.add_argument("--no-safetensors", dest="safetensors", action="store_const", const=False,
                    help="do not also write best.safetensors")
@@ -68,11 +76,13 @@ def _add_train(sub) -> None:
 
 
 def _train(args) -> int:
+    from .console import log_to_stderr
     from .training import make_config, train
 
+    log_to_stderr()
     keys = ("data", "fmt", "output", "variant", "base_width", "image_size", "epochs", "batch_size", "lr",
-            "weight_decay", "lr_step", "lr_gamma", "min_lr", "loss", "seed", "device", "precision", "workers",
-            "augment", "val_every", "stop_after", "tensorboard", "safetensors", "progress")
+            "weight_decay", "schedule", "lr_step", "lr_gamma", "min_lr", "loss", "seed", "device", "precision",
+            "workers", "augment", "val_every", "stop_after", "sync_bn", "tensorboard", "safetensors", "progress")
     overrides = {k: getattr(args, k) for k in keys}
     if overrides["variant"]:
         overrides["variant"] = overrides["variant"].upper()
@@ -81,8 +91,10 @@ def _train(args) -> int:
     if result["rank"] == 0:
         name, best = result["best_metric_name"], result["best_metric"]
         state = "finished" if result["finished"] else "stopped (resume with --resume)"
+        written = [p for p in (result["best"], result["last"]) if p]  # only files that exist
         print(f"{state} after epoch {result['epochs_done']}/{cfg.epochs}; best {name} "
-              f"{'n/a' if best is None else f'{best:.4f}'}; checkpoints: {result['best']}, {result['last']}")
+              f"{'n/a' if best is None else f'{best:.4f}'}; checkpoints: {', '.join(written) or 'none'}"
+              + ("" if result["best"] else f" (no best checkpoint: no finite {name} yet)"))
     return 0
 
 
@@ -94,7 +106,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--format", dest="fmt", default="auto", choices=["auto", "synapse", "acdc", "nifti"])
     p.add_argument("--output", "-o", default="eval", help="folder for cases.csv, summary.json, table.md")
     p.add_argument("--hd95-protocol", default="transunet", choices=["transunet", "mm"],
-                   help="transunet: voxel units, as the paper's tables; mm: physical spacing")
+                   help="transunet: voxel units, as the paper's tables; mm: physical spacing (every case must "
+                        "record one: NIfTI, or a 'spacing' entry in .h5 / .npz)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--batch-size", type=_positive, default=16, help="slices per forward pass")
@@ -105,8 +118,10 @@ def _add_evaluate(sub) -> None:
 
 
 def _evaluate(args) -> int:
+    from .console import log_to_stderr
     from .evaluation import evaluate, markdown_table
 
+    log_to_stderr()
     summary = evaluate(args.checkpoint, args.data, args.fmt, args.output, args.device, args.batch_size,
                        args.hd95_protocol, args.progress, args.precision, args.limit, args.overlays)
     print(markdown_table(summary, summary.get("method", "DLKUNet")))
@@ -124,7 +139,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--batch-size", type=_positive, default=16, help="slices per forward pass")
     p.add_argument("--intensity", default="auto", choices=["auto", "none", "ct", "percentile"],
-                   help="input normalisation; auto: what the training data set used")
+                   help="input normalisation; auto: what the training data set used, with a warning (and, for "
+                        "Synapse models, the CT window) for input that looks raw")
     p.add_argument("--overlay", action="store_true", help="write an overlay PNG per volume (busiest slice)")
     p.add_argument("--overlay-slices", type=_slices, help="comma-separated slice indices for the overlays")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -132,8 +148,10 @@ def _add_predict(sub) -> None:
 
 
 def _predict(args) -> int:
+    from .console import log_to_stderr
     from .prediction import predict
 
+    log_to_stderr()
     written = predict(args.checkpoint, args.inputs, args.output, args.device, args.batch_size, args.intensity,
                       args.overlay_slices, args.overlay, args.precision, args.progress)
     print(f"wrote {len(written)} label volume(s) to {args.output}")
@@ -155,8 +173,10 @@ def _add_demo(sub) -> None:
 
 
 def _demo(args) -> int:
+    from .console import log_to_stderr
     from .demo import run_demo
 
+    log_to_stderr()
     summary = run_demo(args.output, seed=args.seed, device=args.device, progress=args.progress,
                        epochs=args.epochs)
     if args.json:

@@ -49,11 +49,15 @@ def _error(argv, capsys) -> str:
 def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "data directory not found" in _error(
         ["train", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "run"), "--epochs", "1"], capsys)
+    # evaluate and predict check their data before the checkpoint (issue 17), so the data here is real.
+    from dlkunet.data.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", num_train=1, num_test=1, size=16, depth=2, num_classes=3)
     assert "checkpoint not found" in _error(
-        ["evaluate", str(tmp_path / "missing.pt"), "--data", str(tmp_path)], capsys)
+        ["evaluate", str(tmp_path / "missing.pt"), "--data", str(data)], capsys)
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    assert "cannot read checkpoint" in _error(["predict", str(tmp_path / "junk.pt"), str(tmp_path),
-                                               "--output", str(tmp_path / "o")], capsys)
+    assert "junk.pt is not a dlkunet checkpoint" in _error(
+        ["predict", str(tmp_path / "junk.pt"), str(data / "test_vol_h5"), "--output", str(tmp_path / "o")], capsys)
     assert "fp16 needs CUDA" in _error(["train", "--device", "cpu", "--precision", "fp16", "--output",
                                         str(tmp_path / "r2"), "--data", str(tmp_path)], capsys)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 import sys
 
@@ -14,7 +15,8 @@ from dlkunet.checkpointing import (CheckpointError, atomic_save, atomic_write, g
 from dlkunet.data.synthetic import make_synthetic
 from dlkunet.models import build_model
 from dlkunet.plots import have_matplotlib as plots_available
-from dlkunet.training import PAPER_GAMMA, TrainConfig, make_config, resolve_precision, step_lr_factor, train
+from dlkunet.training import (PAPER_GAMMA, TrainConfig, TrainingError, cpu_cost_hint, make_config,
+                              resolve_precision, step_lr_factor, train)
 
 TINY = dict(variant="S", base_width=8, image_size=32, batch_size=4, device="cpu", progress=False,
             tensorboard=False, seed=7)
@@ -87,11 +89,14 @@ def test_checkpoint_contents_and_rebuild(tiny_data, tmp_path):
         pytest.fail("safetensors is installed but best.safetensors was not written")
 
 
-def test_tensorboard_missing_is_reported_once(tiny_data, tmp_path, monkeypatch, capsys):
+def test_tensorboard_missing_is_reported_once(tiny_data, tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
-    _run(tiny_data, tmp_path, epochs=2, tensorboard=True)
-    err = capsys.readouterr().err
-    assert err.count("tensorboard is not installed") == 1
+    with caplog.at_level("INFO", logger="dlkunet"):
+        _run(tiny_data, tmp_path, epochs=2, tensorboard=True)
+    assert caplog.text.count("tensorboard is not installed") == 1
+    # Issue 18 item 6: the epoch lines and the early time estimate go through logging.
+    assert "epoch 2/2  loss" in caplog.text
+    assert "per epoch (2 steps)" in caplog.text and "for the 2 epoch(s) of this run" in caplog.text
     with open(tmp_path / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[0]["train_loss"]) > 0
@@ -232,3 +237,134 @@ def test_data_file_given_as_checkpoint(tmp_path, kind):
     with pytest.raises(CheckpointError, match=f"{name} is not a dlkunet checkpoint: it is ") as err:
         load_checkpoint(path)
     assert "issue" not in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def _fresh_data(tmp_path, **kw):
+    return make_synthetic(tmp_path / "data", **{**dict(num_train=2, num_test=1, size=32, depth=4, seed=3), **kw})
+
+
+def test_nan_in_a_training_image_stops_training_naming_the_file(tmp_path):
+    # Issue 17, defect 1: exit 0, NaN weights in last.pt and a final line naming a best.pt never written.
+    from dlkunet.cli import main
+    from dlkunet.data import DataError
+
+    data = _fresh_data(tmp_path)
+    bad = data / "train_npz" / "case0002_slice001.npz"
+    with np.load(bad) as arrays:
+        image, label = arrays["image"].copy(), arrays["label"]
+    image[7, 9] = np.nan
+    np.savez(bad, image=image, label=label)
+    with pytest.raises(DataError, match=r"case0002_slice001.npz: image holds 1 non-finite value.*row 7, column 9"):
+        _run(data, tmp_path / "run", epochs=1)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "best.pt").exists()
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "cli"), "--epochs", "1", "--base-width", "4",
+                 "--image-size", "32", "--device", "cpu", "--no-progress", "--no-tensorboard"]) == 2
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = _fresh_data(tmp_path)
+    _run(data, tmp_path / "run", epochs=2, stop_after=1)
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+    # Finite but absurd intensities (raw scanner units scaled wrongly) overflow float32 in the network.
+    bad = data / "train_npz" / "case0001_slice002.npz"
+    with np.load(bad) as arrays:
+        label = arrays["label"]
+    np.savez(bad, image=np.full((32, 32), 3e38, np.float32), label=label)
+    cfg = TrainConfig(data=str(data), output=str(tmp_path / "run"), epochs=2, **TINY)
+    with pytest.raises(TrainingError) as err:
+        train(cfg, resume=tmp_path / "run" / "last.pt")
+    text = str(err.value)
+    assert "the loss is nan at epoch 2, step" in text and str(bad) in text
+    assert f"{tmp_path / 'run' / 'last.pt'} (epoch 1) is the last good checkpoint" in text
+    assert (tmp_path / "run" / "last.pt").read_bytes() == good
+
+
+@pytest.mark.slow
+def test_config_json_is_written_at_start(tmp_path):
+    data = _fresh_data(tmp_path)
+    bad = data / "train_npz" / "case0002_slice003.npz"
+    bad.write_bytes(b"not an npz")  # the run fails in its first epoch, after setup
+    with pytest.raises(ValueError):
+        _run(data, tmp_path / "run", epochs=3, loss="dynamic")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["epochs"] == 3 and saved["config"]["loss"] == "dynamic"
+    assert saved["device"] == "cpu" and saved["world_size"] == 1 and saved["precision"] == "torch.float32"
+    _run(_fresh_data(tmp_path / "good"), tmp_path / "run2", epochs=1)
+    saved = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert saved["data"]["train_slices"] == 8 and saved["data"]["num_classes"] == 5 and saved["start_epoch"] == 0
+
+
+@pytest.mark.slow
+def test_best_is_only_reported_when_written_and_follows_validation_dsc(tmp_path):
+    # Stopped before the first validation: no DSC yet, so no best.pt; the result (and the CLI's last
+    # line) must not name it.
+    data = _fresh_data(tmp_path)
+    (data / "lists" / "lists_Synapse" / "val.txt").write_text("case0001_slice001\ncase0001_slice002\n")
+    _, result = _run(data, tmp_path / "run", epochs=2, val_every=2, stop_after=1)
+    assert result["best_metric_name"] == "val_mean_dsc" and result["best"] is None
+    assert not (tmp_path / "run" / "best.pt").exists() and result["last"] == str(tmp_path / "run" / "last.pt")
+    _, result = _run(data, tmp_path / "run2", epochs=1, schedule="authors", augmentation="transunet")
+    assert result["best_metric_name"] == "val_mean_dsc" and result["best"] == str(tmp_path / "run2" / "best.pt")
+
+
+def test_cli_last_line_names_only_existing_files(tmp_path, capsys):
+    from dlkunet.cli import main
+
+    data = _fresh_data(tmp_path)
+    (data / "lists" / "lists_Synapse" / "val.txt").write_text("case0001_slice001\n")
+    assert main(["train", "--data", str(data), "-o", str(tmp_path / "run"), "--epochs", "2", "--stop-after", "1",
+                 "--val-every", "2", "--base-width", "4", "--image-size", "32", "--device", "cpu", "--no-progress",
+                 "--no-tensorboard"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "best.pt" not in last and str(tmp_path / "run" / "last.pt") in last and "no best checkpoint" in last
+
+
+def test_cpu_full_size_hint():
+    cfg = make_config("synapse")
+    hint = cpu_cost_hint(cfg, torch.device("cpu"))
+    assert "takes days" in hint and "--image-size 64 --base-width 16 --batch-size 8 --epochs 12" in hint
+    assert cpu_cost_hint(cfg, torch.device("cuda")) is None
+    assert cpu_cost_hint(TrainConfig(**{**TINY, "image_size": 224}), torch.device("cpu")) is None
+
+
+def test_authors_schedule_and_presets():
+    cfg = make_config(schedule="authors")
+    assert (cfg.schedule, cfg.epochs, cfg.batch_size, cfg.lr_step, cfg.lr_gamma, cfg.loss, cfg.augmentation) == \
+        ("authors", 300, 12, 20, 0.9, "ordinary", "transunet")
+    assert cfg.lr == 1e-3 and cfg.loss_weights is None  # (1, 1): Train_Synapse.py's CeDiceLoss([1, 1])
+    assert make_config(schedule="authors", epochs=5, batch_size=2).epochs == 5  # flags still win
+    syn, acdc = make_config("authors-synapse"), make_config("authors-acdc")
+    assert (syn.fmt, syn.schedule, syn.loss, syn.weight_decay) == ("synapse", "authors", "ordinary", 1e-5)
+    assert (acdc.fmt, acdc.loss, acdc.loss_weights, acdc.weight_decay) == ("acdc", "ordinary", [0.6, 0.4], 0.0)
+    assert make_config("synapse").schedule == "paper"
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_config(schedule="nnunet")
+    with pytest.raises(ValueError, match="ordinary loss only"):
+        make_config(loss="phase", loss_weights=[0.5, 0.5])
+
+
+@pytest.mark.slow
+def test_authors_schedule_steps_the_lr_like_steplr(tiny_data, tmp_path):
+    _run(tiny_data, tmp_path, epochs=2, schedule="authors", lr_step=1, lr_gamma=0.9, loss="ordinary",
+         augmentation="transunet", loss_weights=[0.6, 0.4])
+    with open(tmp_path / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 9e-4], rel=1e-12)
+    assert {float(r["alpha_dice"]) for r in rows} == {0.6} and {float(r["beta_ce"]) for r in rows} == {0.4}
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert set(ckpt["scheduler"]) >= {"step_size", "gamma"}  # torch's StepLR state
+
+
+@pytest.mark.slow
+def test_checkpoint_records_what_predict_needs_about_intensities(tmp_path):
+    # TransUNet's Synapse files were CT-windowed to [0, 1]; the synthetic set is generated in [0, 1].
+    data = _fresh_data(tmp_path)
+    _run(data, tmp_path / "syn", epochs=1)
+    meta = load_checkpoint(tmp_path / "syn" / "last.pt")["data"]
+    assert meta["raw_intensity"] is None and 0.0 <= meta["input_range"][0] < meta["input_range"][1] <= 1.0
+    spec = json.loads((data / "dataset.json").read_text())
+    del spec["raw_intensity"]  # as TransUNet's own Synapse folder: no dataset.json entry
+    (data / "dataset.json").write_text(json.dumps(spec))
+    _run(data, tmp_path / "transunet", epochs=1)
+    assert load_checkpoint(tmp_path / "transunet" / "last.pt")["data"]["raw_intensity"] == "ct"

@@ -16,6 +16,7 @@ from . import layout, library, reference
 from .backends import (BACKENDS, BackendUnavailableError, availability, get_backend, resolve,
                        set_backend, use_backend)
 from .extension import release_cpu_scratch
+from . import sync_bn
 from .validation import check_depthwise, check_input, check_tensor
 
 __all__ = ["dwconv_bn_act", "lka_gate", "BACKENDS", "BackendUnavailableError", "availability",
@@ -70,6 +71,9 @@ def dwconv_bn_act(
                          f"got x of shape {tuple(x.shape)}")
 
     x = layout.in_format(x, layout.conv_output_format(x, w_dw, w_pw))
+    if training and sync_bn.active():  # DDP with --sync-bn: the whole process group's statistics
+        return sync_bn.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
+                                     momentum, eps, relu)
     backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta))
     if backend == "torch":
         return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
