@@ -448,17 +448,24 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def prepare(op: str, x: torch.Tensor):
-    """x in a layout the kernels read (NCHW or channels_last, dense) and that layout's flag."""
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{op}: the triton backend supports float32, float16 and bfloat16, not {x.dtype}")
-    if x.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{op}: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    if x.numel() >= 2 ** 31 // 2:  # 32-bit offsets, with room for the widest intermediate
-        raise ValueError(f"{op}: tensors of 2**30 or more elements are not supported by the triton backend")
+    """x in a layout the kernels read (NCHW or channels_last, dense) and that layout's flag.
+
+    The inputs were validated by ``dlkunet.ops.validation`` (the contract and ``check_backend``); the
+    asserts here only keep a direct caller from launching on what the kernels cannot index."""
+    assert x.dim() == 4 and x.dtype in _DTYPES, f"{op}: x must be a 4-D float32/float16/bfloat16 tensor"
+    assert x.device.type == "cuda" or INTERPRET, f"{op}: CUDA tensors (or TRITON_INTERPRET=1)"
+    assert x.numel() < 2 ** 30, f"{op}: 32-bit offsets, with room for the widest intermediate"
     fmt = memory_format(x)
     return x.contiguous(memory_format=fmt), fmt, fmt == torch.channels_last
+
+
+def as_input(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A gradient in its input's dtype and strides, as the custom op's fake kernel promises
+    (``torch.empty_like(t)``); a weight gradient assembled from a transposed buffer is copied."""
+    grad = grad.to(t.dtype)
+    if grad.stride() == t.stride():
+        return grad
+    return torch.empty_like(t).copy_(grad)
 
 
 def like(x: torch.Tensor, channels: int, fmt, dtype=None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
+from . import plans as P
 
 
 def _merge_stats(part: torch.Tensor):
@@ -29,10 +30,9 @@ def _check(x, w_dw, w_pw):
     x, fmt, cl = C.prepare("dwconv_bn_act", x)
     cin = x.shape[1]
     k = w_dw.shape[-1]
-    if tuple(w_dw.shape) != (cin, 1, k, k) or k % 2 == 0:
-        raise ValueError(f"dwconv_bn_act: w_dw must be ({cin}, 1, k, k) with k odd, got {tuple(w_dw.shape)}")
-    if w_pw.dim() != 4 or tuple(w_pw.shape[1:]) != (cin, 1, 1):
-        raise ValueError(f"dwconv_bn_act: w_pw must be (Cout, {cin}, 1, 1), got {tuple(w_pw.shape)}")
+    # validated by dlkunet.ops.validation; internal invariants only
+    assert tuple(w_dw.shape) == (cin, 1, k, k) and k % 2 == 1, "w_dw: (Cin, 1, k, k), k odd"
+    assert w_pw.dim() == 4 and tuple(w_pw.shape[1:]) == (cin, 1, 1), "w_pw: (Cout, Cin, 1, 1)"
     dt = x.dtype
     wd = w_dw.to(dt).contiguous().view(cin, k * k)
     wp = w_pw.to(dt).contiguous().view(w_pw.shape[0], cin)
@@ -41,6 +41,9 @@ def _check(x, w_dw, w_pw):
 
 def dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                           training: bool, eps: float, relu: bool):
+    if not training:  # the planned tensor-core path: 1-2 launches, BN folded on the device
+        return P.dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
+                                    eps, relu)
     x, fmt, cl, k, wd, wp = _check(x, w_dw, w_pw)
     n, cin, h, w = x.shape
     cout = wp.shape[0]
@@ -68,8 +71,7 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
     n, cin, h, w = x.shape
     cout = wp.shape[0]
     dev = x.device
-    if tuple(grad_y.shape) != (n, cout, h, w):
-        raise ValueError(f"dwconv_bn_act: grad_y must be {(n, cout, h, w)}, got {tuple(grad_y.shape)}")
+    assert tuple(grad_y.shape) == (n, cout, h, w), "grad_y: the output's shape"
     gy = grad_y.to(x.dtype).contiguous(memory_format=fmt)
     bd = b_dw.to(x.dtype).contiguous()
     rstd = torch.rsqrt(var.float() + eps)
@@ -101,7 +103,7 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
         # BatchNorm removes any per-channel constant of z, so both biases get exactly zero gradient.
         grad_bdw, grad_bpw = torch.zeros_like(grad_bdw), torch.zeros_like(grad_bpw)
     grads = (grad_x, grad_wdw, grad_bdw, grad_wpw.view(cout, cin, 1, 1), grad_bpw, grad_gamma, grad_beta)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, x_in))
+    return tuple(C.as_input(g, t) for g, t in zip(grads, x_in))
 
 
 def triton_cdiv(a: int, b: int) -> int:

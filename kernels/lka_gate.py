@@ -13,19 +13,16 @@ from __future__ import annotations
 import torch
 
 from . import _common as C
+from . import plans as P
 
 
 def _check(x, w0, ws, w1, dilation):
     x, fmt, cl = C.prepare("lka_gate", x)
     c = x.shape[1]
-    for name, wt in (("w0", w0), ("ws", ws)):
-        k = wt.shape[-1]
-        if tuple(wt.shape) != (c, 1, k, k) or k % 2 == 0:
-            raise ValueError(f"lka_gate: {name} must be ({c}, 1, k, k) with k odd, got {tuple(wt.shape)}")
-    if tuple(w1.shape) != (c, c, 1, 1):
-        raise ValueError(f"lka_gate: w1 must be ({c}, {c}, 1, 1), got {tuple(w1.shape)}")
-    if int(dilation) < 1:
-        raise ValueError(f"lka_gate: dilation must be >= 1, got {dilation}")
+    # validated by dlkunet.ops.validation; internal invariants only
+    for wt in (w0, ws):
+        assert tuple(wt.shape) == (c, 1, wt.shape[-1], wt.shape[-1]) and wt.shape[-1] % 2 == 1, "(C, 1, k, k), k odd"
+    assert tuple(w1.shape) == (c, c, 1, 1) and int(dilation) >= 1, "w1: (C, C, 1, 1); dilation >= 1"
     dt = x.dtype
     k0, ks = w0.shape[-1], ws.shape[-1]
     return (x, fmt, cl, k0, ks, w0.to(dt).contiguous().view(c, k0 * k0),
@@ -33,20 +30,14 @@ def _check(x, w0, ws, w1, dilation):
 
 
 def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int):
-    x, fmt, cl, k0, ks, w0_, ws_, w1_ = _check(x, w0, ws, w1, dilation)
-    c = x.shape[1]
-    a1 = C.dw_fwd(x, w0_, b0.to(x.dtype).contiguous(), 1, cl, C.like(x, c, fmt))
-    out = C.like(x, c, fmt)
-    C.dw_pw(C.GATE, a1, ws_, bs.to(x.dtype).contiguous(), w1_, C.params([b1.float()], c, x.device),
-            int(dilation), cl, out=out, aux=x)
-    return out
+    # the planned tensor-core path (kernels/plans.py): a1 written once, then fused or split
+    return P.lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation)
 
 
 def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     inputs = (x, w0, b0, ws, bs, w1, b1)
     x, fmt, cl, k0, ks, w0_, ws_, w1_ = _check(x, w0, ws, w1, dilation)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"lka_gate: grad_out must be {tuple(x.shape)}, got {tuple(grad_out.shape)}")
+    assert grad_out.shape == x.shape, "grad_out: x's shape"
     dil = int(dilation)
     c = x.shape[1]
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
@@ -67,4 +58,4 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     # clones: returns must not alias one another (torch.library)
     grads = (grad_x, dw0[:k0 * k0].t().reshape(c, 1, k0, k0), dw0[k0 * k0].clone(),
              dws[:ks * ks].t().reshape(c, 1, ks, ks), dws[ks * ks].clone(), grad_w1.view(c, c, 1, 1), grad_b1)
-    return tuple(gr.to(t.dtype) for gr, t in zip(grads, inputs))
+    return tuple(C.as_input(gr, t) for gr, t in zip(grads, inputs))

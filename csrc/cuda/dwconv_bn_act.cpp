@@ -19,8 +19,8 @@ Checked check_inputs(const char* op, const Tensor& x_in, const Tensor& w_dw, con
   c.x = dense(x_in);
   const int64_t N = c.x.size(0), Cin = c.x.size(1), H = c.x.size(2), W = c.x.size(3);
   const int64_t k = check_depthwise(w_dw, op, "w_dw", Cin);
-  TORCH_CHECK(w_pw.dim() == 4 && w_pw.size(1) == Cin && w_pw.size(2) == 1 && w_pw.size(3) == 1 && w_pw.size(0) >= 1,
-              op, ": w_pw must be a pointwise weight of shape (Cout, ", Cin, ", 1, 1), got ", w_pw.sizes());
+  DLK_CHECK(w_pw.dim() == 4 && w_pw.size(1) == Cin && w_pw.size(2) == 1 && w_pw.size(3) == 1 && w_pw.size(0) >= 1,
+            op, " (w_pw)");
   const int64_t Cout = w_pw.size(0);
   c.p.N = (int)N;
   c.p.Cin = (int)Cin;

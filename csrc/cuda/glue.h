@@ -1,5 +1,9 @@
-// Shared ATen-side helpers of the CUDA glue (dwconv_bn_act.cpp, lka_gate.cpp, bind.cpp): input
-// checks with clear messages, dtype mapping, memory formats, and the launcher views.
+// Shared ATen-side helpers of the CUDA glue (dwconv_bn_act.cpp, lka_gate.cpp, bind.cpp): the
+// memory-safety checks, dtype mapping, memory formats, and the launcher views.
+//
+// Bad inputs get their user-facing messages in Python (dlkunet/ops/validation.py), before any
+// kernel runs.  What stays here guards memory and launches for a direct caller of the extension:
+// devices, shapes and dtypes the launchers index by, and the kernels' index and grid limits.
 #pragma once
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +15,13 @@
 
 #include "launch.h"
 
+// The one check macro of the C++ side (csrc/cpu/common.h defines the same one).
+#ifndef DLK_CHECK
+#define DLK_CHECK(cond, ...) \
+  TORCH_CHECK(cond, "dlkunet: internal check (" #cond ") failed in ", __VA_ARGS__, \
+              "; dlkunet.ops validates inputs before calling the extension")
+#endif
+
 namespace dlkunet {
 namespace cuda_glue {
 
@@ -21,18 +32,15 @@ template <> inline cuda::DType dtype_of<float>() { return cuda::DType::F32; }
 template <> inline cuda::DType dtype_of<at::Half>() { return cuda::DType::F16; }
 template <> inline cuda::DType dtype_of<at::BFloat16>() { return cuda::DType::BF16; }
 
-// x: a non-empty 4-D CUDA tensor of a supported dtype; returns the launcher's dtype.
+// x: a non-empty 4-D CUDA tensor of a supported dtype within the kernels' index limits; returns
+// the launcher's dtype.
 inline cuda::DType check_x(const Tensor& x, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK(x.numel() > 0, op, ": x is empty (shape ", x.sizes(), "); N, C, H and W must all be >= 1");
+  DLK_CHECK(x.is_cuda(), op);
+  DLK_CHECK(x.dim() == 4 && x.numel() > 0, op);
   const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op,
-              ": the cuda backend supports float32, float16 and bfloat16, got ", st,
-              " (use the torch backend for other dtypes)");
-  TORCH_CHECK(x.size(0) <= 65535, op, ": batch size ", x.size(0), " exceeds the kernels' limit of 65535");
-  TORCH_CHECK(x.size(0) * x.size(2) * x.size(3) <= INT_MAX - 1024, op, ": N*H*W = ",
-              x.size(0) * x.size(2) * x.size(3), " is too large for 32-bit pixel indices");
+  DLK_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op);
+  DLK_CHECK(x.size(0) <= 65535, op);
+  DLK_CHECK(x.size(0) * x.size(2) * x.size(3) <= INT_MAX - 1024, op);
   cuda::DType dt = cuda::DType::F32;
   AT_DISPATCH_SWITCH(st, "dlkunet cuda backend",
                      AT_DISPATCH_CASE(at::kFloat, [&] { dt = dtype_of<scalar_t>(); })
@@ -43,28 +51,21 @@ inline cuda::DType check_x(const Tensor& x, const char* op) {
 
 // An activation with x's device, dtype and the given shape (grad_y, grad_out).
 inline void check_act(const Tensor& t, const char* op, const char* name, const Tensor& x, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              " but x has ", x.scalar_type());
+  DLK_CHECK(t.device() == x.device() && t.sizes() == shape && t.scalar_type() == x.scalar_type(), op, " (", name, ")");
 }
 
 // A parameter: checked, then as a contiguous float32 copy (or the tensor itself when it already is one).
 inline Tensor param(const Tensor& t, const char* op, const char* name, const Tensor& x, at::IntArrayRef shape,
                     bool float32_ok) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (float32_ok && t.scalar_type() == at::kFloat), op, ": ", name,
-              " has dtype ", t.scalar_type(), " but must be ", x.scalar_type(), float32_ok ? " or float32" : "");
+  DLK_CHECK(t.device() == x.device() && t.sizes() == shape, op, " (", name, ")");
+  DLK_CHECK(t.scalar_type() == x.scalar_type() || (float32_ok && t.scalar_type() == at::kFloat), op, " (", name, ")");
   return t.to(at::kFloat).contiguous();
 }
 
 // A depthwise weight (C, 1, k, k) with k odd; returns k.
 inline int64_t check_depthwise(const Tensor& w, const char* op, const char* name, int64_t C) {
-  TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3), op, ": ", name,
-              " must be a depthwise weight of shape (", C, ", 1, k, k), got ", w.sizes());
-  TORCH_CHECK(w.size(2) % 2 == 1, op, ": ", name, " has an even kernel size ", w.size(2),
-              "; only odd sizes keep H x W");
+  DLK_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) % 2 == 1, op,
+            " (", name, ")");
   return w.size(2);
 }
 
@@ -90,7 +91,7 @@ inline Tensor workspace(const Tensor& x, int64_t floats) {
 }
 
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  DLK_CHECK(err == cudaSuccess, op, ": ", cudaGetErrorString(err));
 }
 
 std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x, const Tensor& w_dw, const Tensor& b_dw,

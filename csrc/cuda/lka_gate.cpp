@@ -18,15 +18,13 @@ Checked check_inputs(const char* op, const Tensor& x_in, const Tensor& w0, const
   c.p.dtype = check_x(x_in, op);
   c.x = dense(x_in);
   const int64_t N = c.x.size(0), C = c.x.size(1), H = c.x.size(2), W = c.x.size(3);
-  TORCH_CHECK(C <= 65535, op, ": ", C, " channels exceed the kernels' limit of 65535");
+  DLK_CHECK(C <= 65535, op);
   const int64_t k0 = check_depthwise(w0, op, "w0", C);
   const int64_t ks = check_depthwise(ws, op, "ws", C);
-  TORCH_CHECK(dilation >= 1 && dilation <= 64, op, ": dilation must be in [1, 64], got ", dilation);
+  DLK_CHECK(dilation >= 1 && dilation <= 64, op);
   c.p = cuda::LkaProblem{(int)N, (int)C, (int)H, (int)W, (int)k0, (int)ks, (int)dilation, c.p.dtype};
   const int64_t smem = cuda::lka_shared_bytes(c.p);
-  TORCH_CHECK(smem <= 48 * 1024, op, ": kernel sizes (k0, ks, dilation) = (", k0, ", ", ks, ", ", dilation,
-              ") need ", smem, " bytes of shared memory per tile, more than the 48 KiB the generic path allows "
-              "(specialised: (5, 7, 3), (3, 7, 3), (5, 5, 3)); use the torch or triton backend");
+  DLK_CHECK(smem <= 48 * 1024, op);  // dlkunet/ops/validation.py cuda_lka_shared_bytes mirrors lka_shared_bytes
   c.w0 = param(w0, op, "w0", c.x, {C, 1, k0, k0}, false);
   c.b0 = param(b0, op, "b0", c.x, {C}, false);
   c.ws = param(ws, op, "ws", c.x, {C, 1, ks, ks}, false);

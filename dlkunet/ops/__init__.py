@@ -17,7 +17,8 @@ from .backends import (BACKENDS, BackendUnavailableError, availability, get_back
                        set_backend, use_backend)
 from .extension import release_cpu_scratch
 from . import sync_bn
-from .validation import check_depthwise, check_input, check_tensor
+from .validation import (check_backend, check_batch_statistics, check_depthwise, check_dilation, check_eps,
+                         check_input, check_pointwise, check_tensor)
 
 __all__ = ["dwconv_bn_act", "lka_gate", "BACKENDS", "BackendUnavailableError", "availability",
            "get_backend", "set_backend", "use_backend", "resolve", "reference", "release_cpu_scratch"]
@@ -55,26 +56,23 @@ def dwconv_bn_act(
     check_input(op, x)
     x, w_dw, b_dw, w_pw, b_pw = _autocast(x.device.type, x, w_dw, b_dw, w_pw, b_pw)
     cin = x.shape[1]
-    check_depthwise(op, "w_dw", w_dw, cin, x)
+    k = check_depthwise(op, "w_dw", w_dw, cin, x)
     check_tensor(op, "b_dw", b_dw, (cin,), x)
-    if not isinstance(w_pw, Tensor) or w_pw.dim() != 4 or tuple(w_pw.shape[1:]) != (cin, 1, 1):
-        got = "x".join(map(str, w_pw.shape)) if isinstance(w_pw, Tensor) else type(w_pw).__name__
-        raise ValueError(f"{op}: w_pw must have shape (Cout, {cin}, 1, 1) for x with {cin} channels, got {got}")
-    cout = w_pw.shape[0]
-    check_tensor(op, "w_pw", w_pw, (cout, cin, 1, 1), x)
+    cout = check_pointwise(op, "w_pw", w_pw, cin, x)
     check_tensor(op, "b_pw", b_pw, (cout,), x)
     bn_dtypes = (x.dtype, torch.float32)
     for name, t in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
         check_tensor(op, name, t, (cout,), x, bn_dtypes)
-    if training and x.shape[0] * x.shape[2] * x.shape[3] < 2:
-        raise ValueError(f"{op}: training-mode batch statistics need more than one value per channel, "
-                         f"got x of shape {tuple(x.shape)}")
+    check_eps(op, eps)
+    if training:
+        check_batch_statistics(op, x)
 
     x = layout.in_format(x, layout.conv_output_format(x, w_dw, w_pw))
     if training and sync_bn.active():  # DDP with --sync-bn: the whole process group's statistics
         return sync_bn.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                                      momentum, eps, relu)
     backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta))
+    check_backend(op, backend, x, (("w_dw", k),), out_channels=cout)
     if backend == "torch":
         return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                                        training, momentum, eps, relu)
@@ -100,16 +98,16 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     check_input(op, x)
     x, w0, b0, ws, bs, w1, b1 = _autocast(x.device.type, x, w0, b0, ws, bs, w1, b1)
     c = x.shape[1]
-    check_depthwise(op, "w0", w0, c, x)
+    k0 = check_depthwise(op, "w0", w0, c, x)
     check_tensor(op, "b0", b0, (c,), x)
-    check_depthwise(op, "ws", ws, c, x)
+    ks = check_depthwise(op, "ws", ws, c, x)
     check_tensor(op, "bs", bs, (c,), x)
     check_tensor(op, "w1", w1, (c, c, 1, 1), x)
     check_tensor(op, "b1", b1, (c,), x)
-    if int(dilation) != dilation or dilation < 1:
-        raise ValueError(f"{op}: dilation must be a positive integer, got {dilation!r}")
+    dilation = check_dilation(op, dilation)
     x = layout.in_format(x, layout.conv_output_format(x, w0, ws, w1))
     backend = resolve(x.device.type, op, _mode(x, w0, b0, ws, bs, w1, b1))
+    check_backend(op, backend, x, (("w0", k0), ("ws", ks)), dilation=dilation)
     if backend == "torch":
-        return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, int(dilation))
-    return library.lka_gate_forward(x, w0, b0, ws, bs, w1, b1, int(dilation), backend)
+        return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, dilation)
+    return library.lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation, backend)

@@ -1,7 +1,15 @@
-"""Input checks shared by the public operators: clear Python errors before any kernel runs."""
+"""Input checks of the public operators: every user-facing message about bad inputs is written here.
+
+The operators (``dlkunet.ops``) call these before any kernel runs: first the contract every
+backend shares (``check_input``, ``check_tensor``, ...), then, once the backend is known,
+``check_backend`` for what that backend's kernels take.  The kernels themselves keep only internal
+asserts (Triton) and ``DLK_CHECK``s that guard memory (C++), which a caller of ``dlkunet.ops``
+never sees fire.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -52,3 +60,96 @@ def check_depthwise(op: str, name: str, w: Tensor, channels: int, x: Tensor) -> 
         raise ValueError(f"{op}: {name} has {w.shape[0]} channels but x has {channels} (channel mismatch)")
     check_tensor(op, name, w, (channels, 1, k, k), x)
     return k
+
+
+def check_pointwise(op: str, name: str, w: Tensor, cin: int, x: Tensor) -> int:
+    """A pointwise weight (Cout, Cin, 1, 1); returns Cout."""
+    if not isinstance(w, Tensor) or w.dim() != 4 or tuple(w.shape[1:]) != (cin, 1, 1) or w.shape[0] < 1:
+        got = _shape(w) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"{op}: {name} must have shape (Cout, {cin}, 1, 1) for x with {cin} channels, got {got}")
+    check_tensor(op, name, w, tuple(w.shape), x)
+    return w.shape[0]
+
+
+def check_batch_statistics(op: str, x: Tensor) -> None:
+    if x.shape[0] * x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"{op}: training-mode batch statistics need more than one value per channel, "
+                         f"got x of shape {tuple(x.shape)}")
+
+
+def check_dilation(op: str, dilation) -> int:
+    if isinstance(dilation, bool) or int(dilation) != dilation or dilation < 1:
+        raise ValueError(f"{op}: dilation must be a positive integer, got {dilation!r}")
+    return int(dilation)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each fused backend accepts beyond the operator contract.  These mirror the kernels' own
+# limits; the kernels keep only internal asserts (Triton) and DLK_CHECKs (C++) that guard memory.
+
+_HALF_AND_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+BACKEND_DTYPES = {"triton": _HALF_AND_FLOAT, "cuda": _HALF_AND_FLOAT, "cpu": FLOAT_DTYPES}
+CPU_MAX_KERNEL = 63          # csrc/cpu/common.h kMaxKernel: the on-stack tap list
+MAX_DILATION = 64            # lka_gate in csrc/cpu and csrc/cuda
+CUDA_MAX_BATCH = 65535       # grid z
+CUDA_MAX_CHANNELS = 65535    # lka_gate: grid y
+CUDA_MAX_PIXELS = 2 ** 31 - 1 - 1024  # N*H*W in 32-bit pixel indices
+CUDA_SHARED_BYTES = 48 * 1024         # without opting in to more
+TRITON_MAX_NUMEL = 2 ** 30   # 32-bit offsets, with room for the widest intermediate
+
+
+def cuda_lka_shared_bytes(k0: int, ks: int, dilation: int) -> int:
+    """Shared memory of the cuda backend's depthwise stage (csrc/cuda/common.cuh,
+    lka_stage_smem_bytes): a 16-row tile, 64 columns wide for the specialised kernel sizes
+    ((5, 7, 3), (3, 7, 3), (5, 5, 3)), 32 for the generic path."""
+    specialised = dilation == 3 and (k0, ks) in ((5, 7), (3, 7), (5, 5))
+    tile_h, tile_w = 16, 64 if specialised else 32
+    r0, r2 = k0 // 2, dilation * (ks // 2)
+    ah, aw = tile_h + 2 * r2, tile_w + 2 * r2
+    return 4 * ((ah + 2 * r0) * (aw + 2 * r0) + ah * aw)
+
+
+def check_backend(op: str, backend: str, x: Tensor, kernels: Sequence[Tuple[str, int]] = (),
+                  out_channels: Optional[int] = None, dilation: int = 1) -> None:
+    """Whether ``backend``'s kernels take these inputs; a ValueError / TypeError that says what to
+    change (or which backend takes them) when they do not.  ``kernels``: (weight name, k) pairs."""
+    if backend == "torch":
+        return
+    dtypes = BACKEND_DTYPES[backend]
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d)[6:] for d in dtypes)
+        raise TypeError(f"{op}: the {backend} backend supports {names}, not {x.dtype}; "
+                        "use the torch backend for other dtypes")
+    n, c, h, w = x.shape
+    cout = c if out_channels is None else out_channels
+    if backend == "triton":
+        if max(x.numel(), n * cout * h * w) >= TRITON_MAX_NUMEL:
+            raise ValueError(f"{op}: tensors of 2**30 or more elements are not supported by the triton backend "
+                             f"(x is {_shape(x)}, the output has {cout} channels)")
+        return
+    if op == "lka_gate" and dilation > MAX_DILATION:
+        raise ValueError(f"{op}: the {backend} backend takes dilation up to {MAX_DILATION}, got {dilation}")
+    if backend == "cpu":
+        for name, k in kernels:
+            if k > CPU_MAX_KERNEL:
+                raise ValueError(f"{op}: the cpu backend takes kernel sizes up to {CPU_MAX_KERNEL}, "
+                                 f"{name} has {k}")
+        return
+    if n > CUDA_MAX_BATCH:
+        raise ValueError(f"{op}: batch size {n} exceeds the cuda backend's limit of {CUDA_MAX_BATCH}")
+    if n * h * w > CUDA_MAX_PIXELS:
+        raise ValueError(f"{op}: N*H*W = {n * h * w} is too large for the cuda backend's 32-bit pixel indices")
+    if op == "lka_gate":
+        if c > CUDA_MAX_CHANNELS:
+            raise ValueError(f"{op}: {c} channels exceed the cuda backend's limit of {CUDA_MAX_CHANNELS}")
+        (_, k0), (_, ks) = kernels
+        smem = cuda_lka_shared_bytes(k0, ks, dilation)
+        if smem > CUDA_SHARED_BYTES:
+            raise ValueError(f"{op}: kernel sizes (k0, ks, dilation) = ({k0}, {ks}, {dilation}) need {smem} bytes "
+                             f"of shared memory per tile in the cuda backend, more than its {CUDA_SHARED_BYTES}; "
+                             "use the torch or triton backend")
+
+
+def check_eps(op: str, eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a finite non-negative number, got {eps!r}")

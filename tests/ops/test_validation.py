@@ -1,8 +1,11 @@
 """Bad inputs to the public operators give clear Python errors before any kernel runs."""
+from pathlib import Path
+
 import pytest
 import torch
 
 from dlkunet import ops
+from dlkunet.ops import validation
 
 
 def dw_args(n=2, cin=4, cout=6, h=5, w=5, k=3, dtype=torch.float32):
@@ -74,3 +77,70 @@ def test_lka_gate_rejects_bad_input(change, error, message):
 def test_lka_gate_rejects_bad_dilation():
     with pytest.raises(ValueError, match="dilation must be a positive integer"):
         ops.lka_gate(**lka_args(), dilation=0)
+
+
+def test_eps_must_be_finite_and_non_negative():
+    for eps in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            ops.dwconv_bn_act(**dw_args(), training=False, eps=eps)
+
+
+def test_w_pw_with_no_output_channel_is_rejected():
+    args = dw_args()
+    args["w_pw"] = torch.randn(0, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"w_pw must have shape \(Cout, 4, 1, 1\)"):
+        ops.dwconv_bn_act(**args, training=False)
+
+
+# Each fused backend's own limits: checked in Python, with the backend named, before its kernels run.
+@pytest.mark.parametrize("backend,x,kernels,extra,error,message", [
+    ("triton", torch.empty(1, 2, 2, 2, dtype=torch.float64), (), {}, TypeError,
+     "the triton backend supports float32, float16, bfloat16, not torch.float64; use the torch backend"),
+    ("cuda", torch.empty(1, 2, 2, 2, dtype=torch.float64), (), {}, TypeError, "the cuda backend supports"),
+    ("cpu", torch.empty(1, 2, 2, 2, dtype=torch.int32), (), {}, TypeError, "the cpu backend supports"),
+    ("cpu", torch.empty(1, 2, 2, 2), (("w_dw", 65),), {}, ValueError, "kernel sizes up to 63, w_dw has 65"),
+    ("triton", torch.empty(1, 1, 1, 1).expand(1, 4, 1 << 14, 1 << 14), (), {}, ValueError,
+     r"2\*\*30 or more elements"),
+    ("triton", torch.empty(1, 2, 1 << 14, 1 << 12), (), {"out_channels": 16}, ValueError, "the output has 16 channels"),
+    ("cuda", torch.empty(1, 1, 1, 1).expand(65536, 1, 1, 1), (), {}, ValueError, "batch size 65536 exceeds"),
+    ("cuda", torch.empty(1, 1, 1, 1).expand(2, 1, 1 << 15, 1 << 15), (), {}, ValueError, "32-bit pixel indices"),
+])
+def test_backend_limits(backend, x, kernels, extra, error, message):
+    with pytest.raises(error, match=message):
+        validation.check_backend("dwconv_bn_act", backend, x, kernels, **extra)
+    ok = torch.empty(1, 2, 2, 2)
+    validation.check_backend("dwconv_bn_act", backend, ok, (("w_dw", 3),))  # the same backend takes a small case
+
+
+def test_lka_gate_backend_limits():
+    x = torch.empty(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="dilation up to 64, got 65"):
+        validation.check_backend("lka_gate", "cpu", x, (("w0", 5), ("ws", 7)), dilation=65)
+    with pytest.raises(ValueError, match="65536 channels exceed"):
+        validation.check_backend("lka_gate", "cuda", torch.empty(1, 1, 1, 1).expand(1, 65536, 1, 1),
+                                 (("w0", 5), ("ws", 7)), dilation=3)
+    # the shipped kernel sizes fit the cuda backend's shared memory; a very wide dilated kernel does not
+    for k0, ks, d in ((5, 7, 3), (3, 7, 3), (5, 5, 3), (7, 7, 2)):
+        validation.check_backend("lka_gate", "cuda", x, (("w0", k0), ("ws", ks)), dilation=d)
+    with pytest.raises(ValueError, match=r"\(k0, ks, dilation\) = \(5, 15, 9\) need \d+ bytes"):
+        validation.check_backend("lka_gate", "cuda", x, (("w0", 5), ("ws", 15)), dilation=9)
+
+
+def test_cuda_shared_memory_mirror_matches_the_cuda_source():
+    # csrc/cuda/common.cuh: 16-row tiles, 64 wide when specialised, 32 otherwise.
+    assert validation.cuda_lka_shared_bytes(5, 7, 3) == 4 * ((16 + 18 + 4) * (64 + 18 + 4) + (16 + 18) * (64 + 18))
+    assert validation.cuda_lka_shared_bytes(3, 3, 1) == 4 * ((16 + 2 + 2) * (32 + 2 + 2) + (16 + 2) * (32 + 2))
+    source = (Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "common.cuh").read_text()
+    assert "LKA_TH = 16, LKA_TW_SPEC = 64, LKA_TW_GENERIC = 32" in source
+    assert "return (AH + 2 * r0) * (AW + 2 * r0) + AH * AW;" in source
+
+
+def test_the_cpu_backend_refuses_through_the_public_operator():
+    ok, why = ops.availability("cpu", "cpu")
+    if not ok:
+        pytest.skip(f"cpu backend unavailable: {why}")
+    args = dw_args(k=65, h=3, w=3)
+    with ops.use_backend("cpu"), pytest.raises(ValueError, match="the cpu backend takes kernel sizes up to 63"):
+        ops.dwconv_bn_act(**args, training=False)
+    with ops.use_backend("torch"):  # the contract itself allows it: the reference runs it
+        assert ops.dwconv_bn_act(**args, training=False).shape == (2, 6, 3, 3)
