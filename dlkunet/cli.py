@@ -25,15 +25,41 @@ def _slices(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated slice indices, got {text!r}") from None
 
 
+class _LazySubcommands(argparse._SubParsersAction):
+    """Sub-commands whose arguments are added only when that sub-command is chosen, so that
+    ``dlkunet --help`` (and every other sub-command) never imports what one sub-command's defaults
+    need: the training defaults live beside torch code, and importing torch takes seconds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fillers = {}
+
+    def add_lazy_parser(self, name: str, fill, **kwargs) -> argparse.ArgumentParser:
+        """``add_parser`` whose arguments ``fill(parser)`` adds when ``name`` is parsed."""
+        parser = self.add_parser(name, **kwargs)
+        self._fillers[name] = (fill, parser)
+        return parser
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        fill = self._fillers.pop(values[0], None)
+        if fill is not None:
+            fill[0](fill[1])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _add_train(sub) -> None:
+    # defaults are written into each help text; they are read (importing torch) only for `train`
+    sub.add_lazy_parser("train", _train_arguments, help="train a DLKUNet",
+                        description="Train on Synapse / ACDC / a NIfTI folder, or (without --data) on the "
+                                    "built-in synthetic set.  Flags override the preset; the defaults shown "
+                                    "are the paper's settings (see dlkunet.training for the choices).  "
+                                    "Multi-GPU: torchrun --nproc_per_node N -m dlkunet train ...")
+
+
+def _train_arguments(p) -> None:
     from .training import PRESETS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a DLKUNet",  # defaults are written into each help text
-                       description="Train on Synapse / ACDC / a NIfTI folder, or (without --data) on the "
-                                   "built-in synthetic set.  Flags override the preset; the defaults shown "
-                                   "are the paper's settings (see dlkunet.training for the choices).  "
-                                   "Multi-GPU: torchrun --nproc_per_node N -m dlkunet train ...")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a data set's settings: the paper's (synapse, acdc) or the authors' released scripts' "
                         "(authors-synapse, authors-acdc)")
@@ -259,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--backend", choices=["auto", "torch", "triton", "cuda", "cpu"],
                         help="operator backend (default: DLKUNET_BACKEND or auto)")
+    parser.register("action", "parsers", _LazySubcommands)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_evaluate(sub)
