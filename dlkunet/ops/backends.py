@@ -1,6 +1,6 @@
 """Which backend runs an operator: the one place where dispatch is decided.
 
-Backends (see ``../shared/spec/kernels.md``):
+Backends (``docs/design.md``):
 
 - ``torch``  the reference formulas (``dlkunet.ops.reference``); always available.
 - ``triton`` Triton kernels (``dlkunet.kernels``); CUDA tensors, or CPU tensors under
@@ -39,16 +39,8 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 CHOICES = ("auto",) + BACKENDS
 
 # Decided by measurement, per device, operator and mode ("inference": no gradient is needed;
-# "training": autograd will call the backward); the first available one wins under "auto".
-# - GPU: on an H200 (benchmarks/results/h200-2026-11-26.md) eager PyTorch beat both fused GPU
-#   backends at the model's shapes (triton 0.08-0.78x, cuda 0.17-1.04x of eager): the reference.
-# - CPU: the cpu backend for both operators.  On a 2-core EPYC (torch 2.13, 2 threads), after the
-#   extension was built with torch's OpenMP (before, its kernels ran on one thread), interleaved
-#   whole-model comparisons of all-cpu against dwconv_bn_act on the reference (lka_gate on cpu):
-#   inference, all-cpu faster in 14 of 16, the other two within 0.6% (DLKUNet-S/M/L, batch 1-2 at
-#   48x48 and S/M batch 1 at 224x224, NCHW and channels_last; 1.5-2.7x eager); training steps a tie at 48x48 (6 of 12
-#   each way, within the noise) and all-cpu ahead at 224x224 in channels_last (0.95 s against
-#   1.14 s for DLKUNet-S), behind by 4-10% in NCHW.  Suite runs: benchmarks/results/cpu-2026-11-26-095e5fe-*.
+# "training": autograd will call the backward); the first available one wins under "auto".  The
+# measurements behind each entry: docs/design.md, "Why auto chooses what it chooses".
 AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
     ("cuda", "dwconv_bn_act", "inference"): ("torch",),
     ("cuda", "dwconv_bn_act", "training"): ("torch",),
