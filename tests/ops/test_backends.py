@@ -148,3 +148,18 @@ def test_gpu_backends_are_unavailable_for_cuda_tensors_without_a_gpu():
     for name in ("triton", "cuda"):
         ok, why = ops.availability(name, "cuda")
         assert not ok and why
+
+
+def test_ran_on_names_the_backend_each_operator_ran_on(monkeypatch):
+    monkeypatch.setattr(backends, "_ran", {})
+    assert backends.ran_on() == "no fused operator ran"
+    x = torch.randn(1, 4, 6, 6)
+    weights = [torch.randn(4, 1, 5, 5), torch.randn(4), torch.randn(4, 1, 7, 7), torch.randn(4),
+               torch.randn(4, 4, 1, 1), torch.randn(4)]
+    with ops.use_backend("torch"):
+        ops.lka_gate(x, *weights)
+    assert backends.ran_on() == "torch for lka_gate on cpu tensors"
+    if ops.availability("cpu", "cpu")[0]:
+        with ops.use_backend("cpu"):
+            ops.lka_gate(x, *weights)
+        assert backends.ran_on().startswith("cpu (dlkunet._C "), backends.ran_on()
