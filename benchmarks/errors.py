@@ -3,7 +3,8 @@ the equivalence tests' budgets (tests/ops), for closing notes and the GPU runboo
 
     python benchmarks/errors.py [--device cuda] [--json out.json] [--table benchmarks/results/errors-cpu.csv]
 
-For each operator x backend (and eager PyTorch, ``torch``) x dtype x layout (x mode for dwconv_bn_act), the largest relative error
+For each operator x backend (and eager PyTorch, ``torch``) x dtype x layout (x mode for dwconv_bn_act),
+the largest relative error
 ||out - ref|| / ||ref|| over a few shapes, for the output and for every gradient (x and each
 parameter).  The reference is the ``torch`` backend in float64 on the same values (inputs rounded to
 the dtype first), so only the backend's own arithmetic is measured.  Without a CUDA device the triton
@@ -157,7 +158,8 @@ def measure(device: str, backends=BACKENDS, dtypes=DTYPES):
 
 
 def markdown(rows) -> str:
-    lines = ["| op | mode | backend | dtype | layout | output | worst gradient (which) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| op | mode | backend | dtype | layout | output | worst gradient (which) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["errors"]
         if "unsupported" in e:
@@ -212,8 +214,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows here")
-    p.add_argument("--table", metavar="CSV", help="upsert the rows into this table "
-                   "(benchmarks/results/errors-<device>.csv; keyed by op, backend, mode, dtype, layout, tensor, machine)")
+    p.add_argument("--table", metavar="CSV", help="upsert the rows into this table (benchmarks/results/"
+                   "errors-<device>.csv; keyed by op, backend, mode, dtype, layout, tensor, machine)")
     args = p.parse_args(argv)
     rows = measure(args.device)
     env = _environment(args.device)

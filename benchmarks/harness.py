@@ -15,7 +15,6 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence

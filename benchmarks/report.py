@@ -400,10 +400,14 @@ def _range(values: List[float]) -> str:
     return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f}, n={len(values)})"
 
 
-def summary(doc: dict, per_op: bool = False) -> List[str]:
+OURS = ("torch", "triton", "cuda", "cpu", "auto")
+
+
+def summary(doc: dict, per_op: bool = False, only: Optional[Sequence[str]] = None) -> List[str]:
     """Per backend (and layout) and mode: median and range of the speedup over eager in the same
     layout, and over the best peer (the fastest of eager, eager_cl and torch.compile on the same
-    case, the backend itself excluded), as markdown table lines."""
+    case, the backend itself excluded), as markdown table lines; ``only``: these backends (in
+    either layout)."""
     rows = [r for r in doc.get("rows", []) if r.get("median_ms")]
     cases: Dict[tuple, Dict[str, float]] = defaultdict(dict)
     for r in rows:
@@ -431,6 +435,8 @@ def summary(doc: dict, per_op: bool = False) -> List[str]:
     lines = ["| backend | " + ("what | " if per_op else "") + "mode | vs eager (same layout) | vs best peer |",
              "|---|" + ("---|" if per_op else "") + "---|---|---|"]
     for backend in _backends([{"backend": k[0]} for k in vs_eager.keys() | vs_peer.keys()]):
+        if only is not None and backend.removesuffix("_cl") not in only:
+            continue
         for subject, label in modes:
             k = (backend, subject, label)
             if k in vs_eager or k in vs_peer:
@@ -447,8 +453,10 @@ def main(argv=None) -> int:
     parser.add_argument("--png", help="write the speedup chart here (needs matplotlib)")
     parser.add_argument("--summary", action="store_true",
                         help="only the summary: per backend, op and mode, median and range of the speedups")
+    parser.add_argument("--ours", action="store_true", help="with --summary: dlkunet's backends only, not the peers")
     parser.add_argument("--merge", action="store_true", help="upsert the given runs into --into")
-    parser.add_argument("--into", metavar="TABLE.csv", help="the table --merge writes (e.g. benchmarks/results/cpu.csv)")
+    parser.add_argument("--into", metavar="TABLE.csv",
+                        help="the table --merge writes (e.g. benchmarks/results/cpu.csv)")
     args = parser.parse_args(argv)
     if args.merge:
         if not args.into or not args.results:
@@ -474,7 +482,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"report.py: {exc}", file=sys.stderr)
         return 2
-    text = "\n".join(summary(doc, per_op=True)) + "\n" if args.summary else markdown(doc)
+    if args.summary:
+        text = "\n".join(summary(doc, per_op=True, only=OURS if args.ours else None)) + "\n"
+    else:
+        text = markdown(doc)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text)

@@ -150,7 +150,8 @@ def dwconv_cases(size: Size):
 
 def lka_cases(size: Size):
     widths = size.widths()
-    return [LKACase(i, size.batch, *((widths[lv][0], widths[lv][1], widths[lv][1]))) for i, lv in enumerate(size.levels)]
+    return [LKACase(i, size.batch, *((widths[lv][0], widths[lv][1], widths[lv][1])))
+            for i, lv in enumerate(size.levels)]
 
 
 def model_cases(size: Size):

@@ -73,7 +73,22 @@ def _specialisations(name):
         base = [dict(K=k0, DIL=1, K2=0, ADD=False) for k0 in sorted({k0 for k0, _, _ in LKA_SIZES})]
     else:
         raise KeyError(name)
-    return [dict(b, CL=cl) for b in base for cl in LAYOUTS]
+    specs = [dict(b, CL=cl) for b in base for cl in LAYOUTS]
+    if os.environ.get("DLKUNET_COMPILE_SUBSET") == "1":
+        specs = [s for s in specs if _representative(name, s)]
+    return specs
+
+
+def _representative(name, spec):
+    """The default (CI) subset: every epilogue, layout and dtype, at the largest kernel of each
+    family (depthwise k = 7; LKA's dilated 7x7 after its 5x5), where register pressure peaks.
+    The test sets DLKUNET_COMPILE_SUBSET=1 unless DLKUNET_FULL_COMPILE_CHECK=1."""
+    k, dil = spec.get("K"), spec.get("DIL")
+    if dil == 1 and spec.get("K2", 0) == 0 and not spec.get("ADD", False):
+        return k == max(DW_SIZES) or name == "dw_fwd" and k == LKA_SIZES[0][0]
+    if spec.get("ADD", False) or name == "dw_fwd":
+        return k == LKA_SIZES[0][0]
+    return (k, dil) == LKA_SIZES[0][1:] and spec.get("K2", 0) in (0, LKA_SIZES[0][0])
 
 
 def compile_one(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None):

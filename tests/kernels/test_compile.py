@@ -7,6 +7,11 @@ TRITON_INTERPRET=1, which the test session sets when there is no GPU, kernels ar
 JIT functions.  Each kernel compiles at every shipped configuration, for every constexpr combination
 the operators launch (kernel sizes, epilogues, layouts) and every dtype, and is judged by the cubin
 Triton itself builds: ptxas's register choice depends on the flags Triton passes it.
+
+By default (CI) each kernel compiles at every shipped configuration, epilogue, layout and dtype but
+only at the largest kernel size of each family, where register pressure peaks (102 of 270
+specialisations per architecture); ``DLKUNET_FULL_COMPILE_CHECK=1`` compiles every kernel size too:
+run it after changing a kernel or its configurations.
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ KERNELS = ["dw_pw", "pw_bwd_data", "pw_bwd_weight", "dw_bwd", "dw_fwd"]
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # dynamic shared memory per block: A100, H100/H200
 
 
+FULL = os.environ.get("DLKUNET_FULL_COMPILE_CHECK", "0") not in ("", "0")
+
+
 def _compile(kernel, arch):
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    env = dict(os.environ, TRITON_INTERPRET="0", DLKUNET_COMPILE_SUBSET="0" if FULL else "1")
     run = subprocess.run([sys.executable, WORKER, kernel, str(arch)], capture_output=True, text=True,
                          env=env, timeout=1200)
     assert run.returncode == 0, f"compile worker failed:\n{run.stderr[-3000:]}"
