@@ -110,8 +110,13 @@ def test_changing_a_source_file_changes_the_cache_key(tmp_path, monkeypatch):
     assert jit_build.make_plan(csrc).key != before.key
     source.write_bytes(original)
     header = csrc / "cpu" / "common.h"
-    header.write_bytes(header.read_bytes() + b"\n")
+    original = header.read_bytes()
+    header.write_bytes(original + b"\n")
     assert jit_build.make_plan(csrc).key != before.key, "a header is an input too"
+    header.write_bytes(original)
+    cuda = csrc / "cuda" / "glue.h"
+    cuda.write_bytes(cuda.read_bytes() + b"\n")
+    assert (jit_build.make_plan(csrc).key != before.key) == before.with_cuda, "CUDA files count in CUDA builds only"
 
 
 def test_cache_key_names_torch_compiler_and_flags(tmp_path, monkeypatch):

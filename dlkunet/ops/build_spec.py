@@ -39,6 +39,13 @@ def all_files(csrc: str) -> List[str]:
     return sorted(p.replace(os.sep, "/") for p in found)
 
 
+def build_inputs(csrc: str, with_cuda: bool) -> List[str]:
+    """The files a build reads: those of ``all_files`` beside the CPU sources (and the CUDA ones
+    with ``with_cuda``); what a first-use build's cache key hashes."""
+    folders = {os.path.dirname(p) for p in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())}
+    return [p for p in all_files(csrc) if os.path.dirname(p) in folders]
+
+
 def cxx_flags(torch_has_openmp: bool) -> List[str]:
     """Flags for the C++ compiler, given ``torch._C.has_openmp`` of the torch built against."""
     flags = ["-O3", "-std=c++17"]

@@ -100,9 +100,9 @@ def _tool_version(program: str) -> str:
     return f"{os.path.realpath(path)} {first[0] if first else ''}".strip()
 
 
-def sources_hash(csrc: Path) -> str:
+def sources_hash(csrc: Path, with_cuda: bool) -> str:
     digest = hashlib.sha256()
-    for rel in build_spec.all_files(str(csrc)):
+    for rel in build_spec.build_inputs(str(csrc), with_cuda):
         digest.update(rel.encode() + b"\0" + (csrc / rel).read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -165,7 +165,7 @@ def make_plan(csrc: Optional[Path] = None) -> Plan:
         "compiler": _tool_version(os.environ.get("CXX") or "c++"),
         "nvcc": _tool_version(os.path.join(str(_cuda_home()), "bin", "nvcc")) if with_cuda else None,
         "arch_list": arch_list, "cflags": plan.cflags, "cuda_cflags": plan.cuda_cflags,
-        "sources": sources_hash(csrc),
+        "sources": sources_hash(csrc, with_cuda),
     }
     plan.key = hashlib.sha256(json.dumps(plan.inputs, sort_keys=True).encode()).hexdigest()[:16]
     plan.directory = cache_root() / f"{NAME}-{plan.key}"
