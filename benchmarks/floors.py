@@ -1,8 +1,8 @@
 """The bytes an operation must move: the floor every timing is compared against.
 
-The rule (``shared/spec/kernels.md``): inputs read once, outputs written once, weights.  A backward
-additionally reads the incoming gradient and the saved input once, writes the input's gradient
-once, reads the weights and writes their gradients.  Intermediates (z, a1, a2, the ReLU mask) are
+The rule (``docs/design.md``, "Performance: how it is measured"): inputs read once, outputs written
+once, weights.  A backward additionally reads the incoming gradient and the saved input once, writes
+the input's gradient once, reads the weights and writes their gradients.  Intermediates (z, a1, a2, the ReLU mask) are
 not counted: a fused kernel need not store them.  The achieved fraction of the floor is
 ``(bytes / measured_bandwidth) / time``.
 """

@@ -12,7 +12,7 @@ import torch
 
 from dlkunet.ops import availability
 
-# Relative-error budgets of ../shared/spec/kernels.md (float32 without TF32; half types).
+# Relative-error budgets of docs/design.md, "Verification" (float32 without TF32; half types).
 BUDGET = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 HAS_CUDA = torch.cuda.is_available()

@@ -279,7 +279,7 @@ def test_first_use_compiles_once_then_loads_from_the_cache(fresh_venv, tmp_path,
     assert third["origin"] == "cache" and STARTED not in err, err
     for result in [r for r, _ in results] + [third]:
         assert result["backend"] == "cpu", result
-        assert max(result["errors"]) < 1e-10, result  # float64 budget of ../shared/spec/kernels.md
+        assert max(result["errors"]) < 1e-10, result  # float64 budget of tests/dlkunet_testing.BUDGET
     print(f"\nload from the cache: {third['load_s']:.2f} s")
     info = _dlkunet(fresh_venv, "info")
     assert "cpu     available: dlkunet._C built at first use, from the cache" in info, info

@@ -1,6 +1,6 @@
 """DLKUNet's building blocks.  Modules hold standard parameters and call ``dlkunet.ops``.
 
-Names follow ``../shared/spec/architecture.md``: a ``Block`` is two depthwise-separable
+Names follow ``docs/architecture.md``: a ``Block`` is two depthwise-separable
 convolutions, each followed by BatchNorm and ReLU, then large-kernel attention (LKA).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DLKUNet and its S / M / L variants (``../shared/spec/architecture.md``)."""
+"""DLKUNet and its S / M / L variants (``docs/architecture.md``)."""
 from __future__ import annotations
 
 from typing import List, Sequence
