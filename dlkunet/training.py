@@ -375,7 +375,7 @@ class _Run:
         return value > than if self.metric_name == "val_mean_dsc" else value < than
 
 
-def _input_range(train_set, samples: int = 16) -> List[float]:
+def _input_range(train_set, samples: int = 8) -> List[float]:
     """Min and max over evenly spaced training slices as the loader gives them (no augmentation)."""
     source = train_set.source
     picks = np.unique(np.linspace(0, len(source) - 1, min(samples, len(source))).round().astype(int))
@@ -478,7 +478,9 @@ def _setup(cfg: TrainConfig, resume, info: distributed.DistInfo) -> _Run:
     data_meta = dict(fmt=dataset.fmt, num_classes=int(dataset.num_classes),
                      class_names=list(dataset.class_names), image_size=int(cfg.image_size),
                      intensity=str(getattr(dataset, "intensity", "none")),
-                     raw_intensity=getattr(dataset, "raw_intensity", None), input_range=_input_range(train_set))
+                     raw_intensity=getattr(dataset, "raw_intensity", None),
+                     # what predict compares new input with; only rank 0 writes checkpoints
+                     input_range=_input_range(train_set) if info.is_main else None)
     if info.is_main:
         _write_config(cfg, dict(run_info, start_epoch=start_epoch, workers=workers,
                                 data=dict(root=str(dataset.root), train_slices=len(train_set),
