@@ -7,8 +7,6 @@ The formulas are in ``dlkunet.ops.reference``; backends in ``dlkunet.ops.backend
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
