@@ -248,7 +248,7 @@ def _add_build(sub) -> None:
                                    "TORCH_CUDA_ARCH_LIST (default: the visible GPUs), MAX_JOBS and CXX; runs "
                                    "even with DLKUNET_JIT=0.")
     p.add_argument("--force", action="store_true",
-                   help="compile again even when this build is cached (or failed before)")
+                   help="compile again even when this build is cached (a failed one is always tried again)")
     p.set_defaults(func=_build)
 
 
@@ -257,7 +257,7 @@ def _build(args) -> int:
 
     plan = jit_build.make_plan()
     try:
-        _, compiled = jit_build.build(plan, "`dlkunet build` asked for it", force=args.force)
+        _, compiled = jit_build.build(plan, "`dlkunet build` asked for it", force=args.force, retry=True)
     except jit_build.BuildError as exc:
         if exc.tail:
             print(f"the compiler's last lines:\n{exc.tail}", file=sys.stderr)

@@ -157,6 +157,13 @@ def test_broken_compiler_is_reported_once_and_the_reference_runs(tmp_path, scrip
     assert result["origin"] == "missing" and result["equal"], result
     assert _count(err, STARTED) == 0 and _count(err, "dlkunet: compiling dlkunet._C failed before") == 1, err
 
+    # `dlkunet build`, which that message names, does try again, and fails the same way, visibly.
+    out = subprocess.run([sys.executable, "-m", "dlkunet", "build"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and _count(out.stderr, "dlkunet: compiling the C++") == 1, out.stderr
+    assert "the compiler's last lines:\nCommand '['false'," in out.stderr, out.stderr
+    assert "dlkunet: error: compiling dlkunet._C failed (log: " in out.stderr, out.stderr
+
 
 def test_processes_starting_together_compile_once(tmp_path, script):
     """The lock: with a compiler that takes 8 s per file and fails, two processes started together

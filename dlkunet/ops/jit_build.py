@@ -314,11 +314,12 @@ def _compile(plan: Plan, why: str, first_use: bool):
     return module
 
 
-def build(plan: Plan, why: str, force: bool = False, first_use: bool = False) -> Tuple[object, bool]:
+def build(plan: Plan, why: str, force: bool = False, first_use: bool = False,
+          retry: bool = False) -> Tuple[object, bool]:
     """``(module, compiled_here)``: the cached build for ``plan``, or compile it now.
 
     One process per key compiles; the others wait on the lock and load its result (or its failure,
-    which they do not retry).  ``force`` compiles again even over a cached build or a failure."""
+    which they do not retry).  ``retry`` compiles again over a failure, ``force`` over anything."""
     from filelock import FileLock, Timeout
 
     plan.directory.mkdir(parents=True, exist_ok=True)
@@ -329,16 +330,15 @@ def build(plan: Plan, why: str, force: bool = False, first_use: bool = False) ->
         logger.warning("dlkunet: another process is compiling dlkunet._C into %s; waiting for it", plan.directory)
         lock.acquire()
     try:
-        if force:
+        if force or retry:
             with contextlib.suppress(FileNotFoundError):
                 (plan.directory / FAILED).unlink()
-        else:
-            module = load_cached(plan)
-            if module is not None:
-                return module, False
-            failure = previous_failure(plan)
-            if failure is not None:
-                raise failure
+        module = None if force else load_cached(plan)
+        if module is not None:
+            return module, False
+        failure = previous_failure(plan)
+        if failure is not None:
+            raise failure
         return _compile(plan, why, first_use), True
     finally:
         lock.release()
