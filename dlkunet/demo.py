@@ -24,6 +24,7 @@ def run_demo(output="dlkunet-demo", seed: int = 0, device: str = "auto", progres
              fresh: bool = True, **overrides) -> Dict[str, Any]:
     from .data.synthetic import make_synthetic
     from .evaluation import evaluate, markdown_table
+    from .ops.backends import ran_on
     from .plots import have_matplotlib
     from .training import TrainConfig, train
 
@@ -65,4 +66,5 @@ def run_demo(output="dlkunet-demo", seed: int = 0, device: str = "auto", progres
     else:
         print("no overlay written (matplotlib is not installed)")
     print(f"reports: {out / 'eval'} (cases.csv, summary.json, table.md); checkpoint: {out / 'run' / 'last.pt'}")
+    print(f"operators ran on: {ran_on()}")
     return summary

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from dlkunet.ops import jit_build
+from dlkunet_testing import BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,8 +263,8 @@ def _dlkunet(fresh_venv, *args) -> str:
 def test_isolated_install_ships_the_sources_and_no_extension(fresh_venv):
     python, env, workdir = fresh_venv
     code = ("import dlkunet, dlkunet._build as b, pathlib; p = pathlib.Path(dlkunet.__file__).parent\n"
-            "print(b.EXTENSION, (p / '_csrc' / 'extension.cpp').is_file(), (p / '_csrc' / 'cpu' / 'common.h').is_file(),"
-            " sorted(x.name for x in p.glob('_C*')), p)")
+            "print(b.EXTENSION, (p / '_csrc' / 'extension.cpp').is_file(),"
+            " (p / '_csrc' / 'cpu' / 'common.h').is_file(), sorted(x.name for x in p.glob('_C*')), p)")
     out = subprocess.run([str(python), "-c", code], env=env, cwd=workdir, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:4] == ["None", "True", "True", "[]"], out.stdout
@@ -286,7 +288,7 @@ def test_first_use_compiles_once_then_loads_from_the_cache(fresh_venv, tmp_path,
     assert third["origin"] == "cache" and STARTED not in err, err
     for result in [r for r, _ in results] + [third]:
         assert result["backend"] == "cpu", result
-        assert max(result["errors"]) < 1e-10, result  # float64 budget of tests/dlkunet_testing.BUDGET
+        assert max(result["errors"]) < BUDGET[torch.float64], result
     print(f"\nload from the cache: {third['load_s']:.2f} s")
     info = _dlkunet(fresh_venv, "info")
     assert "cpu     available: dlkunet._C built at first use, from the cache" in info, info
