@@ -50,7 +50,8 @@ LOCK = "build.lock"
 TAIL_LINES = 20
 # Measured: the CPU kernels took 176 CPU-seconds to compile (g++ 12, -O3, 2-core EPYC, torch 2.13).
 CPU_COMPILE_SECONDS = 180
-PROGRESS_AFTER_S = 5
+PROGRESS_AFTER_S = 5   # on a terminal
+PROGRESS_EVERY_S = 30  # in a log
 
 logger = logging.getLogger(__name__)
 _NINJA_STEP = re.compile(r"^(Error building extension '\w+': )?\[\d+/\d+\] ")
@@ -233,13 +234,13 @@ def _build_environment(plan: Plan) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _progress(start: float) -> Iterator[None]:
-    """After a few seconds, the time spent so far: a line that updates itself on a terminal, else
-    a log line a minute."""
+    """After a few seconds, the time spent so far: a line that updates itself every second on a
+    terminal, else a log line every half minute."""
     stop = threading.Event()
     tty = sys.stderr.isatty()
 
     def tick():
-        if stop.wait(PROGRESS_AFTER_S):
+        if stop.wait(PROGRESS_AFTER_S if tty else PROGRESS_EVERY_S):
             return
         while True:
             elapsed = time.monotonic() - start
@@ -248,7 +249,7 @@ def _progress(start: float) -> Iterator[None]:
                 sys.stderr.flush()
             else:
                 logger.warning("dlkunet: still compiling dlkunet._C (%.0f s so far)", elapsed)
-            if stop.wait(1 if tty else 60):
+            if stop.wait(1 if tty else PROGRESS_EVERY_S):
                 break
         if tty:
             sys.stderr.write("\r\033[K")
