@@ -1,0 +1,219 @@
+"""Tensor-core kernels of the planned forward paths (issue 13): eval dwconv_bn_act and lka_gate.
+
+Three kernels, combined by ``kernels/plans.py`` into a plan per shape:
+
+- ``_fused_kernel``  depthwise conv + pointwise GEMM + epilogue in one pass.  A program owns a
+  spatial patch (n, BH rows, BW columns; W innermost, so NCHW tap loads are coalesced rows) and a
+  ``BLOCK_CO``-wide block of output channels: with BLOCK_CO >= Cout (the plans keep it so up to
+  256 channels) each depthwise tap is computed once.  The depthwise tile of ``BLOCK_CI`` input
+  channels feeds the tensor cores directly (``tl.dot``), never leaving the chip.
+- ``_dw_kernel``     a depthwise conv writing its output once, on the same spatial patches (the
+  split plan's first kernel, and lka_gate's first conv in both plans).
+- ``_gemm_kernel``   a large-tile tensor-core GEMM of the depthwise output with the pointwise
+  weights, pipelined over K (``num_stages``), with the op's epilogue.  NCHW tiles are pixel runs
+  inside one image (contiguous), channels_last tiles are flattened pixels (contiguous along C).
+
+Precision (``PREC``, read from ``torch.backends.cudnn.allow_tf32`` on the host per call): float32
+operands multiply as TF32 ("tf32") or at full precision ("tf32x3", three TF32 MMAs); float16 and
+bfloat16 operands run ONE MMA in their own dtype with float32 accumulation.
+
+Epilogues (``EPI``): ``EPI_BN`` folds eval BatchNorm and the pointwise bias in the prologue from
+gamma, beta and the running statistics (float32, on the device; the program of pixel block 0 also
+writes the returned copies of the statistics), then ReLU; ``EPI_GATE`` is lka's
+``x * (pointwise + b1)``.  The host runs no torch op besides allocating the outputs.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._common import _INTERP, _dw_tile, _offsets
+
+EPI_BN, EPI_GATE = 0, 1
+
+
+@triton.jit
+def _tf32_round(x):
+    """float32 rounded to TF32 (10 mantissa bits, round to nearest even): what the interpreter
+    feeds its full-precision dot so it computes what the tensor cores do."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & -8192
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """x (float32) converted to dtype with round-to-nearest-even, as the GPU converts.  Triton 3.9's
+    interpreter truncates float32 -> bfloat16 (twice the rounding error); round the bits first."""
+    if _INTERP:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b on tensor cores: float32 as TF32 or tf32x3 (PREC), 16-bit as one MMA."""
+    if a.dtype == tl.float32:
+        if _INTERP:
+            # The interpreter ignores input_precision; emulate the MMAs the GPU runs.
+            if PREC == "tf32":
+                acc = tl.dot(_tf32_round(a), _tf32_round(b), acc)
+            elif PREC == "tf32x3":
+                a_hi = _tf32_round(a)
+                b_hi = _tf32_round(b)
+                acc = tl.dot(a_hi, _tf32_round(b - b_hi), acc)
+                acc = tl.dot(_tf32_round(a - a_hi), b_hi, acc)
+                acc = tl.dot(a_hi, b_hi, acc)
+            else:
+                acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        if _INTERP:
+            # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands; the upcast is
+            # exact, so the product is the tensor cores' one.
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _patch(pid, H, W, BH: tl.constexpr, BW: tl.constexpr):
+    """Spatial patch pid of an (N, H, W) grid of BH x BW patches: image n (a scalar), the rows h
+    and columns w of its BH*BW pixels (W innermost) and their in-image mask."""
+    n_tw = tl.cdiv(W, BW)
+    per_image = tl.cdiv(H, BH) * n_tw
+    n = pid // per_image
+    r = pid % per_image
+    i = tl.arange(0, BH * BW)
+    h = (r // n_tw) * BH + i // BW
+    w = (r % n_tw) * BW + i % BW
+    return n, h, w, (h < H) & (w < W)
+
+
+@triton.jit
+def _prologue(co, comask, stat_lim, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, eps,
+              EPI: tl.constexpr):
+    """Per-channel epilogue parameters (p0, p1): BN's folded scale and shift (b_pw included), or
+    the gate's bias b1.  Channels below ``stat_lim`` (COUT in the first pixel block's programs, else
+    0) also get the returned copies of the statistics written."""
+    p0 = tl.load(b_ptr + co, mask=comask, other=0.0).to(tl.float32)
+    p1 = p0
+    if EPI == 0:
+        gamma = tl.load(g_ptr + co, mask=comask, other=0.0).to(tl.float32)
+        beta = tl.load(be_ptr + co, mask=comask, other=0.0).to(tl.float32)
+        rm = tl.load(rm_ptr + co, mask=comask, other=0.0).to(tl.float32)
+        rv = tl.load(rv_ptr + co, mask=comask, other=1.0).to(tl.float32)
+        # Correctly rounded sqrt and division: the folded scale is within an ulp of float64's.
+        scale = tl.div_rn(gamma, tl.sqrt_rn(rv + eps))
+        p1 = (p0 - rm) * scale + beta
+        p0 = scale
+        tl.store(mean_ptr + co, rm, mask=co < stat_lim)
+        tl.store(var_ptr + co, rv, mask=co < stat_lim)
+    return p0, p1
+
+
+@triton.jit
+def _epilogue(acc, p0, p1, off, omask, out_ptr, x_ptr, EPI: tl.constexpr, RELU: tl.constexpr):
+    if EPI == 0:
+        y = acc * p0[None, :] + p1[None, :]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+    else:
+        xv = tl.load(x_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        y = xv * (acc + p0[None, :])
+    tl.store(out_ptr + off, _to(y, out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _fused_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, x_ptr, out_ptr,
+                  b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, eps,
+                  N, H, W, CIN, COUT,
+                  K: tl.constexpr, DIL: tl.constexpr, EPI: tl.constexpr, RELU: tl.constexpr,
+                  CL: tl.constexpr, PREC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                  BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """out = epilogue(dw_K,DIL(t) @ W_pw^T) on a spatial patch x BLOCK_CO output channels."""
+    BLOCK_P: tl.constexpr = BH * BW
+    pid_s = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    n, h, w, pmask = _patch(pid_s, H, W, BH, BW)
+    HW = H * W
+    hw = h * W + w
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < COUT
+    ci_range = tl.arange(0, BLOCK_CI)
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    for ci0 in range(0, CIN, BLOCK_CI):
+        ci = ci0 + ci_range
+        cimask = ci < CIN
+        d = _dw_tile(t_ptr, wdw_ptr, bdw_ptr, n, h, w, pmask, ci, cimask, CIN, H, W,
+                     K, DIL, CL, BLOCK_P, BLOCK_CI)
+        wp = tl.load(wpw_ptr + co[None, :] * CIN + ci[:, None],
+                     mask=cimask[:, None] & comask[None, :], other=0.0)
+        # 16-bit: d rounded once to the input dtype, as eager's depthwise output is; one MMA.
+        acc = _mma(_to(d, t_ptr.dtype.element_ty), wp.to(t_ptr.dtype.element_ty), acc, PREC)
+    # After the loop: live across it the parameters would cost registers.
+    p0, p1 = _prologue(co, comask, COUT * (1 - tl.minimum(pid_s, 1)), b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr,
+                       var_ptr, eps, EPI)
+    off = _offsets(n * HW + hw, n, hw, co, COUT, HW, CL)
+    _epilogue(acc, p0, p1, off, pmask[:, None] & comask[None, :], out_ptr, x_ptr, EPI, RELU)
+
+
+@triton.jit
+def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, N, H, W, C,
+               K: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr,
+               BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = depthwise K x K conv (dilation DIL, zero padding, plus bias) of t, written once."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n, h, w, pmask = _patch(pid_s, H, W, BH, BW)
+    HW = H * W
+    hw = h * W + w
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    d = _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W, K, DIL, CL, BH * BW, BLOCK_C)
+    tl.store(out_ptr + _offsets(n * HW + hw, n, hw, c, C, HW, CL), _to(d, out_ptr.dtype.element_ty),
+             mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, w_ptr, x_ptr, out_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr,
+                 eps, N, HW, CIN, COUT,
+                 EPI: tl.constexpr, RELU: tl.constexpr, CL: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = epilogue(a @ W^T): a is (N, CIN, H, W) activations, W is (COUT, CIN)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(COUT, BLOCK_N)
+    pid_n = pid % n_tiles  # the output-channel tiles of one pixel block run together: a stays in L2
+    pid_m = pid // n_tiles
+    if CL:
+        p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pmask = p < N * HW
+        n = p // HW
+        hw = p % HW
+    else:
+        m_tiles = tl.cdiv(HW, BLOCK_M)
+        n = pid_m // m_tiles
+        hw = (pid_m % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pmask = hw < HW
+        p = n * HW + hw
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < COUT
+    k_range = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_K):
+        ci = k0 + k_range
+        cimask = ci < CIN
+        a = tl.load(a_ptr + _offsets(p, n, hw, ci, CIN, HW, CL), mask=pmask[:, None] & cimask[None, :],
+                    other=0.0)
+        b = tl.load(w_ptr + co[None, :] * CIN + ci[:, None], mask=cimask[:, None] & comask[None, :],
+                    other=0.0)
+        acc = _mma(a, b.to(a.dtype), acc, PREC)
+    p0, p1 = _prologue(co, comask, COUT * (1 - tl.minimum(pid_m, 1)), b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr,
+                       eps, EPI)
+    off = _offsets(p, n, hw, co, COUT, HW, CL)
+    _epilogue(acc, p0, p1, off, pmask[:, None] & comask[None, :], out_ptr, x_ptr, EPI, RELU)

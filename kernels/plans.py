@@ -1,0 +1,299 @@
+"""Per-shape execution plans of the forward paths on the kernels of ``_fast``, and the precision rule.
+
+Plans (benchmarks/roofline.py's vocabulary; docs/gpu-plans.md):
+
+``fused``  one kernel per pass whose tile holds all output channels (up to ``FUSED_MAX_COUT``; wider
+           layers recompute the depthwise taps once per such tile): the depthwise result never
+           leaves the chip and feeds the tensor cores.  For lka_gate the 5x5 conv a1 is written once
+           first, then the dilated conv, pointwise GEMM and gate run fused.
+``split``  a depthwise kernel writes its output once, then a large-tile tensor-core GEMM with the
+           op's epilogue (lka_gate: a1, then a2, then the GEMM with the gate).
+
+The choice is a small cost model (``predicted_seconds``: the roofline's terms, DRAM bytes, tensor
+and FMA FLOPs, a launch gap per kernel, with the fused kernel's depthwise and MMA work serialised as
+they are within one un-specialised Triton program), cached per (op, shape, dtype, layout, device,
+precision).  ``forced`` overrides it (tests; DLKUNET_TRITON_PLAN=fused|split for runs).
+
+Precision rule (``precision``): float32 inputs use TF32 tensor cores exactly when
+``torch.backends.cudnn.allow_tf32`` is True (eager convolution's rule and default), and three TF32
+MMAs (tf32x3, float32-level accuracy) when it is False; float16/bfloat16 run one MMA in the input
+dtype with float32 accumulation.  The flag is read on every call.
+
+Host side of a call: no torch op besides allocating outputs and intermediates (BN folding happens
+in the kernels' prologue); eval dwconv_bn_act launches 1 (fused) or 2 (split) kernels, lka_gate's
+forward 2 or 3.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Dict, Iterator, Optional, Tuple, Union
+
+import torch
+import triton
+
+from . import _fast as F
+# Every launch states the register limit: without it ptxas aims at an occupancy step (e.g. 128 or 40
+# registers on sm_80) and spilled; with it, it allocates what the kernel needs (as _common does).
+from ._common import INTERPRET, MAX_REGISTERS
+
+FUSED, SPLIT = "fused", "split"
+PLANS = (FUSED, SPLIT)
+# Widest output-channel tile of the fused kernel (a 64 x 256 float32 accumulator is 64 registers
+# per thread at 8 warps).  Wider layers recompute the depthwise taps once per tile.
+FUSED_MAX_COUT = 256
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan and its tiles.  fused: (BH, BW, BLOCK_CO, BLOCK_CI, warps, stages); dw: (BH, BW,
+    BLOCK_C, warps); gemm: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    name: str
+    fused: Tuple[int, ...] = ()
+    dw: Tuple[int, ...] = ()
+    gemm: Tuple[int, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------
+# precision
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``PREC`` of the kernels for inputs of ``dtype``, by PyTorch's convolution rule."""
+    if dtype != torch.float32:
+        return "ieee"  # unused: 16-bit operands run one MMA in their own dtype
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"
+
+
+# ------------------------------------------------------------------------------------------------
+# tiles
+
+
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
+
+
+def _patch(w: int, pixels: int) -> Tuple[int, int]:
+    """(BH, BW) of a spatial patch of ``pixels`` pixels: rows as wide as the image allows."""
+    bw = _pow2(w, 4 if INTERPRET else 16, 4 if INTERPRET else 32)
+    return max(1, pixels // bw), bw
+
+
+def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
+    """The shipped tiles of plan ``name`` (all listed by ``shipped_configs`` for the compile tests)."""
+    half = dtype != torch.float32
+    if INTERPRET:  # the interpreter's cost is per operation, not per element: few, mid-size tiles
+        bco = _pow2(cout, 16, FUSED_MAX_COUT)
+        return Plan(name, fused=(4, 8, bco, 32, 1, 1), dw=(4, 8, 32, 1), gemm=(32, 32, 32, 1, 1))
+    bco = _pow2(cout, 16, FUSED_MAX_COUT)
+    bh, bw = _patch(w, 64)
+    dh, dwd = _patch(w, 64)
+    # BLOCK_CI 16: at 32, 16-bit NCHW with the 49-tap dilated conv spilled at 4 warps (sm_90).
+    fused = (bh, bw, bco, 16, 8 if bco >= 128 else 4, 1)
+    gemm = (64, 128, 64 if half else 32, 4, 3)
+    # dw at 8 warps: at 4, NCHW with k >= 5 spilled (255 registers on sm_90, 96 on sm_80).
+    return Plan(name, fused=fused if name == FUSED else (), dw=(dh, dwd, 32, 8),
+                gemm=gemm if name == SPLIT else ())
+
+
+def shipped_configs():
+    """Every (kernel, tile) the GPU plans can launch, for the compile tests: the fused tiles for
+    each BLOCK_CO and patch width, the dw and gemm tiles, per dtype family (fp32 vs 16-bit)."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for cout in (16, 32, 64, 128, 256):
+            for w in (16, 32):
+                out.append(("fused", dtype, tiles(FUSED, cout, cout, w, dtype).fused))
+        for w in (16, 32):
+            out.append(("dw", dtype, tiles(SPLIT, 64, 64, w, dtype).dw))
+        out.append(("gemm", dtype, tiles(SPLIT, 512, 512, 32, dtype).gemm))
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# cost model (the terms of benchmarks/roofline.py; H100 SXM peaks unless the device is an H200)
+
+_PEAKS = {"H200": (4.8e12, 67e12, 494.7e12, 989.4e12), "H100": (3.35e12, 67e12, 494.7e12, 989.4e12)}
+_EFF_BW, _EFF_TC, _EFF_FMA, _GAP = 0.87, 0.6, 0.6, 3e-6
+
+
+def _peaks(device: torch.device):
+    if device.type == "cuda" and not INTERPRET:
+        name = torch.cuda.get_device_name(device)
+        if "H200" in name:
+            return _PEAKS["H200"]
+    return _PEAKS["H100"]
+
+
+def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w: int,
+                      kernels: Tuple[int, ...], dtype: torch.dtype, prec: str,
+                      peaks=_PEAKS["H100"]) -> float:
+    """Predicted time of plan ``name`` for one forward call.  kernels: (k,) for dwconv_bn_act,
+    (k0, ks) for lka_gate (whose first conv, written once, is common to both plans)."""
+    bw, fma, tf32, half = peaks
+    es = 2 if dtype != torch.float32 else 4
+    tc = half if dtype != torch.float32 else (tf32 if prec == "tf32" else tf32 / 3)
+    p = n * h * w
+    t_bw = lambda b: b / (bw * _EFF_BW)  # noqa: E731
+    t_tc = lambda f: f / (tc * _EFF_TC)  # noqa: E731
+    t_fma = lambda f: f / (fma * _EFF_FMA)  # noqa: E731
+    x_in, y_out, gemm = p * cin * es, p * cout * es, 2.0 * p * cin * cout
+    k = kernels[-1]
+    taps = 2.0 * p * cin * k * k
+    recompute = math.ceil(cout / FUSED_MAX_COUT)
+    extra_in = 0.0
+    total = 0.0
+    if op == "lka_gate":
+        k0 = kernels[0]
+        total += max(t_bw(2 * x_in), t_fma(2.0 * p * cin * k0 * k0)) + _GAP  # a1 written once
+        extra_in = x_in  # the gate reads x
+    if name == FUSED:
+        total += max(t_bw(x_in + extra_in + y_out), t_tc(gemm) + t_fma(taps * recompute)) + _GAP
+    else:
+        total += max(t_bw(2 * x_in), t_fma(taps)) + _GAP
+        total += max(t_bw(x_in + extra_in + y_out), t_tc(gemm)) + _GAP
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# choice and cache
+
+_CACHE: Dict[tuple, Plan] = {}
+_FORCED: Optional[Union[str, Plan]] = None
+
+
+@contextlib.contextmanager
+def forced(plan: Union[str, Plan]) -> Iterator[None]:
+    """Run with plan ``plan`` (a name, or a Plan with explicit tiles) instead of the model's."""
+    global _FORCED
+    assert isinstance(plan, Plan) or plan in PLANS, plan
+    prev, _FORCED = _FORCED, plan
+    try:
+        yield
+    finally:
+        _FORCED = prev
+
+
+def choose(op: str, n: int, cin: int, cout: int, h: int, w: int, kernels: Tuple[int, ...],
+           dtype: torch.dtype, cl: bool, device: torch.device, prec: str) -> Plan:
+    forced_plan = _FORCED or os.environ.get("DLKUNET_TRITON_PLAN") or None
+    if isinstance(forced_plan, Plan):
+        return forced_plan
+    key = (op, n, cin, cout, h, w, kernels, dtype, cl, device.type, device.index, prec, forced_plan)
+    plan = _CACHE.get(key)
+    if plan is None:
+        if forced_plan is not None:
+            assert forced_plan in PLANS, f"DLKUNET_TRITON_PLAN must be one of {PLANS}"
+            name = forced_plan
+        else:
+            peaks = _peaks(device)
+            name = min(PLANS, key=lambda nm: predicted_seconds(nm, op, n, cin, cout, h, w, kernels, dtype,
+                                                               prec, peaks))
+        plan = _CACHE[key] = tiles(name, cin, cout, w, dtype)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _dense(t: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
+    """t itself when already dense in fmt (no torch op), else a dense copy."""
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _empty(n, c, h, w, x, fmt) -> torch.Tensor:
+    return torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _launch_dw(t, w_dw, b_dw, out, dil, cl, tile):
+    n, c, h, w = t.shape
+    bh, bw, bc, warps = tile
+    k = w_dw.shape[-1]
+    grid = (n * triton.cdiv(h, bh) * triton.cdiv(w, bw), triton.cdiv(c, bc))
+    F._dw_kernel[grid](t, w_dw, b_dw, out, n, h, w, c, K=k, DIL=dil, CL=cl, BH=bh, BW=bw, BLOCK_C=bc,
+                       num_warps=warps, maxnreg=MAX_REGISTERS)
+
+
+def _launch_fused(t, w_dw, b_dw, w_pw, x, out, prm, eps, dil, epi, relu, cl, prec, tile):
+    n, cin, h, w = t.shape
+    cout = w_pw.shape[0]
+    bh, bw, bco, bci, warps, stages = tile
+    grid = (n * triton.cdiv(h, bh) * triton.cdiv(w, bw), triton.cdiv(cout, bco))
+    F._fused_kernel[grid](t, w_dw, b_dw, w_pw, x, out, *prm, eps, n, h, w, cin, cout,
+                          K=w_dw.shape[-1], DIL=dil, EPI=epi, RELU=relu, CL=cl, PREC=prec, BH=bh, BW=bw,
+                          BLOCK_CO=bco, BLOCK_CI=bci, num_warps=warps, num_stages=stages,
+                          maxnreg=MAX_REGISTERS)
+
+
+def _launch_gemm(a, w_pw, x, out, prm, eps, epi, relu, cl, prec, tile):
+    n, cin, h, w = a.shape
+    cout = w_pw.shape[0]
+    bm, bn, bk, warps, stages = tile
+    m_tiles = triton.cdiv(n * h * w, bm) if cl else n * triton.cdiv(h * w, bm)
+    grid = (m_tiles * triton.cdiv(cout, bn),)
+    F._gemm_kernel[grid](a, w_pw, x, out, *prm, eps, n, h * w, cin, cout, EPI=epi, RELU=relu, CL=cl,
+                         PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                         maxnreg=MAX_REGISTERS)
+
+
+def _layout(x: torch.Tensor):
+    from dlkunet.ops.layout import memory_format  # late: dlkunet.ops imports this package lazily
+    fmt = memory_format(x)
+    return _dense(x, fmt), fmt, fmt == torch.channels_last
+
+
+def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps: float,
+                       relu: bool):
+    """Eval forward of dwconv_bn_act: (y, running_mean copy, running_var copy), float32 statistics.
+    1 launch (fused) or 2 (split); the only host-side torch ops allocate y, d and the statistics."""
+    x, fmt, cl = _layout(x)
+    n, cin, h, w = x.shape
+    cout = w_pw.shape[0]
+    k = w_dw.shape[-1]
+    w_dw, w_pw = _dense(w_dw), _dense(w_pw)
+    b_dw, b_pw, gamma, beta = _dense(b_dw), _dense(b_pw), _dense(gamma), _dense(beta)
+    running_mean, running_var = _dense(running_mean), _dense(running_var)
+    prec = precision(x.dtype)
+    plan = choose("dwconv_bn_act", n, cin, cout, h, w, (k,), x.dtype, cl, x.device, prec)
+    y = _empty(n, cout, h, w, x, fmt)
+    mean = torch.empty(cout, dtype=torch.float32, device=x.device)
+    var = torch.empty(cout, dtype=torch.float32, device=x.device)
+    prm = (b_pw, gamma, beta, running_mean, running_var, mean, var)
+    if plan.name == FUSED:
+        _launch_fused(x, w_dw, b_dw, w_pw, x, y, prm, float(eps), 1, F.EPI_BN, bool(relu), cl, prec, plan.fused)
+    else:
+        d = _empty(n, cin, h, w, x, fmt)
+        _launch_dw(x, w_dw, b_dw, d, 1, cl, plan.dw)
+        _launch_gemm(d, w_pw, x, y, prm, float(eps), F.EPI_BN, bool(relu), cl, prec, plan.gemm)
+    return y, mean, var
+
+
+def lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation: int):
+    """lka_gate forward: a1 = dw_k0(x) written once, then fused (dilated dw + GEMM + gate) or split
+    (a2 written once, then the GEMM with the gate).  2 or 3 launches."""
+    x, fmt, cl = _layout(x)
+    n, c, h, w = x.shape
+    dil = int(dilation)
+    w0, ws, w1 = _dense(w0), _dense(ws), _dense(w1)
+    b0, bs, b1 = _dense(b0), _dense(bs), _dense(b1)
+    prec = precision(x.dtype)
+    plan = choose("lka_gate", n, c, c, h, w, (w0.shape[-1], ws.shape[-1]), x.dtype, cl, x.device, prec)
+    a1 = _empty(n, c, h, w, x, fmt)
+    _launch_dw(x, w0, b0, a1, 1, cl, plan.dw)
+    out = _empty(n, c, h, w, x, fmt)
+    prm = (b1, b1, b1, b1, b1, b1, b1)  # only b1 is read (EPI_GATE)
+    if plan.name == FUSED:
+        _launch_fused(a1, ws, bs, w1, x, out, prm, 0.0, dil, F.EPI_GATE, False, cl, prec, plan.fused)
+    else:
+        a2 = _empty(n, c, h, w, x, fmt)
+        _launch_dw(a1, ws, bs, a2, dil, cl, plan.dw)
+        _launch_gemm(a2, w1, x, out, prm, 0.0, F.EPI_GATE, False, cl, prec, plan.gemm)
+    return out
+
+
+def with_tiles(plan: Plan, **kw) -> Plan:
+    """A copy of ``plan`` with some tiles replaced (tests force small co tiles, etc.)."""
+    return replace(plan, **kw)
