@@ -13,6 +13,7 @@ std::vector<Tensor> dwconv_bn_act_backward(const Tensor& grad_y, const Tensor& x
                                            const Tensor& b_dw, const Tensor& w_pw, const Tensor& b_pw,
                                            const Tensor& gamma, const Tensor& beta, const Tensor& mean,
                                            const Tensor& var, bool training, double eps, bool relu);
+Tensor depthwise_forward(const Tensor& x, const Tensor& w, const Tensor& b, int64_t dilation);
 Tensor lka_gate_forward(const Tensor& x, const Tensor& w0, const Tensor& b0, const Tensor& ws, const Tensor& bs,
                         const Tensor& w1, const Tensor& b1, int64_t dilation);
 std::vector<Tensor> lka_gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& w0, const Tensor& b0,
@@ -38,6 +39,8 @@ void bind_cpu(pybind11::module_& m) {
   m.def("cpu_parallel_threads", &parallel_threads,
         "the number of threads an at::parallel_for inside the extension uses (torch.get_num_threads() "
         "when the extension was built with torch's threading)");
+  m.def("cpu_isa", [] { return std::string(cpu::blocked_isa()); },
+        "the instruction set of the blocked depthwise kernels picked at load time (avx512, avx2, generic)");
   m.def("cpu_scratch_bytes", &cpu::scratch_bytes,
         "bytes of scratch the cpu kernels keep for the calling thread between calls");
   m.def("cpu_release_scratch", &cpu::release_scratch, "frees the calling thread's cpu-kernel scratch");
@@ -53,6 +56,9 @@ void bind_cpu(pybind11::module_& m) {
         py::arg("grad_y"), py::arg("x"), py::arg("w_dw"), py::arg("b_dw"), py::arg("w_pw"), py::arg("b_pw"),
         py::arg("gamma"), py::arg("beta"), py::arg("mean"), py::arg("var"), py::arg("training"), py::arg("eps"),
         py::arg("relu"));
+  m.def("cpu_depthwise_forward", &cpu::depthwise_forward, nogil,
+        "(x, w, b, dilation) -> float32 depthwise conv (padding keeps H x W), the blocked row kernel alone "
+        "(tests and benchmarks)", py::arg("x"), py::arg("w"), py::arg("b"), py::arg("dilation"));
   m.def("cpu_lka_gate_forward", &cpu::lka_gate_forward, nogil,
         "(x, w0, b0, ws, bs, w1, b1, dilation) -> out", py::arg("x"), py::arg("w0"), py::arg("b0"), py::arg("ws"),
         py::arg("bs"), py::arg("w1"), py::arg("b1"), py::arg("dilation"));

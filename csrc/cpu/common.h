@@ -25,42 +25,36 @@ constexpr int64_t kMaxKernel = 63;       // bounds the on-stack tap list; far be
 constexpr int64_t kMinTilePixels = 256;  // below this a tile's GEMM is dominated by weight packing
 constexpr int64_t kChunk = 256;          // pixels per task of the elementwise passes
 
-// ---- checks shared by the bindings -------------------------------------------------------------
+// ---- checks --------------------------------------------------------------------------------------
 
-inline void check_cpu_float(const char* op, const char* name, const Tensor& t) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device(),
-              " (the cpu backend runs on CPU tensors)");
-  auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, op, ": ", name,
-              " must be float32, float16, bfloat16 or float64, got ", s);
+// The kernels check only what keeps them memory-safe: tensors with CPU data, a floating dtype, and
+// the shapes the loops index by (weights of the wrong size would be read out of bounds, kernels
+// over kMaxKernel overflow the on-stack tap lists, a dilation below 1 walks backwards).  Users'
+// mistakes get their messages earlier, in Python (dlkunet/ops/validation.py); DLK_CHECK fires only
+// when a kernel is called directly with arguments it could not run safely.
+#define DLK_CHECK(cond, ...) \
+  TORCH_CHECK(cond, "dlkunet cpu kernel: unsafe arguments (failed: " #cond "): ", __VA_ARGS__)
+
+inline void check_tensor(const char* op, const char* name, const Tensor& t) {
+  DLK_CHECK(t.defined() && t.device().is_cpu() && at::isFloatingType(t.scalar_type()), op, " ", name);
 }
 
-inline void check_like_x(const char* op, const char* name, const Tensor& t, const Tensor& x,
-                         at::IntArrayRef shape, bool float32_ok) {
-  check_cpu_float(op, name, t);
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type() || (float32_ok && t.scalar_type() == at::kFloat), op, ": ",
-              name, " has dtype ", t.scalar_type(), " but x is ", x.scalar_type(),
-              float32_ok ? " (this tensor may also be float32)" : "");
+inline void check_shape(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape) {
+  check_tensor(op, name, t);
+  DLK_CHECK(t.sizes() == shape, op, " ", name, " has shape ", t.sizes(), ", the kernel indexes it as ", shape);
 }
 
 inline void check_x(const char* op, const char* name, const Tensor& x) {
-  check_cpu_float(op, name, x);
-  TORCH_CHECK(x.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", x.dim(), "-D shape ", x.sizes());
-  TORCH_CHECK(x.numel() > 0, op, ": ", name, " is empty (shape ", x.sizes(), "); N, C, H, W must be >= 1");
+  check_tensor(op, name, x);
+  DLK_CHECK(x.dim() == 4 && x.numel() > 0, op, " ", name, " has shape ", x.sizes());
 }
 
-// Returns k for a depthwise weight (C, 1, k, k) with k odd.
-inline int64_t check_depthwise(const char* op, const char* name, const Tensor& w, const Tensor& x) {
-  check_cpu_float(op, name, w);
-  TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == w.size(3), op, ": ", name,
-              " must be a depthwise weight (C, 1, k, k), got shape ", w.sizes());
-  const int64_t k = w.size(3);
-  TORCH_CHECK(k % 2 == 1 && k <= kMaxKernel, op, ": ", name, " must have an odd kernel size <= ", kMaxKernel,
-              ", got ", k);
-  check_like_x(op, name, w, x, {x.size(1), 1, k, k}, false);
-  return k;
+// Returns k for a depthwise weight (C, 1, k, k), k odd and at most kMaxKernel.
+inline int64_t check_depthwise(const char* op, const char* name, const Tensor& w, int64_t C) {
+  check_tensor(op, name, w);
+  DLK_CHECK(w.dim() == 4 && w.size(2) % 2 == 1 && w.size(2) <= kMaxKernel, op, " ", name, " has shape ", w.sizes());
+  check_shape(op, name, w, {C, 1, w.size(2), w.size(2)});
+  return w.size(2);
 }
 
 // The memory format of the outputs: the rule of dlkunet/ops/library.py's fake kernels.
@@ -229,6 +223,26 @@ struct BnActBackwardCoef {
 DLK_DECLARE(float)
 DLK_DECLARE(double)
 #undef DLK_DECLARE
+
+// ---- blocked depthwise rows (depthwise.cpp), float32 forward ------------------------------------
+
+constexpr int64_t kBlock = 16;  // channels per block: one 64-byte line
+inline int64_t blocks_of(int64_t C) { return (C + kBlock - 1) / kBlock; }
+// Depthwise weight (C, 1, k, k) -> float (blocks, k*k, 16), channels past C zero; bias (C) -> (blocks*16).
+Tensor block_taps(const Tensor& w);
+Tensor block_bias(const Tensor& b);
+// One output row of one channel block: out[w * os + c] = bias[c] + sum_t sum_j rows[t][(w + j*dil)*16 + c]
+// * wt[(wrows[t]*k + j)*16 + c], for w < W, c < 16.  rows[t]: padded blocked rows (zero outside).
+void dw_row_blocked(const float* const* rows, const int* wrows, int nrows, const float* wt, const float* bias,
+                    int64_t k, int64_t dil, int64_t W, float* out, int64_t os);
+// Channel block cb of one NHWC row (W x C) -> dst: pad zero pixels, W pixels, pad zero pixels (16 floats each).
+void pack_row_blocked(const float* src, int64_t W, int64_t C, int64_t cb, int64_t pad, float* dst);
+// Rows [r0, r1) of depthwise(img) for channel blocks [cb0, cb1) (img: one NHWC image), into
+// out + (r - r0) * W * ldo + cb * 16 (pixel stride ldo >= blocks*16).
+void dw_rows_blocked(const float* img, int64_t H, int64_t W, int64_t C, int64_t r0, int64_t r1, int64_t cb0,
+                     int64_t cb1, const float* wtb, const float* bb, int64_t k, int64_t dil, float* out, int64_t ldo);
+const char* blocked_isa();  // "avx512", "avx2" or "generic": the row kernel in use
+bool blocked_disabled();    // DLKUNET_CPU_BLOCKED=0: the float32 forwards take the unblocked path (A/B runs)
 
 // Per-thread accumulators, summed in thread order at the end (deterministic for a thread count).
 template <typename T>

@@ -14,7 +14,6 @@
 // depthwise backward then goes row by row.
 #include "common.h"
 
-#include <cmath>
 #include <type_traits>
 namespace dlkunet {
 namespace cpu {
@@ -30,23 +29,20 @@ struct Shapes {
 
 Shapes check_common(const char* op, const Tensor& x, const Tensor& w_dw, const Tensor& b_dw, const Tensor& w_pw,
                     const Tensor& b_pw, const Tensor& gamma, const Tensor& beta, const Tensor& m, const Tensor& v,
-                    const char* mname, const char* vname, double eps) {
+                    const char* mname, const char* vname) {
   check_x(op, "x", x);
   Shapes s{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0};
-  s.k = check_depthwise(op, "w_dw", w_dw, x);
-  check_like_x(op, "b_dw", b_dw, x, {s.Cin}, false);
-  check_cpu_float(op, "w_pw", w_pw);
-  TORCH_CHECK(w_pw.dim() == 4 && w_pw.size(1) == s.Cin && w_pw.size(2) == 1 && w_pw.size(3) == 1 && w_pw.size(0) >= 1,
-              op, ": w_pw must have shape (Cout, ", s.Cin, ", 1, 1) for x with ", s.Cin, " channels, got ",
-              w_pw.sizes());
+  s.k = check_depthwise(op, "w_dw", w_dw, s.Cin);
+  check_shape(op, "b_dw", b_dw, {s.Cin});
+  check_tensor(op, "w_pw", w_pw);
+  DLK_CHECK(w_pw.dim() == 4 && w_pw.size(0) >= 1, op, " w_pw has shape ", w_pw.sizes());
   s.Cout = w_pw.size(0);
-  check_like_x(op, "w_pw", w_pw, x, {s.Cout, s.Cin, 1, 1}, false);
-  check_like_x(op, "b_pw", b_pw, x, {s.Cout}, false);
-  check_like_x(op, "gamma", gamma, x, {s.Cout}, true);
-  check_like_x(op, "beta", beta, x, {s.Cout}, true);
-  check_like_x(op, mname, m, x, {s.Cout}, true);
-  check_like_x(op, vname, v, x, {s.Cout}, true);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite non-negative number, got ", eps);
+  check_shape(op, "w_pw", w_pw, {s.Cout, s.Cin, 1, 1});
+  check_shape(op, "b_pw", b_pw, {s.Cout});
+  check_shape(op, "gamma", gamma, {s.Cout});
+  check_shape(op, "beta", beta, {s.Cout});
+  check_shape(op, mname, m, {s.Cout});
+  check_shape(op, vname, v, {s.Cout});
   return s;
 }
 
@@ -83,33 +79,74 @@ struct BlockMoments {
   }
 };
 
+// Depthwise weights for the forward: taps-major (k*k, C) in T, or, for float32 compute, blocked
+// for the row kernels of depthwise.cpp (then the depthwise output has a padded pixel stride).
+template <typename T>
+struct DepthwiseWeights {
+  Tensor w, b;
+  bool blocked;
+  DepthwiseWeights(const Tensor& w_dw, const Tensor& b_dw) {
+    blocked = std::is_same<T, float>::value && !blocked_disabled();
+    const auto ct = c10::CppTypeToScalarType<T>::value;
+    w = blocked ? block_taps(w_dw) : taps_major(w_dw, ct, false);
+    b = blocked ? block_bias(b_dw) : b_dw.to(ct).contiguous();
+  }
+  int64_t stride(int64_t Cin) const { return blocked ? blocks_of(Cin) * kBlock : Cin; }
+};
+
+// Rows [r0, r1) of depthwise(img) into out (pixel stride ldo); the blocked kernel for float.
+template <typename T>
+void depthwise_tile(const T* img, const Shapes& s, int64_t r0, int64_t r1, const DepthwiseWeights<T>& dw, T* out,
+                    int64_t ldo) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (dw.blocked) {
+      dw_rows_blocked(img, s.H, s.W, s.Cin, r0, r1, 0, blocks_of(s.Cin), dw.w.template data_ptr<float>(),
+                      dw.b.template data_ptr<float>(), s.k, 1, out, ldo);
+      return;
+    }
+  }
+  depthwise_rows(img, s.H, s.W, s.Cin, r0, r1, dw.w.template data_ptr<T>(), dw.b.template data_ptr<T>(), s.k, 1, out);
+}
+
 // z = pointwise(depthwise(x)) without the pointwise bias, written to zp, with post(block, ptr, ld,
 // rows, cols, per_col) called on each block while it is still in cache.  Whole-batch plans write
 // NHWC (pixels x Cout); tiled plans write the layout of y (channels_last, or NCHW: Cout x pixels).
 template <typename T, typename Post>
-int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan, bool cl, const T* wd,
-                               const T* bd, const T* Wp, T* zp, const Post& post) {
-  const int64_t HW = s.H * s.W, Cin = s.Cin, Cout = s.Cout;
+int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan, bool cl,
+                               const DepthwiseWeights<T>& dw, const T* Wp, T* zp, const Post& post) {
+  const int64_t HW = s.H * s.W, Cin = s.Cin, Cout = s.Cout, ldd = dw.stride(Cin);
   if (plan.whole) {
     const int64_t P = s.N * HW;
-    Tensor D = scratch(Slot::kDepthwise, {P, Cin}, c10::CppTypeToScalarType<T>::value);
-    depthwise_all(X, s.N, s.H, s.W, Cin, wd, bd, s.k, 1, D.data_ptr<T>());
-    gemm<T>(false, D.data_ptr<T>(), Cin, true, Wp, Cin, zp, Cout, P, Cout, Cin, false);
+    Tensor D = scratch(Slot::kDepthwise, {P, ldd}, c10::CppTypeToScalarType<T>::value);
+    T* Dp = D.data_ptr<T>();
+    if (dw.blocked) {  // parallel over (image, block of rows)
+      constexpr int64_t kRows = 8;
+      const int64_t rb = (s.H + kRows - 1) / kRows;
+      at::parallel_for(0, s.N * rb, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t n = t / rb, r0 = t % rb * kRows, r1 = std::min(s.H, r0 + kRows);
+          depthwise_tile(X + n * HW * Cin, s, r0, r1, dw, Dp + (n * HW + r0 * s.W) * ldd, ldd);
+        }
+      });
+    } else {
+      depthwise_all(X, s.N, s.H, s.W, Cin, dw.w.template data_ptr<T>(), dw.b.template data_ptr<T>(), s.k, 1, Dp);
+    }
+    gemm<T>(false, Dp, ldd, true, Wp, Cin, zp, Cout, P, Cout, Cin, false);
     for_each_chunk(P, kChunk, [&](int64_t b, int64_t p0, int64_t p1) {
       post(b, zp + p0 * Cout, Cout, p1 - p0, Cout, true);
     });
     return (P + kChunk - 1) / kChunk;
   }
-  for_each_tile<T>(plan, s.H, plan.rows * s.W * Cin, [&](int64_t t, int64_t n, int64_t r0, int64_t r1, T* tile) {
+  for_each_tile<T>(plan, s.H, plan.rows * s.W * ldd, [&](int64_t t, int64_t n, int64_t r0, int64_t r1, T* tile) {
     const int64_t P = (r1 - r0) * s.W;
-    depthwise_rows(X + n * HW * Cin, s.H, s.W, Cin, r0, r1, wd, bd, s.k, 1, tile);
+    depthwise_tile(X + n * HW * Cin, s, r0, r1, dw, tile, ldd);
     if (cl) {
       T* dst = zp + (n * HW + r0 * s.W) * Cout;
-      gemm<T>(false, tile, Cin, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
+      gemm<T>(false, tile, ldd, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
       post(t, dst, Cout, P, Cout, true);
     } else {
       T* dst = zp + n * Cout * HW + r0 * s.W;
-      gemm<T>(false, Wp, Cin, true, tile, Cin, dst, HW, Cout, P, Cin, false);
+      gemm<T>(false, Wp, Cin, true, tile, ldd, dst, HW, Cout, P, Cin, false);
       post(t, dst, HW, Cout, P, false);
     }
   });
@@ -127,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
   const bool cl = output_format(x) == at::MemoryFormat::ChannelsLast;
   const int64_t HW = s.H * s.W, Cout = s.Cout;
   Tensor X = to_nhwc(x, ct, Slot::kInput);
-  Tensor wd = taps_major(w_dw, ct, false), bd = b_dw.to(ct).contiguous();
+  const DepthwiseWeights<T> dw(w_dw, b_dw);
   Tensor Wp = w_pw.reshape({Cout, s.Cin}).to(ct).contiguous(), bp = b_pw.to(ct).contiguous();
   Tensor g = gamma.to(ct), be = beta.to(ct);
   const TilePlan plan = plan_tiles(s.N, s.H, s.W, s.Cin + Cout, sizeof(T));
@@ -149,7 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
     Tensor scale = (g * at::rsqrt(running_var.to(ct) + eps)).contiguous();
     Tensor shift = ((bp - running_mean.to(ct)) * scale + be).contiguous();
     const T *a = scale.data_ptr<T>(), *b = shift.data_ptr<T>();
-    pointwise_of_depthwise<T>(X.data_ptr<T>(), s, plan, cl, wd.data_ptr<T>(), bd.data_ptr<T>(), Wp.data_ptr<T>(),
+    pointwise_of_depthwise<T>(X.data_ptr<T>(), s, plan, cl, dw, Wp.data_ptr<T>(),
                               zp, [&](int64_t, T* p, int64_t ld, int64_t R, int64_t Cn, bool per_col) {
                                 affine_act(p, ld, p, ld, R, Cn, a, b, per_col, relu);
                               });
@@ -160,7 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
   const int64_t blocks = plan.whole ? (s.N * HW + kChunk - 1) / kChunk : plan.count;
   BlockMoments moments(blocks, Cout);
   const T* bpp = bp.data_ptr<T>();
-  pointwise_of_depthwise<T>(X.data_ptr<T>(), s, plan, cl, wd.data_ptr<T>(), bd.data_ptr<T>(), Wp.data_ptr<T>(), zp,
+  pointwise_of_depthwise<T>(X.data_ptr<T>(), s, plan, cl, dw, Wp.data_ptr<T>(), zp,
                             [&](int64_t blk, T* p, int64_t ld, int64_t R, int64_t Cn, bool per_col) {
                               std::vector<T> mq(static_cast<size_t>(2 * Cout));
                               bias_moments(p, ld, R, Cn, bpp, per_col, mq.data(), mq.data() + Cout);
@@ -326,9 +363,7 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x, const 
                                                           const Tensor& running_mean, const Tensor& running_var,
                                                           bool training, double eps, bool relu) {
   Shapes s = check_common(kFwd, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, "running_mean",
-                          "running_var", eps);
-  TORCH_CHECK(!training || s.N * s.H * s.W > 1, kFwd,
-              ": training-mode batch statistics need more than one value per channel, got x of shape ", x.sizes());
+                          "running_var");
   c10::NoGradGuard no_grad;
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cpu_dwconv_bn_act_forward", [&] {
@@ -342,12 +377,8 @@ std::vector<Tensor> dwconv_bn_act_backward(const Tensor& grad_y, const Tensor& x
                                            const Tensor& b_dw, const Tensor& w_pw, const Tensor& b_pw,
                                            const Tensor& gamma, const Tensor& beta, const Tensor& mean,
                                            const Tensor& var, bool training, double eps, bool relu) {
-  Shapes s = check_common(kBwd, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, "mean", "var", eps);
-  check_cpu_float(kBwd, "grad_y", grad_y);
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({s.N, s.Cout, s.H, s.W}), kBwd, ": grad_y must have shape ",
-              at::IntArrayRef({s.N, s.Cout, s.H, s.W}), " (N, Cout, H, W), got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), kBwd, ": grad_y has dtype ", grad_y.scalar_type(),
-              " but x is ", x.scalar_type());
+  Shapes s = check_common(kBwd, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, "mean", "var");
+  check_shape(kBwd, "grad_y", grad_y, {s.N, s.Cout, s.H, s.W});
   c10::NoGradGuard no_grad;
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cpu_dwconv_bn_act_backward", [&] {

@@ -60,7 +60,12 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-# ---- bad inputs: one clear RuntimeError each --------------------------------------------------
+# ---- unsafe inputs: a RuntimeError from DLK_CHECK, never a crash -------------------------------
+# (User-facing messages are dlkunet/ops/validation.py's; the kernels check only what keeps them
+# memory-safe, so a dtype mismatch between x and a weight is converted, not refused.)
+
+UNSAFE = "dlkunet cpu kernel: unsafe arguments"
+
 
 def _replace(args, i, value):
     out = list(args)
@@ -69,29 +74,28 @@ def _replace(args, i, value):
 
 
 DW_BAD = [
-    ("x on the meta device", lambda a: _replace(a, 0, a[0].to("meta")), "must be a CPU tensor"),
-    ("w_pw on the meta device", lambda a: _replace(a, 3, a[3].to("meta")), "w_pw must be a CPU tensor"),
-    ("integer x", lambda a: _replace(a, 0, a[0].to(torch.int32)), "must be float32, float16, bfloat16 or float64"),
-    ("float64 weights for float32 x", lambda a: _replace(a, 1, a[1].double()), "w_dw has dtype"),
-    ("half bias for float32 x", lambda a: _replace(a, 4, a[4].half()), "b_pw has dtype"),
-    ("3-D x", lambda a: _replace(a, 0, a[0][0]), "must be 4-D"),
-    ("empty x", lambda a: _replace(a, 0, a[0][:0]), "is empty"),
-    ("even depthwise kernel", lambda a: _replace(a, 1, torch.randn(3, 1, 4, 4)), "odd kernel size"),
-    ("non-square depthwise kernel", lambda a: _replace(a, 1, torch.randn(3, 1, 3, 5)), "depthwise weight"),
-    ("depthwise channel mismatch", lambda a: _replace(a, 1, torch.randn(4, 1, 3, 3)), "w_dw must have shape"),
-    ("2-D pointwise weight", lambda a: _replace(a, 3, a[3].flatten(1)), "w_pw must have shape"),
-    ("pointwise Cin mismatch", lambda a: _replace(a, 3, torch.randn(5, 4, 1, 1)), "w_pw must have shape"),
-    ("b_dw of the wrong length", lambda a: _replace(a, 2, torch.randn(4)), "b_dw must have shape"),
-    ("gamma of the wrong length", lambda a: _replace(a, 5, torch.randn(6)), "gamma must have shape"),
-    ("running_var of rank 2", lambda a: _replace(a, 8, a[8].view(5, 1)), "var must have shape"),
+    ("x on the meta device", lambda a: _replace(a, 0, a[0].to("meta")), "x"),
+    ("w_pw on the meta device", lambda a: _replace(a, 3, a[3].to("meta")), "w_pw"),
+    ("integer x", lambda a: _replace(a, 0, a[0].to(torch.int32)), "x"),
+    ("3-D x", lambda a: _replace(a, 0, a[0][0]), "x"),
+    ("empty x", lambda a: _replace(a, 0, a[0][:0]), "x"),
+    ("even depthwise kernel", lambda a: _replace(a, 1, torch.randn(3, 1, 4, 4)), "w_dw"),
+    ("non-square depthwise kernel", lambda a: _replace(a, 1, torch.randn(3, 1, 3, 5)), "w_dw"),
+    ("depthwise kernel over kMaxKernel", lambda a: _replace(a, 1, torch.randn(3, 1, 65, 65)), "w_dw"),
+    ("depthwise channel mismatch", lambda a: _replace(a, 1, torch.randn(4, 1, 3, 3)), "w_dw"),
+    ("2-D pointwise weight", lambda a: _replace(a, 3, a[3].flatten(1)), "w_pw"),
+    ("pointwise Cin mismatch", lambda a: _replace(a, 3, torch.randn(5, 4, 1, 1)), "w_pw"),
+    ("b_dw of the wrong length", lambda a: _replace(a, 2, torch.randn(4)), "b_dw"),
+    ("gamma of the wrong length", lambda a: _replace(a, 5, torch.randn(6)), "gamma"),
+    ("running_var of rank 2", lambda a: _replace(a, 8, a[8].view(5, 1)), "var"),
 ]
 
 
-@pytest.mark.parametrize("what,mutate,message", DW_BAD, ids=[c[0] for c in DW_BAD])
+@pytest.mark.parametrize("what,mutate,name", DW_BAD, ids=[c[0] for c in DW_BAD])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_dwconv_bad_inputs_raise(what, mutate, message, direction):
+def test_dwconv_unsafe_inputs_raise(what, mutate, name, direction):
     args = mutate(_dw_args())
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(RuntimeError, match=f"{UNSAFE}.*{name}"):
         if direction == "forward":
             _dw_fwd(args)
         else:
@@ -101,57 +105,53 @@ def test_dwconv_bad_inputs_raise(what, mutate, message, direction):
             _dw_bwd(args, grad_y=gy)
 
 
-def test_dwconv_bad_scalars_and_grads_raise():
+def test_dwconv_unsafe_grads_raise_and_dtype_mismatches_convert():
     args = _dw_args()
-    with pytest.raises(RuntimeError, match="eps must be a finite"):
-        _dw_fwd(args, eps=float("nan"))
-    with pytest.raises(RuntimeError, match="more than one value per channel"):
-        _dw_fwd(_dw_args(n=1, h=1, w=1), training=True)
-    with pytest.raises(RuntimeError, match="grad_y must have shape"):
+    with pytest.raises(RuntimeError, match=f"{UNSAFE}.*grad_y"):
         _dw_bwd(args, grad_y=torch.randn(2, 4, 6, 7))
-    with pytest.raises(RuntimeError, match="grad_y has dtype"):
-        _dw_bwd(args, grad_y=torch.randn(2, 5, 6, 7, dtype=F64))
-    with pytest.raises(RuntimeError, match="grad_y must be a CPU tensor"):
+    with pytest.raises(RuntimeError, match=f"{UNSAFE}.*grad_y"):
         _dw_bwd(args, grad_y=torch.randn(2, 5, 6, 7, device="meta"))
     with pytest.raises(TypeError):  # pybind11 rejects a non-tensor before any kernel runs
         _C.cpu_dwconv_bn_act_forward("x", *args[1:], True, 1e-5, True)
+    # Safe, if unusual: float64 and half weights for float32 x are converted.
+    mixed = _replace(_replace(args, 1, args[1].double()), 4, args[4].half())
+    y, _, _ = _dw_fwd(mixed)
+    want, _, _ = reference.dwconv_bn_act_forward(*[t.double() for t in mixed], True, 1e-5, True)
+    assert y.dtype == torch.float32 and _rel(y, want) < 1e-3  # b_pw was rounded to half
 
 
 LKA_BAD = [
-    ("x on the meta device", lambda a: _replace(a, 0, a[0].to("meta")), "must be a CPU tensor"),
-    ("integer x", lambda a: _replace(a, 0, a[0].long()), "must be float32, float16, bfloat16 or float64"),
-    ("bfloat16 w1 for float32 x", lambda a: _replace(a, 5, a[5].bfloat16()), "w1 has dtype"),
-    ("5-D x", lambda a: _replace(a, 0, a[0][None]), "must be 4-D"),
-    ("even spatial kernel", lambda a: _replace(a, 3, torch.randn(4, 1, 6, 6)), "odd kernel size"),
-    ("w0 channel mismatch", lambda a: _replace(a, 1, torch.randn(3, 1, 5, 5)), "w0 must have shape"),
-    ("w1 not square in channels", lambda a: _replace(a, 5, torch.randn(4, 3, 1, 1)), "w1 must have shape"),
-    ("bs of the wrong length", lambda a: _replace(a, 4, torch.randn(5)), "bs must have shape"),
-    ("b1 on the meta device", lambda a: _replace(a, 6, a[6].to("meta")), "b1 must be a CPU tensor"),
+    ("x on the meta device", lambda a: _replace(a, 0, a[0].to("meta")), "x"),
+    ("integer x", lambda a: _replace(a, 0, a[0].long()), "x"),
+    ("5-D x", lambda a: _replace(a, 0, a[0][None]), "x"),
+    ("even spatial kernel", lambda a: _replace(a, 3, torch.randn(4, 1, 6, 6)), "ws"),
+    ("w0 channel mismatch", lambda a: _replace(a, 1, torch.randn(3, 1, 5, 5)), "w0"),
+    ("w1 not square in channels", lambda a: _replace(a, 5, torch.randn(4, 3, 1, 1)), "w1"),
+    ("bs of the wrong length", lambda a: _replace(a, 4, torch.randn(5)), "bs"),
+    ("b1 on the meta device", lambda a: _replace(a, 6, a[6].to("meta")), "b1"),
 ]
 
 
-@pytest.mark.parametrize("what,mutate,message", LKA_BAD, ids=[c[0] for c in LKA_BAD])
+@pytest.mark.parametrize("what,mutate,name", LKA_BAD, ids=[c[0] for c in LKA_BAD])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_lka_bad_inputs_raise(what, mutate, message, direction):
+def test_lka_unsafe_inputs_raise(what, mutate, name, direction):
     args = mutate(_lka_args())
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(RuntimeError, match=f"{UNSAFE}.*{name}"):
         if direction == "forward":
             _lka_fwd(args)
         else:
             _lka_bwd(args, grad_out=torch.randn(2, 4, 9, 8))
 
 
-def test_lka_bad_dilation_and_grads_raise():
+def test_lka_unsafe_dilation_and_grads_raise():
     args = _lka_args()
     for d in (0, -3):
-        with pytest.raises(RuntimeError, match="dilation must be in"):
+        with pytest.raises(RuntimeError, match=f"{UNSAFE}.*dilation"):
             _lka_fwd(args, dilation=d)
-        with pytest.raises(RuntimeError, match="dilation must be in"):
+        with pytest.raises(RuntimeError, match=f"{UNSAFE}.*dilation"):
             _lka_bwd(args, dilation=d)
-    with pytest.raises(RuntimeError, match="grad_out must have the shape of x"):
+    with pytest.raises(RuntimeError, match=f"{UNSAFE}.*grad_out"):
         _lka_bwd(args, grad_out=torch.randn(2, 4, 9, 7))
-    with pytest.raises(RuntimeError, match="grad_out has dtype"):
-        _lka_bwd(args, grad_out=torch.randn(2, 4, 9, 8).half())
 
 
 # ---- good inputs: the contract the ops layer relies on ----------------------------------------
@@ -299,7 +299,10 @@ def test_dwconv_plans_match_reference(two_threads, plan, training, layout):
 
 
 # lka_gate plans on 2C channels: C = 96 at 41 x 37 tiles (27 + 14 rows per image), C = 8 does not.
-LKA_PLANS = {"tiled": dict(n=2, c=96, h=41, w=37), "whole": dict(n=2, c=8, h=19, w=23)}
+# "runs": one image, so at two threads the float32 forward splits it into two runs of rows, each
+# computing a1's halo itself (lka_gate.cpp's forward_blocked).
+LKA_PLANS = {"tiled": dict(n=2, c=96, h=41, w=37), "whole": dict(n=2, c=8, h=19, w=23),
+             "runs": dict(n=1, c=40, h=41, w=37)}
 
 
 @pytest.mark.parametrize("plan", list(LKA_PLANS))
@@ -416,3 +419,60 @@ def test_concurrent_callers_have_their_own_scratch(two_threads):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+# ---- the blocked depthwise row kernel (depthwise.cpp) -------------------------------------------
+
+# (N, C, H, W, k, dilation): the unrolled sizes (3/5/7 at dilation 1 and 3) and the generic loop
+# (9 at dilation 2); channel tails (C not a multiple of 16), maps narrower than the register block
+# and than the kernel, one pixel.
+DEPTHWISE = [(2, 20, 17, 13, 5, 3), (1, 33, 9, 70, 7, 1), (1, 16, 3, 3, 3, 1), (1, 40, 30, 31, 7, 3),
+             (1, 17, 12, 11, 9, 2), (2, 7, 1, 1, 3, 3), (1, 48, 8, 29, 5, 1), (1, 9, 5, 23, 3, 3)]
+
+
+@pytest.mark.parametrize("n,c,h,w,k,d", DEPTHWISE, ids=["x".join(map(str, s)) for s in DEPTHWISE])
+def test_blocked_depthwise_matches_float64(n, c, h, w, k, d):
+    g = torch.Generator().manual_seed(n * 1000 + c * 10 + k)
+    x, wt, b = (torch.randn(*s, generator=g, dtype=F64) for s in ((n, c, h, w), (c, 1, k, k), (c,)))
+    want = torch.nn.functional.conv2d(x, wt, b, padding=d * (k - 1) // 2, dilation=d, groups=c)
+    got = _C.cpu_depthwise_forward(x.float(), wt.float(), b.float(), d)
+    eager = torch.nn.functional.conv2d(x.float(), wt.float(), b.float(), padding=d * (k - 1) // 2, dilation=d,
+                                       groups=c)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert _rel(got, want) <= max(2 * _rel(eager, want), BUDGET[torch.float32] / 10)
+
+
+def test_cpu_isa_is_reported():
+    assert _C.cpu_isa() in ("avx512", "avx2", "generic")
+
+
+_ISA_SCRIPT = """
+import torch, dlkunet._C as C
+from dlkunet.ops import reference
+print(C.cpu_isa())
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, 40, 23, 29, generator=g, dtype=torch.float64)
+w0, ws = torch.randn(40, 1, 5, 5, generator=g, dtype=torch.float64) / 5, torch.randn(40, 1, 7, 7, generator=g, dtype=torch.float64) / 7
+b, w1 = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(40, 40, 1, 1, generator=g, dtype=torch.float64) / 40 ** 0.5
+args = [x, w0, b, ws, b, w1, b]
+got = C.cpu_lka_gate_forward(*[t.float() for t in args], 3)
+want = reference.lka_gate_forward(*args, 3)
+print(float((got.double() - want).norm() / want.norm()))
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_each_instruction_set_matches_float64(isa):
+    """DLKUNET_CPU_ISA narrows the run-time choice: the other clones are tested where the CPU runs them."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DLKUNET_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got_isa, err = done.stdout.split()
+    if got_isa != isa:
+        assert isa != "generic", "the generic kernel must always be selectable"
+        pytest.skip(f"this CPU does not run the {isa} kernel (picked {got_isa})")
+    assert float(err) < BUDGET[torch.float32]
