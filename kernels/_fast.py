@@ -213,7 +213,7 @@ def _gemm_kernel(a_ptr, w_ptr, x_ptr, out_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_
         b = tl.load(w_ptr + co[None, :] * CIN + ci[:, None], mask=cimask[:, None] & comask[None, :],
                     other=0.0)
         acc = _mma(a, b.to(a.dtype), acc, PREC)
-    p0, p1 = _prologue(co, comask, COUT * (1 - tl.minimum(pid_m, 1)), b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr,
-                       eps, EPI)
+    p0, p1 = _prologue(co, comask, COUT * (1 - tl.minimum(pid_m, 1)), b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr,
+                       mean_ptr, var_ptr, eps, EPI)
     off = _offsets(p, n, hw, co, COUT, HW, CL)
     _epilogue(acc, p0, p1, off, pmask[:, None] & comask[None, :], out_ptr, x_ptr, EPI, RELU)

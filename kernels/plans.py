@@ -92,7 +92,9 @@ def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
     dh, dwd = _patch(w, 64)
     # BLOCK_CI 16: at 32, 16-bit NCHW with the 49-tap dilated conv spilled at 4 warps (sm_90).
     fused = (bh, bw, bco, 16, 8 if bco >= 128 else 4, 1)
-    gemm = (64, 128, 64 if half else 32, 4, 3)
+    # float32 at 8 warps: at 4, tf32x3 spilled 176-248 bytes on sm_80 (its hi/lo operand parts);
+    # 128x128 tiles at 8 warps spilled 32 bytes for float32 NCHW on sm_90.
+    gemm = (64, 128, 64, 4, 3) if half else (64, 128, 32, 8, 3)
     # dw at 8 warps: at 4, NCHW with k >= 5 spilled (255 registers on sm_90, 96 on sm_80).
     return Plan(name, fused=fused if name == FUSED else (), dw=(dh, dwd, 32, 8),
                 gemm=gemm if name == SPLIT else ())

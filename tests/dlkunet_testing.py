@@ -78,3 +78,29 @@ def load_benchmark_module(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def dwconv_inputs(n, cin, cout, h, w, k, offset, g):
+    """float64 x and the 8 parameters of dwconv_bn_act (b_pw around ``offset``)."""
+    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=g)
+    p = [torch.randn(cin, 1, k, k, dtype=torch.float64, generator=g) / k,
+         torch.randn(cin, dtype=torch.float64, generator=g) * 0.1,
+         torch.randn(cout, cin, 1, 1, dtype=torch.float64, generator=g) / cin ** 0.5,
+         offset + torch.randn(cout, dtype=torch.float64, generator=g),
+         1 + 0.2 * torch.randn(cout, dtype=torch.float64, generator=g),
+         0.1 * torch.randn(cout, dtype=torch.float64, generator=g),
+         0.1 * torch.randn(cout, dtype=torch.float64, generator=g),
+         0.5 + torch.rand(cout, dtype=torch.float64, generator=g)]
+    return x, p
+
+
+def lka_inputs(n, c, h, w, k0, ks, g):
+    """float64 x and the 6 parameters of lka_gate (k0 x k0 and ks x ks depthwise kernels)."""
+    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=g)
+    p = [torch.randn(c, 1, k0, k0, dtype=torch.float64, generator=g) / k0,
+         torch.randn(c, dtype=torch.float64, generator=g) * 0.1,
+         torch.randn(c, 1, ks, ks, dtype=torch.float64, generator=g) / ks,
+         torch.randn(c, dtype=torch.float64, generator=g) * 0.1,
+         torch.randn(c, c, 1, 1, dtype=torch.float64, generator=g) / c ** 0.5,
+         torch.randn(c, dtype=torch.float64, generator=g) * 0.1]
+    return x, p

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from dlkunet.ops import availability, reference
+from dlkunet_testing import dwconv_inputs as _dwconv_inputs
+from dlkunet_testing import lka_inputs as _lka_inputs
 from dlkunet_testing import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,19 +20,6 @@ pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {wh
 def _kernels():
     from dlkunet import kernels
     return kernels
-
-
-def _dwconv_inputs(n, cin, cout, h, w, k, offset, g):
-    x = torch.randn(n, cin, h, w, dtype=torch.float64, generator=g)
-    p = [torch.randn(cin, 1, k, k, dtype=torch.float64, generator=g) / k,
-         torch.randn(cin, dtype=torch.float64, generator=g) * 0.1,
-         torch.randn(cout, cin, 1, 1, dtype=torch.float64, generator=g) / cin ** 0.5,
-         offset + torch.randn(cout, dtype=torch.float64, generator=g),
-         1 + 0.2 * torch.randn(cout, dtype=torch.float64, generator=g),
-         0.1 * torch.randn(cout, dtype=torch.float64, generator=g),
-         0.1 * torch.randn(cout, dtype=torch.float64, generator=g),
-         0.5 + torch.rand(cout, dtype=torch.float64, generator=g)]
-    return x, p
 
 
 def test_batch_statistics_survive_a_large_mean():
@@ -68,13 +57,7 @@ def test_dwconv_bn_act_kernel_sizes(k):
 def test_lka_gate_ablation_kernels(k0, ks, dilation):
     g = torch.Generator().manual_seed(k0 * 10 + ks)
     c, n, h, w = 17, 2, 6, 5  # H, W below the dilated kernel's reach: a1's zero padding matters
-    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=g)
-    p = [torch.randn(c, 1, k0, k0, dtype=torch.float64, generator=g) / k0,
-         torch.randn(c, dtype=torch.float64, generator=g) * 0.1,
-         torch.randn(c, 1, ks, ks, dtype=torch.float64, generator=g) / ks,
-         torch.randn(c, dtype=torch.float64, generator=g) * 0.1,
-         torch.randn(c, c, 1, 1, dtype=torch.float64, generator=g) / c ** 0.5,
-         torch.randn(c, dtype=torch.float64, generator=g) * 0.1]
+    x, p = _lka_inputs(n, c, h, w, k0, ks, g)
     go = torch.randn_like(x)
     K = _kernels()
     dev = lambda t: t.float().to(DEVICE).contiguous(memory_format=torch.channels_last) if t.dim() == 4 and t.shape[0] == n else t.float().to(DEVICE)  # noqa: E731,E501
@@ -84,3 +67,89 @@ def test_lka_gate_ablation_kernels(k0, ks, dilation):
     assert rel_err(out, reference.lka_gate_forward(x, *p, dilation)) <= 1e-5
     for i, (got, want) in enumerate(zip(grads, reference.lka_gate_backward(go, x, *p, dilation))):
         assert rel_err(got, want) <= 1e-5, f"gradient {i}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The precision rule of the planned forward paths (kernels/plans.py): float32 runs TF32 exactly when
+# torch.backends.cudnn.allow_tf32 is True, full precision (tf32x3) when it is False; 16-bit one MMA.
+# Under the interpreter the kernels emulate the MMAs' operand rounding (kernels/_fast.py), and eager
+# TF32 is emulated likewise (its pointwise conv's operands rounded to TF32); on a GPU both are real.
+
+
+def _tf32(t):
+    """float32 rounded to TF32 (round to nearest even at 10 mantissa bits)."""
+    b = t.float().contiguous().view(torch.int32)
+    return ((b + 0xFFF + ((b >> 13) & 1)) & -8192).view(torch.float32)
+
+
+def _eager_tf32_dwconv(x, p, eps):
+    """Eager eval dwconv_bn_act in float32 with TF32 on, against which TF32 kernels are judged."""
+    if DEVICE == "cuda":
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            return reference.dwconv_bn_act_forward(x.float().cuda(), *[t.float().cuda() for t in p], False, eps,
+                                                   True)[0]
+    w_dw, b_dw, w_pw, b_pw, gamma, beta, rm, rv = [t.float() for t in p]
+    d = reference.depthwise_conv(x.float(), w_dw, b_dw)
+    z = torch.nn.functional.conv2d(_tf32(d), _tf32(w_pw), b_pw)
+    y = (z - rm.view(1, -1, 1, 1)) * torch.rsqrt(rv + eps).view(1, -1, 1, 1) * gamma.view(1, -1, 1, 1)
+    return torch.relu(y + beta.view(1, -1, 1, 1))
+
+
+def _eager_tf32_lka(x, p, dil):
+    if DEVICE == "cuda":
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+            return reference.lka_gate_forward(x.float().cuda(), *[t.float().cuda() for t in p], dil)
+    w0, b0, ws, bs, w1, b1 = [t.float() for t in p]
+    a2 = reference.depthwise_conv(reference.depthwise_conv(x.float(), w0, b0), ws, bs, dil)
+    return x.float() * torch.nn.functional.conv2d(_tf32(a2), _tf32(w1), b1)
+
+
+@pytest.fixture
+def tf32_flag():
+    """Sets torch.backends.cudnn.allow_tf32 for one test and restores it (conftest turns it off)."""
+    prev = torch.backends.cudnn.allow_tf32
+    yield lambda on: setattr(torch.backends.cudnn, "allow_tf32", on)
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+@pytest.mark.parametrize("plan", ["fused", "split"])
+def test_eval_dwconv_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag):
+    from dlkunet.kernels import plans
+    g = torch.Generator().manual_seed(7)
+    # Cin 40: the GEMM's K spans several MMA steps; channels_last for the split plan, NCHW for fused.
+    x, p = _dwconv_inputs(2, 40, 24, 5, 6, 3, 0.0, g)
+    fmt = torch.channels_last if plan == "split" else torch.contiguous_format
+    y_ref = reference.dwconv_bn_act_forward(x, *p, False, 1e-5, True)[0]
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    errs = {}
+    with plans.forced(plan):
+        for on in (False, True):
+            tf32_flag(on)  # read on every call: the same shape switches precision with the flag
+            assert plans.precision(torch.float32) == ("tf32" if on else "tf32x3")
+            y, _, _ = _kernels().dwconv_bn_act_forward(dev(x).contiguous(memory_format=fmt), *map(dev, p), False,
+                                                       1e-5, True)
+            errs[on] = rel_err(y, y_ref)
+    eager_tf32 = rel_err(_eager_tf32_dwconv(x, p, 1e-5), y_ref)
+    assert errs[False] <= 1e-5, errs  # full precision: the float32 budget
+    assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)  # TF32: no worse than 2x eager's TF32 error
+    # TF32 really ran: its error is that of 10-bit mantissas, far above the full-precision path's.
+    assert errs[True] > 10 * errs[False], errs
+
+
+@pytest.mark.parametrize("plan", ["fused", "split"])
+def test_lka_gate_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag):
+    from dlkunet.kernels import plans
+    g = torch.Generator().manual_seed(11)
+    dil = 3
+    x, p = _lka_inputs(1, 24, 5, 6, 5, 7, g)
+    ref = reference.lka_gate_forward(x, *p, dil)
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    errs = {}
+    with plans.forced(plan):
+        for on in (False, True):
+            tf32_flag(on)
+            errs[on] = rel_err(_kernels().lka_gate_forward(dev(x), *map(dev, p), dil), ref)
+    eager_tf32 = rel_err(_eager_tf32_lka(x, p, dil), ref)
+    assert errs[False] <= 1e-5, errs
+    assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)
+    assert errs[True] > 10 * errs[False], errs

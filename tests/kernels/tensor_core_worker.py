@@ -1,0 +1,178 @@
+"""Compile the planned forward kernels (kernels/_fast.py, tiles from kernels/plans.py) for a GPU target
+without a GPU and report, per specialisation, the tensor-core instructions of its PTX and SASS,
+registers, spilled bytes and shared memory.
+
+Run as a script, never under TRITON_INTERPRET (the kernels must be real JIT functions):
+``python tensor_core_worker.py ARCH [KERNEL...]`` prints one JSON line per compiled specialisation.
+test_tensor_cores.py drives it; by hand it is the way to read a kernel's PTX/SASS while tuning
+(``--dump DIR`` also writes the .ptx and .sass files).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+
+from dlkunet.kernels import _fast as F  # noqa: E402
+from dlkunet.kernels import plans as P  # noqa: E402
+
+# Per-channel parameter pointers and the statistics copies are float32; eps is a float.
+FP32_PTRS = {"b_ptr", "g_ptr", "be_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr"}
+# Channel counts of the real shapes are multiples of 16 (Triton specialises such ints at run time).
+DIVISIBLE = {"CIN", "COUT", "C", "HW"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Instructions that run on tensor cores.
+PTX_TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]+")
+SASS_TC = re.compile(r"\b(HGMMA|HMMA)\.[\w.]+")
+
+
+def _prec(dtype, tf32):
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if tf32 else "tf32x3"
+
+
+def specialisations(kernels):
+    """(kernel name, dtype, precision, constexprs, num_warps, num_stages) of every shipped tile and
+    launch combination: eval dwconv (EPI_BN, RELU, k=3) and the lka gate (EPI_GATE, ks=7, d=3);
+    both layouts; float32 with TF32 and with tf32x3, bfloat16 and float16."""
+    out = []
+    for kind, family, tile in P.shipped_configs():
+        if kind not in kernels:
+            continue
+        dtypes = [torch.float32] if family == torch.float32 else [torch.bfloat16, torch.float16]
+        for dtype in dtypes:
+            precs = [True, False] if dtype == torch.float32 else [True]
+            for tf32 in precs:
+                for cl in (False, True):
+                    if kind == "fused":
+                        bh, bw, bco, bci, warps, stages = tile
+                        for epi, k, dil, relu in ((F.EPI_BN, 3, 1, True), (F.EPI_GATE, 7, 3, False)):
+                            consts = dict(K=k, DIL=dil, EPI=epi, RELU=relu, CL=cl, PREC=_prec(dtype, tf32),
+                                          BH=bh, BW=bw, BLOCK_CO=bco, BLOCK_CI=bci)
+                            out.append(("fused", F._fused_kernel, dtype, consts, warps, stages))
+                    elif kind == "gemm":
+                        bm, bn, bk, warps, stages = tile
+                        for epi, relu in ((F.EPI_BN, True), (F.EPI_GATE, False)):
+                            consts = dict(EPI=epi, RELU=relu, CL=cl, PREC=_prec(dtype, tf32), BLOCK_M=bm,
+                                          BLOCK_N=bn, BLOCK_K=bk)
+                            out.append(("gemm", F._gemm_kernel, dtype, consts, warps, stages))
+                    elif kind == "dw" and tf32:
+                        bh, bw, bc, warps = tile
+                        for k, dil in ((3, 1), (5, 1), (7, 3)):
+                            consts = dict(K=k, DIL=dil, CL=cl, BH=bh, BW=bw, BLOCK_C=bc)
+                            out.append(("dw", F._dw_kernel, dtype, consts, warps, 1))
+    return out
+
+
+def ci_subset(specs):
+    """The specialisations the CI test compiles (a full sweep is ~200 per arch): every GEMM with the
+    BN epilogue (each dtype and precision, both layouts), the widest fused tile with the BN epilogue
+    likewise, and the worst register cases seen in the full sweep (16-bit NCHW with the 49-tap
+    dilated conv: the fused gate kernel at its narrowest and widest tiles, the depthwise kernel)."""
+    keep = []
+    for spec in specs:
+        name, _, dtype, c, warps, _ = spec
+        if name == "gemm" and c["EPI"] == F.EPI_BN:
+            keep.append(spec)
+        elif name == "fused" and c["EPI"] == F.EPI_BN and c["BLOCK_CO"] == 256 and c["BW"] == 32:
+            keep.append(spec)
+        elif (name == "fused" and c["EPI"] == F.EPI_GATE and not c["CL"] and dtype == torch.bfloat16
+              and c["BW"] == 32 and c["BLOCK_CO"] in (16, 256)):
+            keep.append(spec)
+        elif name == "dw" and c["K"] == 7 and not c["CL"] and dtype == torch.bfloat16 and c["BW"] == 32:
+            keep.append(spec)
+    return keep
+
+
+def mma_work(sass, consts, num_warps):
+    """MMA work of one K tile as a multiple of the tile's products: the SASS tensor-core instructions
+    times their m*n*k (HGMMA is issued per warpgroup of 4 warps, HMMA per warp) over BM*BN*BK.
+    1 for one MMA per product, 2 for a hi/lo split, 3 or more for tf32x3 (up to the unrolling)."""
+    if "BLOCK_M" in consts:
+        tile = consts["BLOCK_M"] * consts["BLOCK_N"] * consts["BLOCK_K"]
+    elif "BLOCK_CO" in consts:
+        tile = consts["BH"] * consts["BW"] * consts["BLOCK_CO"] * consts["BLOCK_CI"]
+    else:
+        return 0.0
+    work = 0.0
+    for m, n, k in re.findall(r"\bHGMMA\.(\d+)x(\d+)x(\d+)", sass):
+        work += int(m) * int(n) * int(k) * (num_warps / 4)
+    for shape in re.findall(r"\bHMMA\.(\d+)", sass):
+        m, n, k = int(shape[:2]), int(shape[2]), int(shape[3:])
+        work += m * n * k * num_warps
+    return work / tile
+
+
+def compile_one(fn, consts, dtype, arch, num_warps, num_stages):
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in FP32_PTRS else "*" + DTYPE_NAMES[dtype]
+            attrs[(i,)] = backend.parse_attr("D")
+        elif name == "eps":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name in DIVISIBLE:
+                attrs[(i,)] = backend.parse_attr("D")
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                          maxnreg=P.MAX_REGISTERS))
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        tool = triton.knobs.nvidia.cuobjdump.path
+        res = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True)
+        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", res.stdout + res.stderr)
+    ptx = kernel.asm["ptx"]
+    return dict(ok=usage is not None, regs=int(usage.group(1)) if usage else None,
+                spill_bytes=int(usage.group(2)) if usage else None, shared=kernel.metadata.shared,
+                ptx_tc=sorted(set(m.group(0) for m in PTX_TC.finditer(ptx))),
+                sass_tc=sorted(set(m.group(0) for m in SASS_TC.finditer(sass))),
+                sass_tc_count=len(SASS_TC.findall(sass)), mma_work=mma_work(sass, consts, num_warps)), ptx, sass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("arch", type=int)
+    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw"])
+    ap.add_argument("--dump", default=None)
+    ap.add_argument("--all", action="store_true", help="every shipped specialisation, not the CI subset")
+    args = ap.parse_args()
+    specs = specialisations(args.kernels)
+    if not args.all:
+        specs = ci_subset(specs)
+    for i, (name, fn, dtype, consts, warps, stages) in enumerate(specs):
+        head = dict(kernel=name, arch=args.arch, dtype=DTYPE_NAMES[dtype], consts=consts, num_warps=warps,
+                    num_stages=stages)
+        try:
+            res, ptx, sass = compile_one(fn, consts, dtype, args.arch, warps, stages)
+            if args.dump:
+                os.makedirs(args.dump, exist_ok=True)
+                stem = os.path.join(args.dump, f"{i:03d}_{name}_{head['dtype']}_sm{args.arch}")
+                open(stem + ".ptx", "w").write(ptx)
+                open(stem + ".sass", "w").write(sass)
+        except Exception as exc:  # reported, and failed, by the test
+            res = dict(ok=False, log=f"{type(exc).__name__}: {exc}"[-2000:])
+        print(json.dumps(dict(head, **res)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The per-shape plans of the Triton forward paths (kernels/plans.py): each plan forced on small shapes
+in every dtype and layout against float64, multi-tile coverage with forced small tiles, the plan
+choice and its cache, and the host side of a call (launches and torch ops, counted with the torch
+profiler while the kernels' launches are counted instead of run).
+
+Float32 here runs with torch.backends.cudnn.allow_tf32 False (conftest), i.e. the full-precision
+path, judged by the float32 budget; the TF32 path is test_triton_numerics.py's."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlkunet.ops import availability, reference
+from dlkunet_testing import BUDGET, dwconv_inputs, lka_inputs, poisoned_allocations, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ok, why = availability("triton", DEVICE)
+pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
+
+
+def _modules():
+    from dlkunet import kernels
+    from dlkunet.kernels import plans
+    return kernels, plans
+
+
+def _dwconv(n, cin, cout, h, w, k, g):
+    """b_pw and the running statistics of order 1."""
+    return dwconv_inputs(n, cin, cout, h, w, k, 0.0, g)
+
+
+def _lka(c, n, h, w, k0, ks, g):
+    return lka_inputs(n, c, h, w, k0, ks, g)
+
+
+def _on(t, dtype, fmt=torch.contiguous_format):
+    t = t.to(dtype).to(DEVICE)
+    return t.contiguous(memory_format=fmt) if t.dim() == 4 and t.shape[1] > 1 and t.shape[-1] > 1 else t
+
+
+CASES = [("fused", torch.float32, "nchw"), ("fused", torch.bfloat16, "cl"), ("fused", torch.float16, "nchw"),
+         ("split", torch.float32, "cl"), ("split", torch.bfloat16, "nchw"), ("split", torch.float16, "cl")]
+
+
+@pytest.mark.parametrize("plan,dtype,layout", CASES)
+def test_eval_dwconv_bn_act_each_plan(plan, dtype, layout):
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(3)
+    x, p = _dwconv(2, 6, 18, 5, 7, 3, g)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    y_ref, _, _ = reference.dwconv_bn_act_forward(x, *p, False, 1e-5, True)
+    params = [_on(t, dtype) for t in p[:4]] + [t.float().to(DEVICE) for t in p[4:]]
+    with plans.forced(plan), poisoned_allocations():
+        y, mean, var = kernels.dwconv_bn_act_forward(_on(x, dtype, fmt), *params, False, 1e-5, True)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    assert rel_err(y, y_ref) <= BUDGET[dtype]
+    # the returned statistics are copies of the running ones, written by the kernel
+    assert torch.equal(mean, params[6]) and torch.equal(var, params[7])
+    assert mean.data_ptr() != params[6].data_ptr() and var.data_ptr() != params[7].data_ptr()
+
+
+@pytest.mark.parametrize("plan,dtype,layout", [c for c in CASES if c[1] != torch.float16])
+def test_lka_gate_forward_each_plan(plan, dtype, layout):
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(5)
+    x, p = _lka(17, 1, 6, 5, 5, 7, g)  # H, W below the dilated kernel's reach: a1's zero padding matters
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    with plans.forced(plan), poisoned_allocations():
+        out = kernels.lka_gate_forward(_on(x, dtype, fmt), *[_on(t, dtype) for t in p], 3)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+    assert rel_err(out, reference.lka_gate_forward(x, *p, 3)) <= BUDGET[dtype]
+
+
+def test_small_tiles_cover_every_tile_loop():
+    """Tiles smaller than the shape: several spatial patches per image (partial ones at the edges),
+    several output-channel tiles (the fused plan recomputing its taps per tile), several K steps."""
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(9)
+    x, p = _dwconv(1, 20, 20, 5, 9, 3, g)  # 2 K steps, 2 channel tiles, 3 x 3 patches (partial ones)
+    y_ref, _, _ = reference.dwconv_bn_act_forward(x, *p, False, 1e-5, False)
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    small = {"fused": plans.Plan("fused", fused=(2, 4, 16, 16, 1, 1), dw=(2, 4, 16, 1)),
+             "split": plans.Plan("split", dw=(2, 4, 16, 1), gemm=(16, 16, 16, 1, 1))}
+    for name, plan in small.items():
+        with plans.forced(plan), poisoned_allocations():
+            y, _, _ = kernels.dwconv_bn_act_forward(dev(x), *map(dev, p), False, 1e-5, False)
+        assert rel_err(y, y_ref) <= BUDGET[torch.float32], name
+
+
+def test_plan_choice_is_the_cost_models_and_cached():
+    _, plans = _modules()
+    dev = torch.device(DEVICE)
+    levels = ((96, 224), (192, 112), (384, 56), (768, 28), (1536, 14))
+    for c, side in levels:
+        for dtype in (torch.float32, torch.bfloat16):
+            prec = plans.precision(dtype)
+            for op, ks in (("dwconv_bn_act", (3,)), ("lka_gate", (5, 7))):
+                plan = plans.choose(op, 16, c, c, side, side, ks, dtype, False, dev, prec)
+                times = {name: plans.predicted_seconds(name, op, 16, c, c, side, side, ks, dtype, prec)
+                         for name in plans.PLANS}
+                assert plan.name == min(times, key=times.get)
+                assert plans.choose(op, 16, c, c, side, side, ks, dtype, False, dev, prec) is plan  # cached
+    # The design's two regimes: taps computed once at the shallow levels, the depthwise kernel
+    # written once and a GEMM where the fused tile could not hold every output channel.
+    shallow = plans.choose("dwconv_bn_act", 16, 96, 96, 224, 224, (3,), torch.bfloat16, False, dev, "ieee")
+    deep = plans.choose("lka_gate", 16, 1536, 1536, 14, 14, (5, 7), torch.bfloat16, False, dev, "ieee")
+    assert (shallow.name, deep.name) == ("fused", "split")
+    with plans.forced("split"):
+        assert plans.choose("dwconv_bn_act", 16, 96, 96, 224, 224, (3,), torch.bfloat16, False, dev,
+                            "ieee").name == "split"
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+
+
+def _count_host_work(fn):
+    """(kernel launches, torch ops) of fn(): the launches are counted and skipped (the interpreter
+    would add its own torch ops copying arguments), the torch ops recorded by the profiler."""
+    from triton.runtime import interpreter
+    launches = []
+    original = interpreter.GridExecutor.__call__
+
+    def count(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+
+    interpreter.GridExecutor.__call__ = count
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        interpreter.GridExecutor.__call__ = original
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    return launches, ops
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
+@pytest.mark.parametrize("plan", ["fused", "split"])
+def test_eval_forward_host_overhead(plan):
+    """Eval dwconv_bn_act: at most 3 launches (1 fused, 2 split) and no torch op but the allocations
+    of y, the two statistics copies and (split) the depthwise output; lka_gate: 2-3 launches, the
+    allocations of a1, out and (split) a2."""
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(1)
+    x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
+    xf, pf = x.float(), [t.float() for t in p]
+    with plans.forced(plan):
+        kernels.dwconv_bn_act_forward(xf, *pf, False, 1e-5, True)  # warm: plan cache, layouts
+        launches, ops = _count_host_work(lambda: kernels.dwconv_bn_act_forward(xf, *pf, False, 1e-5, True))
+    assert len(launches) == (1 if plan == "fused" else 2) <= 3, launches
+    assert set(ops) <= {"aten::empty"} and len(ops) == (3 if plan == "fused" else 4), ops
+
+    xl, pl = _lka(8, 1, 5, 6, 5, 7, g)
+    xl, pl = xl.float(), [t.float() for t in pl]
+    with plans.forced(plan):
+        kernels.lka_gate_forward(xl, *pl, 3)
+        launches, ops = _count_host_work(lambda: kernels.lka_gate_forward(xl, *pl, 3))
+    assert len(launches) == (2 if plan == "fused" else 3), launches
+    assert set(ops) <= {"aten::empty"} and len(ops) == (2 if plan == "fused" else 3), ops
