@@ -13,6 +13,10 @@ Every row of the suite is one of these "backends":
               gives their speedup against eager_cl as well as against eager.
 ``auto`` / ``auto_cl``  models only: what a user gets by default (``dlkunet.ops.backends``'s
               measured choice per operator and mode).
+``onnxruntime`` / ``openvino``  models only, inference only, CPU: the model exported by
+              ``dlkunet.export.export_onnx`` (the reference graph) and run in that deployment runtime
+              with as many threads as torch uses; skipped, with the reason, where the runtime or the
+              exporter's packages (onnx, onnxscript) are not installed.
 ``eager_pw`` / ``eager_pw_cl``  dwconv_bn_act only, a bound rather than a peer: eager's pointwise 1x1
               convolution alone (the operator's GEMM, as PyTorch runs it), in each layout.  A fused
               kernel still does that GEMM, so eager / eager_pw is the most any fusion can gain over
@@ -20,7 +24,10 @@ Every row of the suite is one of these "backends":
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import importlib.util
+import os
+import tempfile
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +41,8 @@ FUSED = ("triton", "cuda", "cpu")
 FUSED_CL = tuple(f"{name}_cl" for name in FUSED)
 DEFAULT = ("auto", "auto_cl")  # models only
 BOUNDS = ("eager_pw", "eager_pw_cl")  # dwconv_bn_act only
-BACKENDS = PEERS + BOUNDS + FUSED + FUSED_CL + DEFAULT
+RUNTIMES = ("onnxruntime", "openvino")  # models only, inference only
+BACKENDS = PEERS + BOUNDS + FUSED + FUSED_CL + DEFAULT + RUNTIMES
 
 
 def backend_name(backend: str) -> str:
@@ -72,6 +80,13 @@ class EagerLKA(nn.Module):
 
 def availability(backend: str, device_type: str) -> Tuple[bool, str]:
     if backend in PEERS + BOUNDS + DEFAULT:
+        return True, ""
+    if backend in RUNTIMES:
+        if device_type != "cpu":
+            return False, f"the {backend} rows run on the CPU"
+        for package in ("onnx", "onnxscript", backend):
+            if importlib.util.find_spec(package) is None:
+                return False, f"{package} is not installed (pip install {package})"
         return True, ""
     return ops.availability(backend_name(backend), device_type)
 
@@ -124,9 +139,47 @@ def lka(backend: str, c: int, kernels, dtype, device, compile_backend: str = "in
     return module, _with_backend(module, backend)
 
 
-def model(backend: str, variant: str, base_width: int, device, compile_backend: str = "inductor"):
-    """DLKUNet-<variant>; eager peers run it on the pure-PyTorch ``torch`` backend."""
+_EXPORTED: Dict[tuple, str] = {}  # (variant, base_width, input shape) -> .onnx path, shared by the runtimes
+
+
+def _exported(net: nn.Module, key: tuple, shape) -> str:
+    if key not in _EXPORTED:
+        from dlkunet.export import export_onnx
+
+        path = os.path.join(tempfile.mkdtemp(prefix="dlkunet-bench-"), "model.onnx")
+        export_onnx(net.eval(), path, example=torch.randn(shape), check=False)
+        _EXPORTED[key] = path
+    return _EXPORTED[key]
+
+
+def runtime_session(backend: str, path: str) -> Callable:
+    """A callable running the ONNX file in ``backend`` on a CPU tensor, with torch's thread count."""
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: np.ascontiguousarray(x.numpy())})[0]
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads})
+    return lambda x: compiled(np.ascontiguousarray(x.numpy()))[0]
+
+
+def model(backend: str, variant: str, base_width: int, device, compile_backend: str = "inductor",
+          shape: Optional[Tuple[int, int, int, int]] = None):
+    """DLKUNet-<variant>; eager peers run it on the pure-PyTorch ``torch`` backend; the runtimes
+    run it exported (traced at ``shape``, the benchmark's input shape)."""
     net = build_model(variant, base_width=base_width).to(device)
+    if backend in RUNTIMES:
+        net.eval()
+        return net, runtime_session(backend, _exported(net, (variant, base_width, tuple(shape)), shape))
     net = net.to(memory_format=memory_format(backend))
     if backend in PEERS:
         run = _compiled(net, compile_backend) if backend == "compile" else net

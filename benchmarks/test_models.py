@@ -3,6 +3,8 @@
 ``infer``  ``model.eval()`` forward under ``torch.no_grad()``; images/s = batch / median time.
 ``train``  one optimisation step: zero_grad, forward, cross-entropy against random labels, backward,
            SGD (momentum 0.9) step, ``model.train()``.
+``onnxruntime`` / ``openvino`` rows (inference only, CPU): the model exported once per case and run in
+that runtime (baselines.py).
 Peak memory is torch.cuda.max_memory_allocated on GPUs (model, optimizer state and rotated inputs
 included) and the process's peak RSS on CPUs.
 """
@@ -25,13 +27,16 @@ def test_model(benchmark, bench, model_case, mode, backend):
     bench.require(backend)
     if backend in baselines.BOUNDS:
         pytest.skip("the pointwise-only bound belongs to dwconv_bn_act")
+    if backend in baselines.RUNTIMES and mode == "train":
+        pytest.skip("the deployment runtimes run inference only")
     if backend == "compile":
         why = shapes.wants_compile(bench.size, model_case.index, None, model=True)
         if why:
             pytest.skip(why)
     c, device = model_case, bench.device
     train = mode == "train"
-    net, fn = baselines.model(backend, c.variant, c.base_width, device, bench.size.compile_backend)
+    net, fn = baselines.model(backend, c.variant, c.base_width, device, bench.size.compile_backend,
+                              shape=(c.batch, 1, c.image, c.image))
     net.train(train)
     fmt = baselines.memory_format(backend)
 

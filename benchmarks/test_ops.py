@@ -52,6 +52,8 @@ def _inputs(bench, shape_in, shape_out, dtype, backend, backward):
 def _skip_unless_measured_here(bench, backend, case, combo):
     if backend in baselines.BOUNDS and not isinstance(case, shapes.DWCase):
         pytest.skip("the pointwise-only bound belongs to dwconv_bn_act")
+    if backend in baselines.RUNTIMES:
+        pytest.skip("the deployment runtimes run whole exported models")
     if backend in baselines.DEFAULT:
         pytest.skip("auto is measured on whole models; for one operator it is one of the named rows")
     if backend == "compile":
