@@ -115,7 +115,8 @@ def _foreign_format(path: Path) -> Optional[str]:
         return "an HDF5 file (a .h5 volume?)"
     if head[:6] == b"\x93NUMPY":
         return "a NumPy .npy array"
-    if len(head) >= 348 and int.from_bytes(head[:4], "little") in (348, 540) and head[344:347] in (b"n+1", b"ni1", b"n+2"):
+    nifti_magic = head[344:347] in (b"n+1", b"ni1", b"n+2")
+    if len(head) >= 348 and int.from_bytes(head[:4], "little") in (348, 540) and nifti_magic:
         return "a NIfTI image"
     if head[:4] == b"PK\x03\x04":
         try:

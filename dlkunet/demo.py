@@ -54,7 +54,7 @@ def run_demo(output="dlkunet-demo", seed: int = 0, device: str = "auto", progres
     summary["train_seconds"] = trained - started
     summary["total_seconds"] = finished - started
     summary["train"] = {k: v for k, v in result.items() if k != "history"}
-    print(markdown_table(summary, "DLKUNet-S (demo)"))
+    print(markdown_table(summary, summary["method"]))  # the label table.md carries
     print("per class:")
     for info in summary["per_class"].values():
         print(f"  {info['name']:<14} DSC {info['dsc']:.4f}  HD95 {info['hd95']:.2f}")

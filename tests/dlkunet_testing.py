@@ -59,7 +59,8 @@ def layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 def poisoned_allocations():
     """Every torch.empty inside is filled with NaN (PyTorch's deterministic-mode fill), so an
     output element a kernel forgot to write shows up as NaN and fails the comparison."""
-    prev_det, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True

@@ -20,8 +20,11 @@ def line(n, *runs):
 
 class TestHandWorked:
     def test_dice_half_overlap(self):
-        a = np.zeros((4, 4), bool); a[0, 0:4] = True
-        b = np.zeros((4, 4), bool); b[0, 2:4] = True; b[1, 0:2] = True
+        a = np.zeros((4, 4), bool)
+        a[0, 0:4] = True
+        b = np.zeros((4, 4), bool)
+        b[0, 2:4] = True
+        b[1, 0:2] = True
         assert dice(a, b) == pytest.approx(2 * 2 / 8)
 
     def test_dice_identical_and_disjoint(self):
@@ -43,7 +46,8 @@ class TestHandWorked:
 
     def test_surface_excludes_interior_in_2d(self):
         # 5x5 square: surface is the 16-voxel ring; the pooled distances to itself are all 0.
-        sq = np.zeros((7, 7), bool); sq[1:6, 1:6] = True
+        sq = np.zeros((7, 7), bool)
+        sq[1:6, 1:6] = True
         d1, d2 = surface_distances(sq, sq)
         assert len(d1) == len(d2) == 16 and not d1.any()
 
@@ -54,15 +58,19 @@ class TestHandWorked:
         assert len(d1) == 6
 
     def test_spacing_mm_vs_transunet(self):
-        a = np.zeros((3, 3, 8), bool); a[1, 1, 0] = True
-        b = np.zeros((3, 3, 8), bool); b[1, 1, 3] = True
+        a = np.zeros((3, 3, 8), bool)
+        a[1, 1, 0] = True
+        b = np.zeros((3, 3, 8), bool)
+        b[1, 1, 3] = True
         assert hd95(a, b, spacing=(5.0, 1.0, 2.0), protocol="mm") == pytest.approx(6.0)
         # TransUNet reports voxel units: the spacing is ignored.
         assert hd95(a, b, spacing=(5.0, 1.0, 2.0), protocol="transunet") == pytest.approx(3.0)
 
     def test_anisotropic_diagonal_distance(self):
-        a = np.zeros((2, 2), bool); a[0, 0] = True
-        b = np.zeros((2, 2), bool); b[1, 1] = True
+        a = np.zeros((2, 2), bool)
+        a[0, 0] = True
+        b = np.zeros((2, 2), bool)
+        b[1, 1] = True
         assert hd95(a, b, spacing=(3.0, 4.0), protocol="mm") == pytest.approx(5.0)
 
 
@@ -73,7 +81,8 @@ class TestEmptyMasks:
 
     def masks(self):
         empty = np.zeros(self.shape, bool)
-        full = empty.copy(); full[1:3, 1:3, 1:4] = True
+        full = empty.copy()
+        full[1:3, 1:3, 1:4] = True
         return empty, full
 
     def test_transunet_rules(self):

@@ -130,7 +130,8 @@ def test_raw_input_without_a_recorded_normalisation_is_warned_about(checkpoint, 
     assert "look raw" in caplog.text and "--intensity ct" in caplog.text
     caplog.clear()
     image = np.random.default_rng(1).random((2, 32, 32)).astype(np.float32)  # in the training range
-    write_volume(tmp_path / "ok" / "v.npz", np.zeros(image.shape, np.int64), VolumeCase("v", image, None, None, None, "v.npz"))
+    write_volume(tmp_path / "ok" / "v.npz", np.zeros(image.shape, np.int64),
+                 VolumeCase("v", image, None, None, None, "v.npz"))
     with caplog.at_level("WARNING", logger="dlkunet"):
         predict(path, tmp_path / "ok", tmp_path / "out3", device="cpu", progress=False)
     assert caplog.text == ""

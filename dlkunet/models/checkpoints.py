@@ -68,7 +68,9 @@ def reference_key(key: str) -> str:
     match = re.match(r"ups\.(\d+)\.(up|block)\.(.*)", key)
     if match:
         index = int(match.group(1)) + 1
-        return f"up{index}.up.{match.group(3)}" if match.group(2) == "up" else f"up{index}.conv." + block(match.group(3))
+        if match.group(2) == "up":
+            return f"up{index}.up.{match.group(3)}"
+        return f"up{index}.conv." + block(match.group(3))
     return key
 
 

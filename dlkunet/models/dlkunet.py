@@ -1,7 +1,7 @@
 """DLKUNet and its S / M / L variants (``docs/architecture.md``)."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List
 
 from torch import Tensor, nn
 

@@ -9,8 +9,9 @@ training, eps, relu) -> (y, mean, var)``
     training: ``mean, var`` are the batch statistics of ``z`` over (N, H, W) (biased variance);
     eval: ``mean, var`` are ``running_mean, running_var``.  ``y = act((z - mean) * rsqrt(var + eps)
     * gamma + beta)``.  ``mean`` and ``var`` come back as float32 tensors of shape (Cout,), the
-    statistics the backward needs (float64 for float64 inputs).  Backends never touch the running statistics: the public op
-    updates them from the returned batch statistics, exactly as ``nn.BatchNorm2d`` would.
+    statistics the backward needs (float64 for float64 inputs).  Backends never touch the running
+    statistics: the public op updates them from the returned batch statistics, exactly as
+    ``nn.BatchNorm2d`` would.
 
 ``dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var, training,
 eps, relu) -> (grad_x, grad_w_dw, grad_b_dw, grad_w_pw, grad_b_pw, grad_gamma, grad_beta)``

@@ -103,7 +103,8 @@ class TestLabelRange:
     def test_synapse_slice_label_9(self, synapse_dir):
         root, _ = synapse_dir
         path = root / "train_npz" / "case0006_slice000.npz"
-        label = np.zeros((24, 20), np.float32); label[3, 4] = 9
+        label = np.zeros((24, 20), np.float32)
+        label[3, 4] = 9
         np.savez(path, image=np.zeros((24, 20), np.float32), label=label)
         with raises(r"label values 0\.\.9 outside the class range \[0, 8\]", path):
             open_dataset(root).train_slices(8)[2]

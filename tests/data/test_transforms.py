@@ -55,7 +55,8 @@ def test_flip_probability_is_half():
 
 
 def test_small_rotation_keeps_labels_discrete():
-    image = np.zeros((21, 21), np.float32); image[5:16, 8:13] = 1.0
+    image = np.zeros((21, 21), np.float32)
+    image[5:16, 8:13] = 1.0
     label = image.astype(np.int64) * 3
     rotated_any = False
     for i in range(20):

@@ -91,7 +91,8 @@ def test_bad_spacing_entry(tmp_path):
 
 def test_h5_as_transunet_writes_it(tmp_path):
     path = tmp_path / "case0002.npy.h5"
-    label = np.zeros((2, 3, 3), np.float32); label[1, 1, 1] = 8
+    label = np.zeros((2, 3, 3), np.float32)
+    label[1, 1, 1] = 8
     with h5py.File(path, "w") as f:
         f.create_dataset("image", data=np.ones((2, 3, 3), np.float32))
         f.create_dataset("label", data=label)

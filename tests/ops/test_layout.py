@@ -24,7 +24,11 @@ def _tensors():
     yield torch.randn(2, 5, 9, 6).permute(0, 3, 1, 2)[:, :, :, 1:8]  # strided CL view
 
 
-@pytest.mark.parametrize("t", list(_tensors()), ids=lambda t: "x".join(map(str, t.shape)) + "-" + "-".join(map(str, t.stride())))
+def _tensor_id(t):
+    return "x".join(map(str, t.shape)) + "-" + "-".join(map(str, t.stride()))
+
+
+@pytest.mark.parametrize("t", list(_tensors()), ids=_tensor_id)
 def test_stride_rule_is_atens_suggest_memory_format(t):
     assert layout.memory_format(t) == prims_common.suggest_memory_format(t)
 
