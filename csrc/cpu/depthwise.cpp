@@ -200,11 +200,13 @@ Tensor depthwise_forward(const Tensor& x, const Tensor& w, const Tensor& b, int6
   Tensor out = at::empty({N, H, W, ld}, X.options());
   const float *Xp = X.data_ptr<float>(), *wp = wb.data_ptr<float>(), *bp = bb.data_ptr<float>();
   float* op_ = out.data_ptr<float>();
-  constexpr int64_t kRows = 8;
-  const int64_t rb = (H + kRows - 1) / kRows;
+  // Tasks of (image, channel block, block of rows): whole images when that occupies the threads,
+  // since each block of rows packs its halo of 2 * pad rows again.
+  const int64_t want = 2 * at::get_num_threads(), split = std::min(H, (want + N * nb - 1) / (N * nb));
+  const int64_t rows = (H + split - 1) / split, rb = (H + rows - 1) / rows;
   at::parallel_for(0, N * rb * nb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / (rb * nb), r0 = t / nb % rb * kRows, cb = t % nb, r1 = std::min(H, r0 + kRows);
+      const int64_t n = t / (rb * nb), r0 = t / nb % rb * rows, cb = t % nb, r1 = std::min(H, r0 + rows);
       dw_rows_blocked(Xp + n * H * W * C, H, W, C, r0, r1, cb, cb + 1, wp, bp, k, dilation,
                       op_ + (n * H + r0) * W * ld, ld);
     }
