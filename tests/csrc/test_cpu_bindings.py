@@ -452,8 +452,8 @@ from dlkunet.ops import reference
 print(C.cpu_isa())
 g = torch.Generator().manual_seed(0)
 x = torch.randn(1, 40, 23, 29, generator=g, dtype=torch.float64)
-w0, ws = torch.randn(40, 1, 5, 5, generator=g, dtype=torch.float64) / 5, torch.randn(40, 1, 7, 7, generator=g, dtype=torch.float64) / 7
-b, w1 = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(40, 40, 1, 1, generator=g, dtype=torch.float64) / 40 ** 0.5
+r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+w0, ws, b, w1 = r(40, 1, 5, 5) / 5, r(40, 1, 7, 7) / 7, r(40), r(40, 40, 1, 1) / 40 ** 0.5
 args = [x, w0, b, ws, b, w1, b]
 got = C.cpu_lka_gate_forward(*[t.float() for t in args], 3)
 want = reference.lka_gate_forward(*args, 3)

@@ -37,7 +37,8 @@ GPU_CASES = [
 
 def _case_id(case):
     n, cin, cout, h, w, k, dtype, lay, training, relu = case
-    return f"{n}x{cin}->{cout}x{h}x{w}-k{k}-{str(dtype)[6:]}-{lay}-{'train' if training else 'eval'}{'' if relu else '-norelu'}"
+    mode = ("train" if training else "eval") + ("" if relu else "-norelu")
+    return f"{n}x{cin}->{cout}x{h}x{w}-k{k}-{str(dtype)[6:]}-{lay}-{mode}"
 
 
 def make_params(cin, cout, k, generator=None):
@@ -209,5 +210,5 @@ def test_gradcheck_float64_fused_cpu(backend, device):
     inputs = [t.clone().requires_grad_() for t in inputs]
     for training in (True, False):
         assert torch.autograd.gradcheck(
-            lambda *a: library.dwconv_bn_act_forward(*a, rm, rv, training, 1e-5, True, backend)[0],
+            lambda *a, training=training: library.dwconv_bn_act_forward(*a, rm, rv, training, 1e-5, True, backend)[0],
             inputs, eps=1e-6, atol=1e-5)
