@@ -50,10 +50,10 @@ def _cfg(kw, warps, stages=2):
 # Shipped block configurations (tests/kernels/test_compile.py compiles every one of them).  Under
 # the interpreter one small configuration: autotuning there only costs time.
 if INTERPRET:
-    DW_PW_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_CI=16), 1)]
-    PW_BWD_DATA_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CI=16, BLOCK_CO=16), 1)]
-    PW_BWD_WEIGHT_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_CO=16, BLOCK_CI=16), 1)]
-    DW_CONFIGS = [_cfg(dict(BLOCK_P=16, BLOCK_C=16), 1)]
+    DW_PW_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_CI=16), 1)]
+    PW_BWD_DATA_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=16), 1)]
+    PW_BWD_WEIGHT_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_CI=16), 1)]
+    DW_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_C=16), 1)]
     DW_BWD_CONFIGS = DW_CONFIGS
 else:
     # Kept only where the cubins of every shipped specialisation, in every dtype, have no spills on

@@ -77,7 +77,7 @@ def _pow2(v: int, lo: int, hi: int) -> int:
 
 def _patch(w: int, pixels: int) -> Tuple[int, int]:
     """(BH, BW) of a spatial patch of ``pixels`` pixels: rows as wide as the image allows."""
-    bw = _pow2(w, 4 if INTERPRET else 16, 4 if INTERPRET else 32)
+    bw = _pow2(w, 8 if INTERPRET else 16, 8 if INTERPRET else 32)
     return max(1, pixels // bw), bw
 
 
@@ -86,7 +86,7 @@ def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
     half = dtype != torch.float32
     if INTERPRET:  # the interpreter's cost is per operation, not per element: few, mid-size tiles
         bco = _pow2(cout, 16, FUSED_MAX_COUT)
-        return Plan(name, fused=(4, 8, bco, 32, 1, 1), dw=(4, 8, 32, 1), gemm=(32, 32, 32, 1, 1))
+        return Plan(name, fused=(8, 8, bco, 32, 1, 1), dw=(8, 8, 32, 1), gemm=(64, 32, 32, 1, 1))
     bco = _pow2(cout, 16, FUSED_MAX_COUT)
     bh, bw = _patch(w, 64)
     dh, dwd = _patch(w, 64)
