@@ -447,8 +447,10 @@ def test_cpu_isa_is_reported():
 
 
 _ISA_SCRIPT = """
-import torch, dlkunet._C as C
-from dlkunet.ops import reference
+import torch
+from dlkunet.ops import extension, reference
+C, why = extension.load_extension()
+assert C is not None, why
 print(C.cpu_isa())
 g = torch.Generator().manual_seed(0)
 x = torch.randn(1, 40, 23, 29, generator=g, dtype=torch.float64)
@@ -462,14 +464,16 @@ print(float((got.double() - want).norm() / want.norm()))
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_each_instruction_set_matches_float64(isa):
+def test_each_instruction_set_matches_float64(isa, tmp_path):
     """DLKUNET_CPU_ISA narrows the run-time choice: the other clones are tested where the CPU runs them."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, DLKUNET_CPU_ISA=isa)
-    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    # run outside the checkout: from its root, ``import dlkunet`` would find the source tree, not the install
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     got_isa, err = done.stdout.split()
     if got_isa != isa:
