@@ -35,7 +35,7 @@ def test_no_command_prints_help(capsys):
 
 def test_python_dash_m(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dlkunet", "--version"], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, cwd=tmp_path)  # the install, not the checkout beside it
     assert done.returncode == 0 and done.stdout.startswith("dlkunet ")
 
 

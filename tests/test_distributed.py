@@ -38,7 +38,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
            "--master_port", str(_free_port()), "-m", "dlkunet", "train", "--data", str(data), "--output",
            str(out), "--epochs", "1", "--base-width", "4", "--image-size", "24", "--batch-size", "2",
            "--device", "cpu", "--no-progress", "--no-tensorboard"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    # outside the checkout: from its root, '-m dlkunet' would run the source tree, not the install
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("finished after epoch 1/1") == 1  # rank 0 only reports
     with open(out / "log.csv", newline="") as handle:
