@@ -110,28 +110,29 @@ def test_auto_dispatches_by_whether_gradients_are_needed(monkeypatch):
     assert ran == ["cpu", "cpu"]
 
 
-def test_environment_variable_sets_the_default():
-    code = "import dlkunet.ops as o; print(o.get_backend())"
+def test_environment_variable_sets_the_default(tmp_path):
+    code = "import dlkunet.ops as o; print(o.get_backend())"  # run outside the checkout: the install
     env = dict(os.environ, DLKUNET_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
+                         check=True)
     assert out.stdout.strip() == "torch"
     env["DLKUNET_BACKEND"] = "nonsense"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0 and "unknown dlkunet backend 'nonsense'" in bad.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")
-def test_environment_variable_naming_a_backend_that_cannot_run_is_refused_at_import():
+def test_environment_variable_naming_a_backend_that_cannot_run_is_refused_at_import(tmp_path):
     code = "import dlkunet.ops as o; print(o.get_backend())"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["DLKUNET_BACKEND"] = "cuda"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode != 0, bad.stdout
     assert "dlkunet backend 'cuda' (DLKUNET_BACKEND) cannot run here: no CUDA GPU" in bad.stderr
     if importlib.util.find_spec("triton") is None:
         return  # triton is not installed: nothing more to check
     env.update(DLKUNET_BACKEND="triton", TRITON_INTERPRET="1")
-    good = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    good = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert good.returncode == 0 and good.stdout.strip() == "triton", good.stderr
 
 
