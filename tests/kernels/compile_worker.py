@@ -91,9 +91,10 @@ def _representative(name, spec):
     return (k, dil) == LKA_SIZES[0][1:] and spec.get("K2", 0) in (0, LKA_SIZES[0][0])
 
 
-def compile_one(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None):
-    """Compile as the runtime would and read the resources of Triton's own cubin: ptxas's flags
-    (e.g. --regAllocOptLevel) change its register choice, so a separate ptxas run can disagree."""
+def compile_kernel(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None, fp32_args=FP32_ARGS,
+                   divisible=DIVISIBLE_INTS, float_args=frozenset()):
+    """Compile ``fn`` for sm_``arch`` as the runtime would: pointers in ``dtype`` (float32 for
+    ``fp32_args``), ints (16-divisible for ``divisible``), float32 scalars for ``float_args``."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     signature, attrs = {}, {}
@@ -101,28 +102,44 @@ def compile_one(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None):
         if name in consts:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_ARGS else "*" + dtype
+            signature[name] = "*fp32" if name in fp32_args else "*" + dtype
             attrs[(i,)] = backend.parse_attr("D")
+        elif name in float_args:
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name in DIVISIBLE_INTS:
+            if name in divisible:
                 attrs[(i,)] = backend.parse_attr("D")
     src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     options = dict(num_warps=num_warps, num_stages=num_stages)
     if maxnreg is not None:
         options["maxnreg"] = maxnreg
-    kernel = triton.compile(src, target=target, options=options)
+    return triton.compile(src, target=target, options=options)
+
+
+def cuobjdump(kernel, flag: str) -> subprocess.CompletedProcess:
+    """Triton's own cuobjdump on the kernel's cubin (``-res-usage``, ``-sass``)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
-        run = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", cubin], capture_output=True, text=True)
+        return subprocess.run([triton.knobs.nvidia.cuobjdump.path, flag, cubin], capture_output=True, text=True)
+
+
+def resources(kernel) -> dict:
+    """Registers, spilled bytes and shared memory of Triton's own cubin: ptxas's flags (e.g.
+    --regAllocOptLevel) change its register choice, so a separate ptxas run can disagree."""
+    run = cuobjdump(kernel, "-res-usage")
     log = run.stdout + run.stderr
     usage = re.search(r"REG:(\d+) STACK:(\d+)", log)
     # Triton kernels have no local arrays or calls: a stack frame holds spilled registers.
     return dict(ok=run.returncode == 0 and usage is not None, log=log[-2000:],
                 regs=int(usage.group(1)) if usage else None, spill_bytes=int(usage.group(2)) if usage else None,
                 shared=kernel.metadata.shared)
+
+
+def compile_one(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None):
+    return resources(compile_kernel(fn, consts, dtype, arch, num_warps, num_stages, maxnreg))
 
 
 def main(name, arch):

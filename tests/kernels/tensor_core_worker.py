@@ -13,16 +13,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
 
+import compile_worker as CW  # noqa: E402  (beside this script: the same compile path as test_compile)
 from dlkunet.kernels import _fast as F  # noqa: E402
 from dlkunet.kernels import plans as P  # noqa: E402
 
@@ -115,35 +111,11 @@ def mma_work(sass, consts, num_warps):
 
 
 def compile_one(fn, consts, dtype, arch, num_warps, num_stages):
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_PTRS else "*" + DTYPE_NAMES[dtype]
-            attrs[(i,)] = backend.parse_attr("D")
-        elif name == "eps":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name in DIVISIBLE:
-                attrs[(i,)] = backend.parse_attr("D")
-    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages,
-                                                                          maxnreg=P.MAX_REGISTERS))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        tool = triton.knobs.nvidia.cuobjdump.path
-        res = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True)
-        sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
-    usage = re.search(r"REG:(\d+) STACK:(\d+)", res.stdout + res.stderr)
+    kernel = CW.compile_kernel(fn, consts, DTYPE_NAMES[dtype], arch, num_warps, num_stages, P.MAX_REGISTERS,
+                               fp32_args=FP32_PTRS, divisible=DIVISIBLE, float_args={"eps"})
+    sass = CW.cuobjdump(kernel, "-sass").stdout
     ptx = kernel.asm["ptx"]
-    return dict(ok=usage is not None, regs=int(usage.group(1)) if usage else None,
-                spill_bytes=int(usage.group(2)) if usage else None, shared=kernel.metadata.shared,
+    return dict(CW.resources(kernel),
                 ptx_tc=sorted(set(m.group(0) for m in PTX_TC.finditer(ptx))),
                 sass_tc=sorted(set(m.group(0) for m in SASS_TC.finditer(sass))),
                 sass_tc_count=len(SASS_TC.findall(sass)), mma_work=mma_work(sass, consts, num_warps)), ptx, sass
