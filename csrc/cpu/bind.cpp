@@ -43,7 +43,10 @@ void bind_cpu(pybind11::module_& m) {
         "the instruction set of the blocked depthwise kernels picked at load time (avx512, avx2, generic)");
   m.def("cpu_scratch_bytes", &cpu::scratch_bytes,
         "bytes of scratch the cpu kernels keep for the calling thread between calls");
-  m.def("cpu_release_scratch", &cpu::release_scratch, "frees the calling thread's cpu-kernel scratch");
+  m.def("cpu_cached_output_bytes", &cpu::cached_output_bytes,
+        "bytes of freed output blocks the cpu kernels keep for their next outputs (all threads)");
+  m.def("cpu_release_scratch", &cpu::release_scratch,
+        "frees the calling thread's cpu-kernel scratch and the cached output blocks");
   // The kernels run without the GIL: they touch no Python objects.
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("cpu_dwconv_bn_act_forward", &cpu::dwconv_bn_act_forward, nogil,

@@ -76,7 +76,13 @@ enum class Slot { kInput, kGrad, kDepthwise, kDepthwise2, kPointwise, kCount };
 // A tensor of `sizes` (contiguous) over the slot's buffer, grown when too small; uninitialised.
 Tensor scratch(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype);
 int64_t scratch_bytes();  // held by the calling thread
-void release_scratch();   // frees the calling thread's buffers
+void release_scratch();   // frees the calling thread's buffers and the output cache's free blocks
+// A tensor for a kernel's output (contiguous in `fmt`), from the output cache when it is large.
+Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& opts,
+                    at::MemoryFormat fmt = at::MemoryFormat::Contiguous);
+// The same for an output with x's sizes, dtype and strides (x dense), as at::empty_like.
+Tensor output_like(const Tensor& x);
+int64_t cached_output_bytes();  // free blocks the output cache holds (all threads)
 
 // float -> float: the vectorised 8x8-block version of transpose_block (primitives.cpp).
 void transpose_f32(const float* src, float* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,
@@ -136,7 +142,7 @@ inline Tensor to_nhwc(const Tensor& x, at::ScalarType t, Slot slot) {
 inline Tensor from_nhwc(const Tensor& buf, const Tensor& x) {
   const auto fmt = output_format(x);
   if (fmt == at::MemoryFormat::Contiguous && buf.size(3) > 1 && buf.size(1) * buf.size(2) > 1) {
-    Tensor out = at::empty({buf.size(0), buf.size(3), buf.size(1), buf.size(2)}, x.options());
+    Tensor out = output_empty({buf.size(0), buf.size(3), buf.size(1), buf.size(2)}, x.options());
     AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "from_nhwc", [&] {
       using src_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "from_nhwc_dst", [&] {

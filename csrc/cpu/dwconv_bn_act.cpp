@@ -173,9 +173,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
   // float until it is normalised: rounding z first would cost digits whenever a channel's std is
   // small next to its mean.
   const bool in_place = std::is_same<scalar_t, T>::value && nhwc == cl;
-  Tensor zbuf = in_place ? at::empty({s.N, Cout, s.H, s.W}, x.options().memory_format(output_format(x)))
-                         : (nhwc ? at::empty({s.N, s.H, s.W, Cout}, X.options())
-                                 : at::empty({s.N, Cout, s.H, s.W}, X.options()));
+  Tensor zbuf = in_place ? output_empty({s.N, Cout, s.H, s.W}, x.options(), output_format(x))
+                         : (nhwc ? output_empty({s.N, s.H, s.W, Cout}, X.options())
+                                 : output_empty({s.N, Cout, s.H, s.W}, X.options()));
   T* zp = zbuf.data_ptr<T>();
   auto finish = [&]() -> Tensor {
     if (in_place) return zbuf;
@@ -326,7 +326,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
   }
 
   // Depthwise backward, row by row: grad_x = D (*) flipped w_dw; grad_w_dw = D x X.
-  Tensor GX = at::empty({s.N, s.H, W, Cin}, X.options());
+  Tensor GX = output_empty({s.N, s.H, W, Cin}, X.options());
   ThreadSums<T> gw(k * k * Cin), gb(Cin);
   const T* wdfp = wdf.data_ptr<T>();
   T* GXp = GX.data_ptr<T>();

@@ -150,7 +150,7 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
   const TilePlan plan = plan_tiles(s.N, s.H, s.W, 2 * C, sizeof(float));
 
   if (plan.whole) {
-    Tensor A2 = scratch(Slot::kDepthwise2, {P, Cp}, at::kFloat), O = at::empty_like(X);  // O may become the output
+    Tensor A2 = scratch(Slot::kDepthwise2, {P, Cp}, at::kFloat), O = output_like(X);  // O may become the output
     float *A2p = A2.data_ptr<float>(), *Op = O.data_ptr<float>();
     at::parallel_for(0, s.N * nb, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -173,7 +173,7 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
   const int64_t per_img = s.N >= threads ? 1 : std::min(s.H, (threads + s.N - 1) / s.N);
   const int64_t run = (s.H + per_img - 1) / per_img;
   const int64_t tile = std::max<int64_t>(1, std::min(run, (384 + s.W - 1) / s.W));
-  Tensor out = at::empty_like(x);
+  Tensor out = output_like(x);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, float>::value;
@@ -221,7 +221,7 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   const TilePlan plan = plan_tiles(s.N, s.H, s.W, 2 * C, sizeof(T));
 
   if (plan.whole) {
-    Tensor A2 = scratch(Slot::kDepthwise2, X.sizes(), ct), O = at::empty_like(X);  // O may become the output
+    Tensor A2 = scratch(Slot::kDepthwise2, X.sizes(), ct), O = output_like(X);  // O may become the output
     T *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>();
     const T* Xp = X.data_ptr<T>();
     depthwise_all(A1p, s.N, s.H, s.W, C, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, A2p);
@@ -233,7 +233,7 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   }
 
   // Tiled: per tile of rows, a2 into an L2-resident buffer, the pointwise GEMM, the gate.
-  Tensor out = at::empty_like(x);
+  Tensor out = output_like(x);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, T>::value;
@@ -257,7 +257,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x, const
   Tensor X = to_nhwc(x, ct, Slot::kInput), G = to_nhwc(grad_out, ct, Slot::kGrad);
   Tensor W1 = w1.reshape({C, C}).to(ct).contiguous(), b1c = b1.to(ct).contiguous();
   Tensor A1 = scratch(Slot::kDepthwise, X.sizes(), ct), A2 = scratch(Slot::kDepthwise2, X.sizes(), ct);
-  Tensor O = scratch(Slot::kPointwise, X.sizes(), ct), GX = at::empty_like(X);
+  Tensor O = scratch(Slot::kPointwise, X.sizes(), ct), GX = output_like(X);
   const T *Xp = X.data_ptr<T>(), *Gp = G.data_ptr<T>(), *W1p = W1.data_ptr<T>(), *b1p = b1c.data_ptr<T>();
   T *A1p = A1.data_ptr<T>(), *A2p = A2.data_ptr<T>(), *Op = O.data_ptr<T>(), *GXp = GX.data_ptr<T>();
 

@@ -125,15 +125,17 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
 
 
 def release_cpu_scratch() -> int:
-    """Free the scratch buffers the ``cpu`` kernels keep for the calling thread; returns the bytes freed.
+    """Free the memory the ``cpu`` kernels keep between calls; returns the bytes freed.
 
-    The kernels keep their large intermediates between calls (a fresh multi-MB buffer costs a page
-    fault per 4 KiB, which made small ops up to 2x slower), so a thread that ran them holds up to a
-    few activations' worth of memory until it ends or calls this.
+    The kernels keep their large intermediates per thread, and freed output blocks of a megabyte or
+    more in a process-wide cache (at most ``DLKUNET_CPU_CACHE_MB``, default 1024), because a fresh
+    multi-MB buffer costs a page fault per 4 KiB: that made small ops up to 2x slower and a whole
+    DLKUNet-S forward about a fifth slower.  This frees the calling thread's intermediates and the
+    cached output blocks.
     """
     module, _ = load_extension(compile_now=False)
     if module is None or not hasattr(module, "cpu_release_scratch"):
         return 0
-    held = module.cpu_scratch_bytes()
+    held = module.cpu_scratch_bytes() + module.cpu_cached_output_bytes()
     module.cpu_release_scratch()
     return held

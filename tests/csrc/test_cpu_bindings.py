@@ -388,10 +388,35 @@ def test_scratch_is_reused_and_released(two_threads):
     assert held >= 4 * 2 * 41 * 37 * 96 * 4
     again = _run_both("dwconv_bn_act", args)
     assert _C.cpu_scratch_bytes() == held, "a same-shaped call should reuse the buffers, not grow them"
-    assert release_cpu_scratch() == held and _C.cpu_scratch_bytes() == 0
+    cached = _C.cpu_cached_output_bytes()
+    assert release_cpu_scratch() == held + cached
+    assert _C.cpu_scratch_bytes() == 0 and _C.cpu_cached_output_bytes() == 0
     after = _run_both("dwconv_bn_act", args)
     for a, b, c in zip(first, again, after):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_freed_outputs_are_reused_and_released():
+    from dlkunet.ops import release_cpu_scratch
+    release_cpu_scratch()
+    c = 64
+    x = torch.randn(1, c, 96, 96).to(memory_format=torch.channels_last)  # 2.4 MB outputs: cached
+    w = [torch.randn(c, 1, 5, 5), torch.randn(c), torch.randn(c, 1, 7, 7), torch.randn(c),
+         torch.randn(c, c, 1, 1), torch.randn(c)]
+    out = _C.cpu_lka_gate_forward(x, *w, 3)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == x.shape
+    expected = out.clone()
+    first_ptr, nbytes = out.data_ptr(), out.numel() * out.element_size()
+    del out
+    assert _C.cpu_cached_output_bytes() == nbytes, "a freed output should go back to the cache"
+    again = _C.cpu_lka_gate_forward(x, *w, 3)
+    assert again.data_ptr() == first_ptr and _C.cpu_cached_output_bytes() == 0
+    assert torch.equal(again, expected)
+    kept = again  # an output still referenced is never handed out again
+    other = _C.cpu_lka_gate_forward(x, *w, 3)
+    assert other.data_ptr() != kept.data_ptr() and torch.equal(other, kept)
+    del kept, again, other
+    assert release_cpu_scratch() >= 2 * nbytes and _C.cpu_cached_output_bytes() == 0
 
 
 def test_concurrent_callers_have_their_own_scratch(two_threads):
