@@ -19,6 +19,7 @@ Tensor lka_gate_forward(const Tensor& x, const Tensor& w0, const Tensor& b0, con
 std::vector<Tensor> lka_gate_backward(const Tensor& grad_out, const Tensor& x, const Tensor& w0, const Tensor& b0,
                                       const Tensor& ws, const Tensor& bs, const Tensor& w1, const Tensor& b1,
                                       int64_t dilation);
+Tensor upsample_concat_forward(const Tensor& deep, const Tensor& skip, const Tensor& w, const Tensor& b);
 }  // namespace cpu
 
 namespace {
@@ -65,6 +66,10 @@ void bind_cpu(pybind11::module_& m) {
   m.def("cpu_lka_gate_forward", &cpu::lka_gate_forward, nogil,
         "(x, w0, b0, ws, bs, w1, b1, dilation) -> out", py::arg("x"), py::arg("w0"), py::arg("b0"), py::arg("ws"),
         py::arg("bs"), py::arg("w1"), py::arg("b1"), py::arg("dilation"));
+  m.def("cpu_upsample_concat_forward", &cpu::upsample_concat_forward, nogil,
+        "(deep, skip, w, b) -> cat([skip, pad(conv_transpose2d(deep, w, b, stride=2))], 1), channels_last; "
+        "float32/float64, skip at least twice deep's size", py::arg("deep"), py::arg("skip"), py::arg("w"),
+        py::arg("b"));
   m.def("cpu_lka_gate_backward", &cpu::lka_gate_backward, nogil,
         "(grad_out, x, w0, b0, ws, bs, w1, b1, dilation) -> 7 gradients", py::arg("grad_out"), py::arg("x"),
         py::arg("w0"), py::arg("b0"), py::arg("ws"), py::arg("bs"), py::arg("w1"), py::arg("b1"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -102,10 +101,5 @@ class Up(nn.Module):
         self.block = Block(2 * cout, cout, **block_kwargs)
 
     def forward(self, deep: Tensor, skip: Tensor) -> Tensor:
-        up = self.up(deep)
-        dh, dw = skip.shape[-2] - up.shape[-2], skip.shape[-1] - up.shape[-1]
-        # The reference's "auto-resize" (a negative difference crops: see Down); an export pads
-        # always, so that a graph with dynamic height and width stays right for odd sizes.
-        if torch.compiler.is_exporting() or dh or dw:
-            up = F.pad(up, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
-        return self.block(torch.cat([skip, up], dim=1))
+        # The reference's "auto-resize" pads (a negative difference crops: see Down) inside the op.
+        return self.block(ops.upsample_concat(deep, skip, self.up.weight, self.up.bias))

@@ -2,6 +2,7 @@
 
 ``dwconv_bn_act``  depthwise conv -> pointwise conv -> BatchNorm -> ReLU
 ``lka_gate``       large-kernel attention with the Hadamard gate
+``upsample_concat`` the decoder's 2x2 transposed convolution joined to the skip connection
 
 The formulas are in ``dlkunet.ops.reference``; backends in ``dlkunet.ops.backends``.
 """
@@ -16,9 +17,9 @@ from .backends import (BACKENDS, BackendUnavailableError, availability, get_back
 from .extension import release_cpu_scratch
 from . import sync_bn
 from .validation import (check_backend, check_batch_statistics, check_depthwise, check_dilation, check_eps,
-                         check_input, check_pointwise, check_tensor)
+                         check_input, check_pointwise, check_skip, check_tensor, check_transposed)
 
-__all__ = ["dwconv_bn_act", "lka_gate", "BACKENDS", "BackendUnavailableError", "availability",
+__all__ = ["dwconv_bn_act", "lka_gate", "upsample_concat", "BACKENDS", "BackendUnavailableError", "availability",
            "get_backend", "set_backend", "use_backend", "resolve", "reference", "release_cpu_scratch"]
 
 
@@ -109,3 +110,25 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     if backend == "torch":
         return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, dilation)
     return library.lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation, backend)
+
+
+def upsample_concat(deep: Tensor, skip: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``cat([skip, fit(conv_transpose2d(deep, weight, bias, stride=2))], dim=1)``: the decoder's join.
+
+    Shapes: deep (N, Cin, h, w); skip (N, Cs, H, W); weight (Cin, Cout, 2, 2) and bias (Cout,), as
+    ``nn.ConvTranspose2d(Cin, Cout, kernel_size=2, stride=2)`` holds them.  ``fit`` zero-pads the
+    (2h, 2w) upsampled map to (H, W) (crops it where it is larger), the extra row or column below
+    and right.  The ``cpu`` backend writes the transposed convolution straight into the
+    concatenated buffer (float32 and float64, channels_last skip and deep, no crop); everything
+    else, and the backward, runs the reference (``dlkunet.ops.reference.upsample_concat``).
+    """
+    op = "upsample_concat"
+    check_input(op, deep)
+    check_skip(op, skip, deep)
+    deep, skip, weight, bias = _autocast(deep.device.type, deep, skip, weight, bias)
+    cout = check_transposed(op, "weight", weight, deep.shape[1], deep)
+    check_tensor(op, "bias", bias, (cout,), deep)
+    backend = resolve(deep.device.type, op, _mode(deep, skip, weight, bias))
+    if backend == "cpu" and library.upsample_concat_runs_on_cpu(deep, skip, weight):
+        return library.upsample_concat_forward(deep, skip, weight, bias, backend)
+    return reference.upsample_concat(deep, skip, weight, bias)

@@ -50,8 +50,12 @@ AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
     ("cpu", "dwconv_bn_act", "training"): ("cpu",),
     ("cpu", "lka_gate", "inference"): ("cpu",),
     ("cpu", "lka_gate", "training"): ("cpu",),
+    ("cuda", "upsample_concat", "inference"): ("torch",),
+    ("cuda", "upsample_concat", "training"): ("torch",),
+    ("cpu", "upsample_concat", "inference"): ("cpu",),
+    ("cpu", "upsample_concat", "training"): ("cpu",),
 }
-OPERATORS = ("dwconv_bn_act", "lka_gate")
+OPERATORS = ("dwconv_bn_act", "lka_gate", "upsample_concat")
 MODES = ("inference", "training")
 
 # Which device types each backend's kernels accept.

@@ -19,6 +19,7 @@ import torch
 from . import jit_build
 
 _OPS = ("dwconv_bn_act_forward", "dwconv_bn_act_backward", "lka_gate_forward", "lka_gate_backward")
+_DEVICE_OPS = {"cpu": ("upsample_concat_forward",)}  # kernels one device type has
 _loaded = {}  # "installed": (module, reason); "result": (module, reason, origin), once decided
 
 
@@ -92,7 +93,7 @@ def unavailable_reason(device_type: str, compile_now: bool = True) -> str:
         plan = jit_build.make_plan()
         if device_type == "cuda" and not plan.with_cuda:
             return f"the first-use build would have no CUDA kernels ({plan.why_no_cuda})"
-    elif not all(hasattr(module, f"{device_type}_{op}") for op in _OPS):
+    elif not all(hasattr(module, f"{device_type}_{op}") for op in _OPS + _DEVICE_OPS.get(device_type, ())):
         return f"the compiled extension has no {device_type} kernels (built without them)"
     return ""
 
@@ -122,6 +123,10 @@ def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int):
 
 def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     return tuple(_kernel("lka_gate_backward", x)(grad_out, x, w0, b0, ws, bs, w1, b1, dilation))
+
+
+def upsample_concat_forward(deep, skip, weight, bias):
+    return _kernel("upsample_concat_forward", deep)(deep, skip, weight, bias)
 
 
 def release_cpu_scratch() -> int:

@@ -102,3 +102,44 @@ def _lka_backward(ctx, grad_out):
 
 
 lka_gate_forward.register_autograd(_lka_backward, setup_context=_lka_setup)
+
+
+@torch.library.custom_op("dlkunet::upsample_concat_forward", mutates_args=())
+def upsample_concat_forward(deep: Tensor, skip: Tensor, weight: Tensor, bias: Tensor, backend: str) -> Tensor:
+    return implementation(backend).upsample_concat_forward(deep, skip, weight, bias)
+
+
+@upsample_concat_forward.register_fake
+def _(deep, skip, weight, bias, backend):
+    n, cs, h, w = skip.shape
+    return skip.new_empty((n, cs + weight.shape[1], h, w)).contiguous(memory_format=torch.channels_last)
+
+
+def upsample_concat_runs_on_cpu(deep: Tensor, skip: Tensor, weight: Tensor) -> bool:
+    """Whether the cpu kernel takes these inputs: float32/float64, deep and skip channels_last,
+    and a skip at least as large as the upsampled map (a pad, not a crop)."""
+    return (deep.dtype in (torch.float32, torch.float64)
+            and _memory_format(deep) == torch.channels_last and _memory_format(skip) == torch.channels_last
+            and skip.shape[2] >= 2 * deep.shape[2] and skip.shape[3] >= 2 * deep.shape[3])
+
+
+def _upsample_setup(ctx, inputs, output):
+    deep, skip, weight, _bias, _backend = inputs
+    ctx.save_for_backward(deep, weight)
+    ctx.skip_shape = tuple(skip.shape[1:])
+
+
+def _upsample_backward(ctx, grad):
+    deep, weight = ctx.saved_tensors
+    cs, hs, ws = ctx.skip_shape
+    h, w = 2 * deep.shape[2], 2 * deep.shape[3]
+    top, left = (hs - h) // 2, (ws - w) // 2
+    grad_up = grad[:, cs:, top:top + h, left:left + w]
+    need_deep, need_skip, need_weight, need_bias = ctx.needs_input_grad[:4]
+    grad_deep, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_up, deep, weight, [weight.shape[1]], [2, 2], [0, 0], [1, 1], True, [0, 0], 1,
+        [need_deep, need_weight, need_bias])
+    return grad_deep, (grad[:, :cs] if need_skip else None), grad_weight, grad_bias, None
+
+
+upsample_concat_forward.register_autograd(_upsample_backward, setup_context=_upsample_setup)

@@ -1,4 +1,4 @@
-"""The two fused operators written as plain PyTorch: the formulas every backend must compute.
+"""The fused operators written as plain PyTorch: the formulas every backend must compute.
 
 This module is both the `torch` backend and the test oracle. Each operator has a *forward* and a
 *backward* with the exact signature every backend implements (see ``dlkunet.ops.backends``):
@@ -23,6 +23,12 @@ eps, relu) -> (grad_x, grad_w_dw, grad_b_dw, grad_w_pw, grad_b_pw, grad_gamma, g
 
 ``lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation) -> (grad_x, grad_w0, grad_b0,
 grad_ws, grad_bs, grad_w1, grad_b1)``
+
+``upsample_concat(deep, skip, weight, bias) -> out``
+    The decoder's join: ``up = conv_transpose2d(deep, weight, bias, stride=2)`` (2x2 kernel),
+    zero-padded to the skip's height and width (cropped where it is larger), and
+    ``out = cat([skip, up], dim=1)``.  Its backward is autograd's (one transposed convolution's
+    gradient and two slices), whatever backend ran the forward.
 
 Gradients come back in the dtype of the tensor they belong to.  Computation happens in the input
 dtype (PyTorch's convolutions accumulate in float32 for half types).
@@ -141,3 +147,19 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int) -> Tup
                                                x.shape[1])
     grad_x, grad_w0, grad_b0 = _conv_backward(grad_a1, x, w0, (w0.shape[-1] - 1) // 2, 1, x.shape[1])
     return grad_x + grad_out * a3, grad_w0, grad_b0, grad_ws, grad_bs, grad_w1, grad_b1
+
+
+def upsample_offsets(deep: Tensor, skip: Tensor) -> Tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding that fits the upsampled ``deep`` to ``skip``'s size
+    (negative: a crop), split as the authors' "auto-resize" splits it (the extra row below)."""
+    dh, dw = skip.shape[-2] - 2 * deep.shape[-2], skip.shape[-1] - 2 * deep.shape[-1]
+    return dh // 2, dh - dh // 2, dw // 2, dw - dw // 2
+
+
+def upsample_concat(deep: Tensor, skip: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    up = F.conv_transpose2d(deep, weight, bias, stride=2)
+    top, bottom, left, right = upsample_offsets(deep, skip)
+    # An export pads always, so that a graph with dynamic height and width stays right for odd sizes.
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or top or bottom or left or right:
+        up = F.pad(up, [left, right, top, bottom])
+    return torch.cat([skip, up], dim=1)

@@ -71,6 +71,27 @@ def check_pointwise(op: str, name: str, w: Tensor, cin: int, x: Tensor) -> int:
     return w.shape[0]
 
 
+def check_transposed(op: str, name: str, w: Tensor, cin: int, x: Tensor) -> int:
+    """A 2x2 transposed-convolution weight (Cin, Cout, 2, 2); returns Cout."""
+    if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[0] != cin or tuple(w.shape[2:]) != (2, 2) \
+            or w.shape[1] < 1:
+        got = _shape(w) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"{op}: {name} must have shape ({cin}, Cout, 2, 2) (nn.ConvTranspose2d(kernel_size=2)) "
+                         f"for an input with {cin} channels, got {got}")
+    check_tensor(op, name, w, tuple(w.shape), x)
+    return w.shape[1]
+
+
+def check_skip(op: str, skip: Tensor, deep: Tensor) -> None:
+    """The encoder's feature map joined to the upsampled ``deep``: same batch, device and dtype."""
+    if not isinstance(skip, Tensor) or skip.dim() != 4:
+        got = _shape(skip) if isinstance(skip, Tensor) else type(skip).__name__
+        raise ValueError(f"{op}: skip must be 4-D (N, C, H, W), got {got}")
+    if skip.shape[0] != deep.shape[0]:
+        raise ValueError(f"{op}: skip has batch size {skip.shape[0]} but deep has {deep.shape[0]}")
+    check_tensor(op, "skip", skip, tuple(skip.shape), deep)
+
+
 def check_batch_statistics(op: str, x: Tensor) -> None:
     if x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"{op}: training-mode batch statistics need more than one value per channel, "
