@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <type_traits>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace dlkunet {
@@ -72,11 +73,11 @@ inline at::ScalarType compute_type(const Tensor& x) {
 
 // One buffer per slot and calling thread; a kernel takes each slot at most once per call, and never
 // for a tensor it returns (the next call would overwrite it).
-enum class Slot { kInput, kGrad, kDepthwise, kDepthwise2, kPointwise, kCount };
+enum class Slot { kInput, kGrad, kDepthwise, kDepthwise2, kPointwise, kPackedWeight, kCount };
 // A tensor of `sizes` (contiguous) over the slot's buffer, grown when too small; uninitialised.
 Tensor scratch(Slot slot, at::IntArrayRef sizes, at::ScalarType dtype);
 int64_t scratch_bytes();  // held by the calling thread
-void release_scratch();   // frees the calling thread's buffers and the output cache's free blocks
+int64_t release_scratch();  // frees the calling thread's buffers and the output cache's free blocks; bytes freed
 // A tensor for a kernel's output (contiguous in `fmt`), from the output cache when it is large.
 Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& opts,
                     at::MemoryFormat fmt = at::MemoryFormat::Contiguous);
@@ -249,6 +250,39 @@ void dw_rows_blocked(const float* img, int64_t H, int64_t W, int64_t C, int64_t 
                      int64_t cb1, const float* wtb, const float* bb, int64_t k, int64_t dil, float* out, int64_t ldo);
 const char* blocked_isa();  // "avx512", "avx2" or "generic": the row kernel in use
 bool blocked_disabled();    // DLKUNET_CPU_BLOCKED=0: the float32 forwards take the unblocked path (A/B runs)
+
+// ---- the tiles' pointwise GEMM (tile_gemm.cpp), float32 -----------------------------------------
+
+// B (K x N) in panels of 16 columns, zero-padded past N; from row-major B (K x N, ld), or from its
+// transpose (N x K, ld: a weight (Cout, Cin)) when `transposed`.  Held in the calling thread's
+// kPackedWeight scratch: one PackedB per thread at a time.
+struct PackedB {
+  Tensor buffer;
+  float* data;
+  int64_t N, K;
+  PackedB(const float* B, int64_t ld, bool transposed, int64_t N, int64_t K);
+};
+// Whether tile_gemm runs here (AVX2 without AVX-512, unless DLKUNET_CPU_GEMM=mkl); else use gemm<float>.
+bool tile_gemm_available();
+// C (M x N, ldc) = A (M x K, lda) * B, overwriting C; single-threaded, for one tile.
+void tile_gemm(const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc, int64_t M);
+// The same on all threads (call it outside a parallel region): the whole-batch plans' GEMMs.
+void parallel_gemm(const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc, int64_t M);
+
+// C (M x N, ldc) = A (M x K, lda) times a weight W, given as (N x K) when w_transposed (a pointwise
+// conv's (Cout, Cin)) else (K x N), on all threads: parallel_gemm where it runs, else at::mm.
+template <typename T>
+void weight_gemm(const T* A, int64_t lda, const T* W, bool w_transposed, T* C, int64_t ldc, int64_t M, int64_t N,
+                 int64_t K) {
+  const int64_t ldw = w_transposed ? K : N;
+  if constexpr (std::is_same<T, float>::value) {
+    if (tile_gemm_available()) {
+      parallel_gemm(A, lda, PackedB(W, ldw, w_transposed, N, K), C, ldc, M);
+      return;
+    }
+  }
+  gemm<T>(false, A, lda, w_transposed, W, ldw, C, ldc, M, N, K, false);
+}
 
 // Per-thread accumulators, summed in thread order at the end (deterministic for a thread count).
 template <typename T>

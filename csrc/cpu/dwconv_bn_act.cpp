@@ -131,18 +131,27 @@ int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan
     } else {
       depthwise_all(X, s.N, s.H, s.W, Cin, dw.w.template data_ptr<T>(), dw.b.template data_ptr<T>(), s.k, 1, Dp);
     }
-    gemm<T>(false, Dp, ldd, true, Wp, Cin, zp, Cout, P, Cout, Cin, false);
+    weight_gemm<T>(Dp, ldd, Wp, true, zp, Cout, P, Cout, Cin);
     for_each_chunk(P, kChunk, [&](int64_t b, int64_t p0, int64_t p1) {
       post(b, zp + p0 * Cout, Cout, p1 - p0, Cout, true);
     });
     return (P + kChunk - 1) / kChunk;
+  }
+  std::unique_ptr<PackedB> packed;
+  if constexpr (std::is_same<T, float>::value) {
+    if (cl && tile_gemm_available()) packed = std::make_unique<PackedB>(Wp, Cin, true, Cout, Cin);
   }
   for_each_tile<T>(plan, s.H, plan.rows * s.W * ldd, [&](int64_t t, int64_t n, int64_t r0, int64_t r1, T* tile) {
     const int64_t P = (r1 - r0) * s.W;
     depthwise_tile(X + n * HW * Cin, s, r0, r1, dw, tile, ldd);
     if (cl) {
       T* dst = zp + (n * HW + r0 * s.W) * Cout;
-      gemm<T>(false, tile, ldd, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
+      if constexpr (std::is_same<T, float>::value) {
+        if (packed) tile_gemm(tile, ldd, *packed, dst, Cout, P);
+        else gemm<T>(false, tile, ldd, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
+      } else {
+        gemm<T>(false, tile, ldd, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
+      }
       post(t, dst, Cout, P, Cout, true);
     } else {
       T* dst = zp + n * Cout * HW + r0 * s.W;

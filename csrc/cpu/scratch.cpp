@@ -64,11 +64,13 @@ class OutputCache {
     std::lock_guard<std::mutex> lock(mutex_);
     return held_;
   }
-  void clear() {
+  int64_t clear() {  // returns the bytes freed
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& kv : free_) std::free(kv.second);
     free_.clear();
+    const int64_t freed = held_;
     held_ = 0;
+    return freed;
   }
 
  private:
@@ -148,9 +150,10 @@ int64_t scratch_bytes() {
   return total;
 }
 
-void release_scratch() {
+int64_t release_scratch() {
+  const int64_t freed = scratch_bytes() + output_cache().clear();
   for (Tensor& b : slots()) b = Tensor();
-  output_cache().clear();
+  return freed;
 }
 
 }  // namespace cpu

@@ -61,7 +61,7 @@ void run(const Geometry& g, const T* dp, const T* sp, const T* wp, const T* bp, 
   if (P * cols * static_cast<int64_t>(sizeof(T)) <= kWholeBatchBytes) {
     Tensor buf = scratch(Slot::kPointwise, {P, cols}, c10::CppTypeToScalarType<T>::value);
     T* bufp = buf.data_ptr<T>();
-    gemm<T>(false, dp, g.Cin, false, wp, cols, bufp, cols, P, cols, g.Cin, false);
+    weight_gemm<T>(dp, g.Cin, wp, false, bufp, cols, P, cols, g.Cin);
     at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) skip_and_padding(g, t / g.H, t % g.H, t % g.H + 1, sp, op);
     });
@@ -72,13 +72,24 @@ void run(const Geometry& g, const T* dp, const T* sp, const T* wp, const T* bp, 
   }
   const int64_t rows = std::max<int64_t>(1, std::min(g.h, kTileFloats / (g.w * cols)));
   const int64_t per_img = (g.h + rows - 1) / rows;
+  std::unique_ptr<PackedB> packed;
+  if constexpr (std::is_same<T, float>::value) {
+    if (tile_gemm_available()) packed = std::make_unique<PackedB>(wp, cols, false, cols, g.Cin);
+  }
   at::parallel_for(0, g.N * per_img, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
     std::vector<T> tile(static_cast<size_t>(rows * g.w * cols));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / per_img, y0 = t % per_img * rows, y1 = std::min(g.h, y0 + rows);
       const int64_t p0 = (n * g.h + y0) * g.w, p1 = (n * g.h + y1) * g.w;
-      gemm<T>(false, dp + p0 * g.Cin, g.Cin, false, wp, cols, tile.data(), cols, p1 - p0, cols, g.Cin, false);
+      bool done = false;
+      if constexpr (std::is_same<T, float>::value) {
+        if (packed) {
+          tile_gemm(dp + p0 * g.Cin, g.Cin, *packed, tile.data(), cols, p1 - p0);
+          done = true;
+        }
+      }
+      if (!done) gemm<T>(false, dp + p0 * g.Cin, g.Cin, false, wp, cols, tile.data(), cols, p1 - p0, cols, g.Cin, false);
       // This task's output rows; the first and last tasks of an image also take its padding rows.
       const int64_t R0 = y0 == 0 ? 0 : g.top + 2 * y0, R1 = y1 == g.h ? g.H : g.top + 2 * y1;
       skip_and_padding(g, n, R0, R1, sp, op);

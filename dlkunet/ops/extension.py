@@ -141,6 +141,4 @@ def release_cpu_scratch() -> int:
     module, _ = load_extension(compile_now=False)
     if module is None or not hasattr(module, "cpu_release_scratch"):
         return 0
-    held = module.cpu_scratch_bytes() + module.cpu_cached_output_bytes()
-    module.cpu_release_scratch()
-    return held
+    return module.cpu_release_scratch()

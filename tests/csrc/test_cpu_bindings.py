@@ -388,8 +388,14 @@ def test_scratch_is_reused_and_released(two_threads):
     assert held >= 4 * 2 * 41 * 37 * 96 * 4
     again = _run_both("dwconv_bn_act", args)
     assert _C.cpu_scratch_bytes() == held, "a same-shaped call should reuse the buffers, not grow them"
-    cached = _C.cpu_cached_output_bytes()
-    assert release_cpu_scratch() == held + cached
+    import gc
+    gc.collect()
+    gc.disable()  # a collection in between could free an output into the cache
+    try:
+        cached = _C.cpu_cached_output_bytes()
+        assert release_cpu_scratch() == held + cached
+    finally:
+        gc.enable()
     assert _C.cpu_scratch_bytes() == 0 and _C.cpu_cached_output_bytes() == 0
     after = _run_both("dwconv_bn_act", args)
     for a, b, c in zip(first, again, after):
@@ -478,24 +484,27 @@ C, why = extension.load_extension()
 assert C is not None, why
 print(C.cpu_isa())
 g = torch.Generator().manual_seed(0)
-x = torch.randn(1, 40, 23, 29, generator=g, dtype=torch.float64)
+# channels_last and large enough for the tiled plan, whose GEMM DLKUNET_CPU_GEMM picks
+x = torch.randn(1, 40, 64, 96, generator=g, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
 r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
 w0, ws, b, w1 = r(40, 1, 5, 5) / 5, r(40, 1, 7, 7) / 7, r(40), r(40, 40, 1, 1) / 40 ** 0.5
 args = [x, w0, b, ws, b, w1, b]
 got = C.cpu_lka_gate_forward(*[t.float() for t in args], 3)
+assert got.is_contiguous(memory_format=torch.channels_last)
 want = reference.lka_gate_forward(*args, 3)
 print(float((got.double() - want).norm() / want.norm()))
 """
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
-def test_each_instruction_set_matches_float64(isa, tmp_path):
-    """DLKUNET_CPU_ISA narrows the run-time choice: the other clones are tested where the CPU runs them."""
+@pytest.mark.parametrize("isa,gemm", [("generic", ""), ("avx2", ""), ("avx2", "mkl")])
+def test_each_instruction_set_matches_float64(isa, gemm, tmp_path):
+    """DLKUNET_CPU_ISA narrows the run-time choice: the other clones are tested where the CPU runs them.
+    DLKUNET_CPU_GEMM=mkl puts the tiles' GEMMs back on at::mm (what AVX-512 and other CPUs run)."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, DLKUNET_CPU_ISA=isa)
+    env = dict(os.environ, DLKUNET_CPU_ISA=isa, DLKUNET_CPU_GEMM=gemm)
     # run outside the checkout: from its root, ``import dlkunet`` would find the source tree, not the install
     done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
                           cwd=tmp_path)
@@ -505,3 +514,21 @@ def test_each_instruction_set_matches_float64(isa, tmp_path):
         assert isa != "generic", "the generic kernel must always be selectable"
         pytest.skip(f"this CPU does not run the {isa} kernel (picked {got_isa})")
     assert float(err) < BUDGET[torch.float32]
+
+
+@pytest.mark.skipif(_C is None or not _C.cpu_tile_gemm_available(),
+                    reason="the tile GEMM runs only on AVX2 machines without AVX-512 (elsewhere at::mm)")
+@pytest.mark.parametrize("m,k,n", [(448, 96, 96), (7, 300, 40), (13, 513, 17), (1, 5, 3), (100, 1536, 33),
+                                   (6, 128, 16)])
+@pytest.mark.parametrize("transposed", [True, False], ids=["weight", "plain"])
+def test_tile_gemm_matches_float64(m, k, n, transposed):
+    """Row blocks of 6 and their remainders, panels of 16 columns and a partial last one, K blocks of
+    128 (added into C) and a tail: no worse than at::mm's own float32 error, against float64."""
+    g = torch.Generator().manual_seed(m * k + n)
+    a = torch.randn(m, k, generator=g)
+    b = torch.randn(n, k, generator=g) if transposed else torch.randn(k, n, generator=g)
+    exact = a.double() @ (b.double().t() if transposed else b.double())
+    ours = _C.cpu_tile_gemm(a, b, transposed)
+    theirs = a @ (b.t() if transposed else b)
+    assert ours.shape == (m, n)
+    assert (ours.double() - exact).abs().max() <= 2 * max((theirs.double() - exact).abs().max(), 1e-6)
