@@ -68,6 +68,10 @@ def print_info() -> None:
         torch_threads, kernel_threads = torch.get_num_threads(), module.cpu_parallel_threads()
         why = " (the extension was built without torch's OpenMP)" if kernel_threads < torch_threads else ""
         print(f"  CPU threads: torch {torch_threads}, cpu kernels {kernel_threads}{why}")
+        if hasattr(module, "cpu_tile_gemm_available"):
+            gemm = "dlkunet's AVX2 kernel" if module.cpu_tile_gemm_available() else "at::mm"
+            print(f"  CPU kernels: {module.cpu_isa()} depthwise rows (DLKUNET_CPU_ISA), pointwise GEMMs on {gemm} "
+                  "(DLKUNET_CPU_GEMM=mkl: at::mm)")
     print("\nmodels (1 input channel, 9 classes; MACs of convolutions at 1x1x224x224,\n"
           "torch.utils.flop_counter; the paper's FLOPs column counts more layer types):")
     for name, row in model_table().items():

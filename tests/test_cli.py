@@ -81,8 +81,13 @@ def test_argument_validation(capsys):
 
 
 def test_info_runs(capsys):
+    from dlkunet import ops
+
     assert main(["info"]) == 0
-    assert capsys.readouterr().out.strip()
+    out = capsys.readouterr().out
+    assert out.strip()
+    if ops.availability("cpu", "cpu")[0]:  # the thread count and the kernels the cpu backend runs here
+        assert "CPU threads: torch" in out and "depthwise rows" in out and "pointwise GEMMs on" in out
 
 
 def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
