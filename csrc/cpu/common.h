@@ -269,6 +269,32 @@ void tile_gemm(const float* A, int64_t lda, const PackedB& B, float* C, int64_t 
 // The same on all threads (call it outside a parallel region): the whole-batch plans' GEMMs.
 void parallel_gemm(const float* A, int64_t lda, const PackedB& B, float* C, int64_t ldc, int64_t M);
 
+// A weight W for the tiles' GEMMs, given as (N x K) when transposed (a pointwise conv's (Cout, Cin))
+// else (K x N): packed once for tile_gemm where it runs and `pack` allows, else at::mm per tile.
+template <typename T>
+struct TileWeight {
+  const T* W;
+  bool transposed;
+  int64_t N, K;
+  std::unique_ptr<PackedB> packed;
+  TileWeight(const T* w, bool t, int64_t n, int64_t k, bool pack) : W(w), transposed(t), N(n), K(k) {
+    if constexpr (std::is_same<T, float>::value) {
+      if (pack && tile_gemm_available()) packed = std::make_unique<PackedB>(W, ld(), transposed, N, K);
+    }
+  }
+  int64_t ld() const { return transposed ? K : N; }
+  // C (M x N, ldc) = A (M x K, lda) * W, on the calling thread.
+  void times(const T* A, int64_t lda, T* C, int64_t ldc, int64_t M) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (packed) {
+        tile_gemm(A, lda, *packed, C, ldc, M);
+        return;
+      }
+    }
+    gemm<T>(false, A, lda, transposed, W, ld(), C, ldc, M, N, K, false);
+  }
+};
+
 // C (M x N, ldc) = A (M x K, lda) times a weight W, given as (N x K) when w_transposed (a pointwise
 // conv's (Cout, Cin)) else (K x N), on all threads: parallel_gemm where it runs, else at::mm.
 template <typename T>

@@ -15,9 +15,6 @@
 
 #pragma GCC optimize("fp-contract=fast")
 #pragma GCC diagnostic ignored "-Wpsabi"
-#ifndef DLK_AVX2_WB
-#define DLK_AVX2_WB 7
-#endif
 
 namespace dlkunet {
 namespace cpu {
@@ -125,21 +122,22 @@ using RowFn = void (*)(const float* const*, const int*, int, const float*, const
 // Pixels per register block: the accumulators (WB * kBlock / L of them) plus a weight vector fit
 // the register file: 16 ymm on AVX2 (7 x 2 + 1), 32 zmm on AVX-512 (14 + 1); 7 also divides every
 // DLKUNet width at 224 x 224 (224 / 2^k).
+constexpr int kPixelsAvx512 = 14, kPixelsAvx2 = 7, kPixelsGeneric = 3;
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("arch=x86-64-v4"))) void row_avx512(const float* const* rows, const int* wrows, int nrows,
                                                           const float* wt, const float* bias, int64_t k, int64_t dil,
                                                           int64_t W, float* out, int64_t os) {
-  row_any<16, 14>(rows, wrows, nrows, wt, bias, k, dil, W, out, os);
+  row_any<16, kPixelsAvx512>(rows, wrows, nrows, wt, bias, k, dil, W, out, os);
 }
 __attribute__((target("arch=x86-64-v3"))) void row_avx2(const float* const* rows, const int* wrows, int nrows,
                                                         const float* wt, const float* bias, int64_t k, int64_t dil,
                                                         int64_t W, float* out, int64_t os) {
-  row_any<8, DLK_AVX2_WB>(rows, wrows, nrows, wt, bias, k, dil, W, out, os);
+  row_any<8, kPixelsAvx2>(rows, wrows, nrows, wt, bias, k, dil, W, out, os);
 }
 #endif
 void row_generic(const float* const* rows, const int* wrows, int nrows, const float* wt, const float* bias, int64_t k,
                  int64_t dil, int64_t W, float* out, int64_t os) {
-  row_any<4, 3>(rows, wrows, nrows, wt, bias, k, dil, W, out, os);
+  row_any<4, kPixelsGeneric>(rows, wrows, nrows, wt, bias, k, dil, W, out, os);
 }
 
 struct Isa {

@@ -137,21 +137,13 @@ int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan
     });
     return (P + kChunk - 1) / kChunk;
   }
-  std::unique_ptr<PackedB> packed;
-  if constexpr (std::is_same<T, float>::value) {
-    if (cl && tile_gemm_available()) packed = std::make_unique<PackedB>(Wp, Cin, true, Cout, Cin);
-  }
+  const TileWeight<T> weight(Wp, true, Cout, Cin, cl);
   for_each_tile<T>(plan, s.H, plan.rows * s.W * ldd, [&](int64_t t, int64_t n, int64_t r0, int64_t r1, T* tile) {
     const int64_t P = (r1 - r0) * s.W;
     depthwise_tile(X + n * HW * Cin, s, r0, r1, dw, tile, ldd);
     if (cl) {
       T* dst = zp + (n * HW + r0 * s.W) * Cout;
-      if constexpr (std::is_same<T, float>::value) {
-        if (packed) tile_gemm(tile, ldd, *packed, dst, Cout, P);
-        else gemm<T>(false, tile, ldd, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
-      } else {
-        gemm<T>(false, tile, ldd, true, Wp, Cin, dst, Cout, P, Cout, Cin, false);
-      }
+      weight.times(tile, ldd, dst, Cout, P);
       post(t, dst, Cout, P, Cout, true);
     } else {
       T* dst = zp + n * Cout * HW + r0 * s.W;

@@ -40,29 +40,18 @@ Shapes check_common(const char* op, const Tensor& x, const Tensor& w0, const Ten
 // (channels_last: pixels x C, ld C; NCHW: C x pixels, ld HW): out = x * (w1 @ a2 + b1).  a2 is the
 // tile's (Pt x C) depthwise output with pixel stride lda; tmp (Pt x C of T) is used for half types.
 template <typename scalar_t, typename T>
-void pointwise_gate_tile(bool cl, const T* a2, int64_t lda, const T* W1p, const T* b1p, int64_t C, int64_t Pt,
-                         int64_t HW, int64_t base, const scalar_t* xp, scalar_t* op, T* tmp,
-                         const PackedB* packed = nullptr) {
+void pointwise_gate_tile(bool cl, const T* a2, int64_t lda, const TileWeight<T>& w1, const T* b1p, int64_t C,
+                         int64_t Pt, int64_t HW, int64_t base, const scalar_t* xp, scalar_t* op, T* tmp) {
   const int64_t ld = cl ? C : HW;
   const int64_t R = cl ? Pt : C, Cn = cl ? C : Pt;  // the block as rows x columns
-  // channels_last: (pixels x C) = a2 * w1^T, through tile_gemm when w1 was packed for it
-  auto pixels_by_channels = [&](T* dst, int64_t ldd) {
-    if constexpr (std::is_same<T, float>::value) {
-      if (packed) {
-        tile_gemm(a2, lda, *packed, dst, ldd, Pt);
-        return;
-      }
-    }
-    gemm<T>(false, a2, lda, true, W1p, C, dst, ldd, Pt, C, C, false);
-  };
   if constexpr (std::is_same<scalar_t, T>::value) {
     T* O = op + base;
-    if (cl) pixels_by_channels(O, ld);
-    else gemm<T>(false, W1p, C, true, a2, lda, O, ld, C, Pt, C, false);
+    if (cl) w1.times(a2, lda, O, ld, Pt);
+    else gemm<T>(false, w1.W, C, true, a2, lda, O, ld, C, Pt, C, false);
     gate(O, ld, xp + base, ld, O, ld, R, Cn, b1p, cl);
   } else {  // float16 / bfloat16: the GEMM into float scratch, the gate converting
-    if (cl) pixels_by_channels(tmp, Cn);
-    else gemm<T>(false, W1p, C, true, a2, lda, tmp, Cn, C, Pt, C, false);
+    if (cl) w1.times(a2, lda, tmp, Cn, Pt);
+    else gemm<T>(false, w1.W, C, true, a2, lda, tmp, Cn, C, Pt, C, false);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < Cn; ++c) {
         const T bias = cl ? b1p[c] : b1p[r];
@@ -188,8 +177,7 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, float>::value;
-  std::unique_ptr<PackedB> packed;
-  if (cl && tile_gemm_available()) packed = std::make_unique<PackedB>(W1p, C, true, C, C);
+  const TileWeight<float> w1t(W1p, true, C, C, cl);
   at::parallel_for(0, s.N * per_img, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
     std::vector<float>& tb = tile_buffer();
@@ -206,8 +194,7 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
         for (int64_t cb = 0; cb < nb; ++cb)
           for (int64_t r = r0; r < r1; ++r) st.a2_row(cb, r, a2 + (r - r0) * s.W * Cp + cb * kBlock, Cp);
         const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
-        pointwise_gate_tile<scalar_t, float>(cl, a2, Cp, W1p, b1p, C, Pt, HW, base, xp, op, a2 + tile * s.W * Cp,
-                                             packed.get());
+        pointwise_gate_tile<scalar_t, float>(cl, a2, Cp, w1t, b1p, C, Pt, HW, base, xp, op, a2 + tile * s.W * Cp);
       }
     }
   });
@@ -252,11 +239,12 @@ Tensor forward_impl(const Tensor& x_in, const Tensor& w0, const Tensor& b0, cons
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, T>::value;
   const int64_t scratch = plan.rows * s.W * C * (direct ? 1 : 2);  // a2, and float output for half types
+  const TileWeight<T> w1t(W1p, true, C, C, false);  // the unblocked path keeps at::mm (the A/B baseline)
   for_each_tile<T>(plan, s.H, scratch, [&](int64_t, int64_t n, int64_t r0, int64_t r1, T* a2) {
     const int64_t P = (r1 - r0) * s.W;
     depthwise_rows(A1p + n * img, s.H, s.W, C, r0, r1, wst.data_ptr<T>(), bsc.data_ptr<T>(), s.ks, s.dil, a2);
     const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
-    pointwise_gate_tile<scalar_t, T>(cl, a2, C, W1p, b1p, C, P, HW, base, xp, op, a2 + plan.rows * s.W * C);
+    pointwise_gate_tile<scalar_t, T>(cl, a2, C, w1t, b1p, C, P, HW, base, xp, op, a2 + plan.rows * s.W * C);
   });
   return out;
 }

@@ -72,24 +72,14 @@ void run(const Geometry& g, const T* dp, const T* sp, const T* wp, const T* bp, 
   }
   const int64_t rows = std::max<int64_t>(1, std::min(g.h, kTileFloats / (g.w * cols)));
   const int64_t per_img = (g.h + rows - 1) / rows;
-  std::unique_ptr<PackedB> packed;
-  if constexpr (std::is_same<T, float>::value) {
-    if (tile_gemm_available()) packed = std::make_unique<PackedB>(wp, cols, false, cols, g.Cin);
-  }
+  const TileWeight<T> weight(wp, false, cols, g.Cin, true);
   at::parallel_for(0, g.N * per_img, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
     std::vector<T> tile(static_cast<size_t>(rows * g.w * cols));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / per_img, y0 = t % per_img * rows, y1 = std::min(g.h, y0 + rows);
       const int64_t p0 = (n * g.h + y0) * g.w, p1 = (n * g.h + y1) * g.w;
-      bool done = false;
-      if constexpr (std::is_same<T, float>::value) {
-        if (packed) {
-          tile_gemm(dp + p0 * g.Cin, g.Cin, *packed, tile.data(), cols, p1 - p0);
-          done = true;
-        }
-      }
-      if (!done) gemm<T>(false, dp + p0 * g.Cin, g.Cin, false, wp, cols, tile.data(), cols, p1 - p0, cols, g.Cin, false);
+      weight.times(dp + p0 * g.Cin, g.Cin, tile.data(), cols, p1 - p0);
       // This task's output rows; the first and last tasks of an image also take its padding rows.
       const int64_t R0 = y0 == 0 ? 0 : g.top + 2 * y0, R1 = y1 == g.h ? g.H : g.top + 2 * y1;
       skip_and_padding(g, n, R0, R1, sp, op);
