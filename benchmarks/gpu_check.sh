@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one-call GPU runbook: build the extension, list backends, run the GPU tests, benchmark, report.
+# The one-call GPU runbook: build the extension, list backends, run the GPU tests, tune, benchmark, report.
 #
-#   benchmarks/gpu_check.sh OUTDIR [--no-build] [--size full|cpu|quick] [--total SECONDS]
+#   benchmarks/gpu_check.sh OUTDIR [--no-build|--no-ext] [--size full|cpu|quick] [--total SECONDS]
 #
 # Run from anywhere; it works in the repository that holds it.  Every step has a time limit cut
 # from a total budget (default 370 s: about 6 minutes, well inside 8), and a failed or timed-out
@@ -11,16 +11,22 @@
 #   build.log    pip install of the extension (sm_90 only)
 #   tests.log    pytest of the GPU-marked tests
 #   bench.json   benchmark results (written after every row, so a timeout keeps what ran)
-#   bench.md     the markdown report        bench.png  speedup chart (needs matplotlib)
-#   more.tar.gz  junit.xml, bench.log (pytest output of the benchmarks), errors.md/.csv (each
-#                backend's error per dtype against float64, benchmarks/errors.py; also in summary.txt)
+#   bench.md     the markdown report
+#   tuned_plans.csv  the Triton plans' tuned table (benchmarks/tune_plans.py; copy rows into
+#                kernels/tuned_plans.csv to ship them)
+#   more.tar.gz  junit.xml, bench.log (pytest output of the benchmarks), bench.png (speedup chart),
+#                tune.csv/tune.log (every tuning candidate), errors.md/.csv (each backend's error
+#                per dtype against float64, benchmarks/errors.py; also in summary.txt)
 # To record the run in the repository's tables (one per device kind, keyed, newest wins):
 #   python benchmarks/report.py --merge OUTDIR/bench.json --into benchmarks/results/h200.csv
 #   python benchmarks/report.py --merge errors.csv --into benchmarks/results/errors-h200.csv  (from more.tar.gz)
 # Environment: PYTHON (default python3), GPU_CHECK_TESTS (pytest selection, default "tests/ops tests/models tests/kernels tests/csrc -m gpu"),
 # GPU_CHECK_WORKERS (pytest-xdist workers for the tests, default 6 where xdist is installed; 0: none),
-# GPU_CHECK_TOTAL_S (the total budget).  --no-build uses the dlkunet already installed (for
-# trying the script on a machine without nvcc or CUDA).
+# GPU_CHECK_TOTAL_S (the total budget), GPU_CHECK_STEPS (default "tests tune errors bench": which of
+# the steps after the install run, in that order), GPU_CHECK_TUNE_CASES (a regular expression:
+# which cases tune_plans.py tunes; default all), GPU_CHECK_BENCH_K (a pytest -k filter for bench).  --no-build uses the dlkunet already installed
+# (for trying the script on a machine without nvcc or CUDA); --no-ext installs it without the
+# compiled extension (seconds instead of minutes: the torch and triton backends only).
 set -u
 
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -32,6 +38,7 @@ TOTAL=${GPU_CHECK_TOTAL_S:-370}
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0 ;;
+    --no-ext) BUILD=noext ;;
     --size) SIZE=$2; shift ;;
     --total) TOTAL=$2; shift ;;
     *) usage ;;
@@ -42,6 +49,8 @@ done
 PY=${PYTHON:-python3}
 # Only the suites with GPU cases: tests/data needs nibabel, which GPU images may lack.
 TESTS=${GPU_CHECK_TESTS:-tests/ops tests/models tests/kernels tests/csrc -m gpu}
+STEPS=" ${GPU_CHECK_STEPS:-tests tune errors bench} "
+want() { case "$STEPS" in *" $1 "*) return 0 ;; esac; printf '%-10s %-16s\n' "$1" "not asked for" >> "$SUMMARY"; return 1; }
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -116,6 +125,9 @@ if [ "$BUILD" = 1 ]; then
     run build-noext 60 170 "$OUT/build.log" env DLKUNET_BUILD_EXT=0 \
       $PY -m pip install --no-build-isolation --no-deps .
   fi
+elif [ "$BUILD" = noext ]; then
+  : > "$OUT/build.log"
+  run install 90 0 "$OUT/build.log" env DLKUNET_BUILD_EXT=0 $PY -m pip install --no-build-isolation --no-deps .
 else
   echo "build skipped (--no-build): using the installed dlkunet" > "$OUT/build.log"
   printf '%-10s %-16s\n' build "skipped" >> "$SUMMARY"
@@ -130,6 +142,7 @@ XDIST=()
 if [ "$WORKERS" != 0 ] && $PY -c 'import xdist' 2>/dev/null; then XDIST=(-n "$WORKERS"); fi
 # A hung kernel should cost one test, not the whole step.
 if $PY -c 'import pytest_timeout' 2>/dev/null; then XDIST+=(--timeout=120); fi
+if want tests; then
 # shellcheck disable=SC2086  # TESTS is a word list on purpose
 run tests 150 110 "$OUT/tests.log" $PYP -m pytest $TESTS "${XDIST[@]}" -q -rfEs -p no:cacheprovider \
   --junitxml="$OUT/junit.xml" --maxfail=25
@@ -138,14 +151,31 @@ if [ $? = 5 ]; then
   run tests-all 120 100 "$OUT/tests.log" $PYP -m pytest tests/ops tests/kernels -x -q -rfEs \
     -p no:cacheprovider --junitxml="$OUT/junit.xml"
 fi
+fi
+
+# Tune the Triton plans at the real shapes (compiles in parallel first, then times alone).
+if want tune; then
+  run tune 200 90 "$OUT/tune.log" $PYP benchmarks/tune_plans.py "$OUT/tune" --jobs 14 \
+    --cases "${GPU_CHECK_TUNE_CASES:-}"
+  if [ -f "$OUT/tune/tuned_plans.csv" ]; then
+    cp "$OUT/tune/tuned_plans.csv" "$OUT/tuned_plans.csv"
+    # The benchmarks below run the plans just measured: merge them into the installed table.
+    installed=$($PYP -c 'import dlkunet.kernels.plans as p; print(p.TUNED_TABLE)' 2>/dev/null)
+    [ -n "$installed" ] && $PY benchmarks/tune_plans.py "$OUT/tuned_plans.csv" --merge "$installed" >> "$OUT/tune.log" 2>&1
+  fi
+  [ -f "$OUT/tune/tune.csv" ] && mv "$OUT/tune/tune.csv" "$OUT/tune.csv"
+  rm -rf "$OUT/tune"
+fi
 
 # Error of every backend per dtype against float64 (Triton's cache is warm from the tests).
-run errors 60 90 "$OUT/errors.md" $PYP benchmarks/errors.py --table "$OUT/errors.csv"
+want errors && run errors 60 90 "$OUT/errors.md" $PYP benchmarks/errors.py --table "$OUT/errors.csv"
 
 BENCH_LIMIT=$(limit 300 25)
 SIZE_ARGS=()
 [ -n "$SIZE" ] && SIZE_ARGS=(--bench-size "$SIZE")
-run bench 300 25 "$OUT/bench.log" $PYP -m pytest benchmarks --benchmark-only "${SIZE_ARGS[@]}" -q -rfE \
+BENCH_K=()
+[ -n "${GPU_CHECK_BENCH_K:-}" ] && BENCH_K=(-k "$GPU_CHECK_BENCH_K")
+want bench && run bench 300 25 "$OUT/bench.log" $PYP -m pytest benchmarks --benchmark-only "${SIZE_ARGS[@]}" "${BENCH_K[@]}" -q -rfE \
   -p no:cacheprovider --bench-json "$OUT/bench.json" --bench-budget $(( BENCH_LIMIT - 40 > 20 ? BENCH_LIMIT - 40 : 20 ))
 
 if [ -f "$OUT/bench.json" ]; then
@@ -161,6 +191,8 @@ print("bench.json: %d rows, %d skipped, %d failed" % (len(d["rows"]), len(d["ski
   echo
   echo "== tests.log (tail)"; tail -n 25 "$OUT/tests.log" 2>/dev/null
   echo
+  echo "== tune.log (the chosen plan per case)"; grep -vE '^(### |compiled every)' "$OUT/tune.log" 2>/dev/null
+  echo
   echo "== errors.md"; grep '^|' "$OUT/errors.md" 2>/dev/null
   echo
   echo "== bench.log (tail)"; grep -vE '^test_' "$OUT/bench.log" 2>/dev/null | tail -n 40
@@ -170,7 +202,7 @@ print("bench.json: %d rows, %d skipped, %d failed" % (len(d["rows"]), len(d["ski
 
 rm -f "$OUT"/*.tmp
 extras=()
-for f in junit.xml bench.log errors.md errors.csv; do [ -f "$OUT/$f" ] && extras+=("$f"); done
+for f in junit.xml bench.log bench.png tune.csv tune.log errors.md errors.csv; do [ -f "$OUT/$f" ] && extras+=("$f"); done
 if [ ${#extras[@]} -gt 0 ]; then
   tar -C "$OUT" -czf "$OUT/more.tar.gz" "${extras[@]}" && (cd "$OUT" && rm -f "${extras[@]}")
 fi

@@ -15,7 +15,9 @@ from dlkunet_testing import BUDGET, dwconv_inputs, lka_inputs, poisoned_allocati
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ok, why = availability("triton", DEVICE)
-pytestmark = pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")
+pytestmark = [pytest.mark.skipif(not ok, reason=f"triton backend unavailable: {why}")]
+if DEVICE == "cuda":  # on a GPU these run the real kernels: part of the GPU suite (-m gpu)
+    pytestmark.append(pytest.mark.gpu)
 
 
 def _modules():
@@ -87,17 +89,22 @@ def test_small_tiles_cover_every_tile_loop():
         assert rel_err(y, y_ref) <= BUDGET[torch.float32], name
 
 
-def test_plan_choice_is_the_cost_models_and_cached():
+def test_plan_choice_is_the_cost_models_and_cached(tmp_path):
     _, plans = _modules()
     dev = torch.device(DEVICE)
+    with plans.tuned_table(tmp_path / "none.csv"):  # no measured row: the cost model decides
+        _model_choices(plans, dev)
+
+
+def _model_choices(plans, dev):
     levels = ((96, 224), (192, 112), (384, 56), (768, 28), (1536, 14))
     for c, side in levels:
         for dtype in (torch.float32, torch.bfloat16):
             prec = plans.precision(dtype)
             for op, ks in (("dwconv_bn_act", (3,)), ("lka_gate", (5, 7))):
                 plan = plans.choose(op, 16, c, c, side, side, ks, dtype, False, dev, prec)
-                times = {name: plans.predicted_seconds(name, op, 16, c, c, side, side, ks, dtype, prec)
-                         for name in plans.PLANS}
+                times = {name: plans.predicted_seconds(name, op, 16, c, c, side, side, ks, dtype, prec,
+                                                       plans._peaks(dev)) for name in plans.PLANS}
                 assert plan.name == min(times, key=times.get)
                 assert plans.choose(op, 16, c, c, side, side, ks, dtype, False, dev, prec) is plan  # cached
     # The design's two regimes: taps computed once at the shallow levels, the depthwise kernel
