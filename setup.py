@@ -152,6 +152,8 @@ cmdclass["build_py"] = BuildPy
 setup(
     packages=PACKAGES,
     package_dir={"dlkunet.kernels": "kernels"},
+    # the Triton plans' measured table (kernels/plans.py reads it)
+    package_data={"dlkunet.kernels": ["tuned_plans.csv"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

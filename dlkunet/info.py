@@ -101,6 +101,9 @@ def _auto_choice(device: str, op: str, mode: str) -> str:
     if setting != "auto":
         ok, why = ops.availability(setting, device, compile_now=False)
         return setting if ok else f"error: {why}"
+    preference = ops.backends.AUTO_PREFERENCE.get((device, op, mode), ())
+    if device == "cuda" and "triton" in preference and ops.availability("triton", device)[0]:
+        return "triton where this GPU's measured table has it faster, else torch"
     name, _ = ops.backends.auto_choice(device, op, mode, compile_now=False)
     if name in ("cpu", "cuda") and ops.extension.origin()[0] == "pending":
         return f"{name} (compiled at first use)"

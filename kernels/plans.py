@@ -9,10 +9,13 @@ Plans (benchmarks/roofline.py's vocabulary; docs/gpu-plans.md):
 ``split``  a depthwise kernel writes its output once, then a large-tile tensor-core GEMM with the
            op's epilogue (lka_gate: a1, then a2, then the GEMM with the gate).
 
-The choice is a small cost model (``predicted_seconds``: the roofline's terms, DRAM bytes, tensor
-and FMA FLOPs, a launch gap per kernel, with the fused kernel's depthwise and MMA work serialised as
-they are within one un-specialised Triton program), cached per (op, shape, dtype, layout, device,
-precision).  ``forced`` overrides it (tests; DLKUNET_TRITON_PLAN=fused|split for runs).
+The choice is the measured table ``tuned_plans.csv`` (benchmarks/tune_plans.py: the fastest plan
+and tiles per shape on a GPU model, beside eager's time) where it has this GPU model, op, dtype,
+layout and channels; elsewhere a small cost model (``predicted_seconds``: the roofline's terms,
+DRAM bytes, tensor and FMA FLOPs, a launch gap per kernel, with the fused kernel's depthwise and MMA
+work serialised as they are within one un-specialised Triton program).  Cached per (op, shape,
+dtype, layout, device, precision).  ``forced`` overrides both (tests; DLKUNET_TRITON_PLAN=fused|split
+for runs).
 
 Precision rule (``precision``): float32 inputs use TF32 tensor cores exactly when
 ``torch.backends.cudnn.allow_tf32`` is True (eager convolution's rule and default), and three TF32
@@ -26,9 +29,11 @@ forward 2 or 3.
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple, Union
 
 import torch
@@ -39,8 +44,11 @@ from . import _fast as F
 # registers on sm_80) and spilled; with it, it allocates what the kernel needs (as _common does).
 from ._common import INTERPRET, MAX_REGISTERS
 
-FUSED, SPLIT = "fused", "split"
+FUSED, SPLIT, SPLIT_CUDNN = "fused", "split", "split_cudnn"
+# The cost model's plans; the measured table may also name split_cudnn (the split plan with
+# PyTorch's depthwise convolution, cuDNN on a GPU, as its first stage), which it cannot predict.
 PLANS = (FUSED, SPLIT)
+MEASURED_PLANS = PLANS + (SPLIT_CUDNN,)
 # Widest output-channel tile of the fused kernel (a 64 x 256 float32 accumulator is 64 registers
 # per thread at 8 warps).  Wider layers recompute the depthwise taps once per tile.
 FUSED_MAX_COUT = 256
@@ -160,6 +168,85 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
 
 
 # ------------------------------------------------------------------------------------------------
+# the measured table (benchmarks/tune_plans.py on a GPU; docs/gpu-plans.md has the numbers)
+
+TUNED_TABLE = Path(__file__).with_name("tuned_plans.csv")
+_TUNED: Dict[str, Dict[tuple, dict]] = {}  # path -> rows by key
+
+
+def _ints(text: str) -> Tuple[int, ...]:
+    return tuple(int(v) for v in text.split())
+
+
+def _table_key(device_name: str, op: str, dtype: str, cl: bool, cin: int, cout: int, kernels: Tuple[int, ...]):
+    # lka_gate's dilation does not change which tiles win; the table's kernels column holds it too.
+    return (device_name, op, dtype, bool(cl), int(cin), int(cout), tuple(kernels[:2]))
+
+
+def _rows(path: Optional[Path] = None) -> Dict[tuple, dict]:
+    """The table's rows by (device, op, dtype, layout, channels, kernel sizes), each a list of the
+    measured (h, w) sizes' rows."""
+    path = str(path or _TABLE_PATH or TUNED_TABLE)
+    if path not in _TUNED:
+        rows: Dict[tuple, dict] = {}
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                for r in csv.DictReader(f):
+                    key = _table_key(r["device"], r["op"], r["dtype"], r["layout"] == "cl", r["cin"], r["cout"],
+                                     _ints(r["kernels"]))
+                    rows.setdefault(key, {})[(int(r["h"]), int(r["w"]))] = r
+        _TUNED[path] = rows
+    return _TUNED[path]
+
+
+_TABLE_PATH: Optional[Path] = None
+
+
+@contextlib.contextmanager
+def tuned_table(path: Union[str, Path]) -> Iterator[None]:
+    """Read the measured table from ``path`` instead of the shipped one (tests)."""
+    global _TABLE_PATH
+    prev, _TABLE_PATH = _TABLE_PATH, Path(path)
+    _CACHE.clear()
+    try:
+        yield
+    finally:
+        _TABLE_PATH = prev
+        _CACHE.clear()
+
+
+def device_name(device: torch.device) -> str:
+    """The table's name for ``device``: the GPU model, or the interpreter's (whose rows only tests
+    and benchmarks/tune_plans.py --smoke write)."""
+    if device.type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_name(device)
+    return "cpu (interpreter)"
+
+
+def measured(op: str, cin: int, cout: int, h: int, w: int, kernels: Tuple[int, ...], dtype: torch.dtype,
+             cl: bool, device: torch.device) -> Optional[dict]:
+    """The measured row for this shape on this GPU model: the same image size if it was measured,
+    else the same channels at the nearest measured size; None where this GPU model, op, dtype,
+    layout or channel count was never measured."""
+    sizes = _rows().get(_table_key(device_name(device), op, str(dtype)[6:], cl, cin, cout, kernels))
+    if not sizes:
+        return None
+    return sizes.get((h, w)) or sizes[min(sizes, key=lambda hw: abs(hw[0] * hw[1] - h * w))]
+
+
+def faster_than_eager(op: str, cin: int, cout: int, h: int, w: int, kernels: Tuple[int, ...], dtype: torch.dtype,
+                      cl: bool, device: torch.device) -> bool:
+    """Whether this GPU model's measured table has the planned kernels faster than eager PyTorch
+    (cuDNN) at this shape (what ``auto`` asks before it runs the triton backend)."""
+    row = measured(op, cin, cout, h, w, kernels, dtype, cl, device)
+    return row is not None and float(row["ms"]) < float(row["eager_ms"])
+
+
+def _plan_of(row: dict) -> Plan:
+    return Plan(row["plan"], fused=_ints(row["fused"]), dw=_ints(row["dw"]), gemm=_ints(row["gemm"]))
+
+
+# ------------------------------------------------------------------------------------------------
 # choice and cache
 
 _CACHE: Dict[tuple, Plan] = {}
@@ -170,7 +257,7 @@ _FORCED: Optional[Union[str, Plan]] = None
 def forced(plan: Union[str, Plan]) -> Iterator[None]:
     """Run with plan ``plan`` (a name, or a Plan with explicit tiles) instead of the model's."""
     global _FORCED
-    assert isinstance(plan, Plan) or plan in PLANS, plan
+    assert isinstance(plan, Plan) or plan in MEASURED_PLANS, plan
     prev, _FORCED = _FORCED, plan
     try:
         yield
@@ -186,9 +273,13 @@ def choose(op: str, n: int, cin: int, cout: int, h: int, w: int, kernels: Tuple[
     key = (op, n, cin, cout, h, w, kernels, dtype, cl, device.type, device.index, prec, forced_plan)
     plan = _CACHE.get(key)
     if plan is None:
+        row = measured(op, cin, cout, h, w, kernels, dtype, cl, device)
         if forced_plan is not None:
-            assert forced_plan in PLANS, f"DLKUNET_TRITON_PLAN must be one of {PLANS}"
+            assert forced_plan in MEASURED_PLANS, f"DLKUNET_TRITON_PLAN must be one of {MEASURED_PLANS}"
             name = forced_plan
+        elif row is not None:
+            plan = _CACHE[key] = _plan_of(row)
+            return plan
         else:
             peaks = _peaks(device)
             name = min(PLANS, key=lambda nm: predicted_seconds(nm, op, n, cin, cout, h, w, kernels, dtype,
@@ -208,6 +299,18 @@ def _dense(t: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
 
 def _empty(n, c, h, w, x, fmt) -> torch.Tensor:
     return torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _depthwise(t, w_dw, b_dw, dil, fmt, plan):
+    """A depthwise conv written once, in t's layout: ours, or PyTorch's (cuDNN) for split_cudnn."""
+    if plan.name == SPLIT_CUDNN:
+        k = w_dw.shape[-1]
+        out = torch.nn.functional.conv2d(t, w_dw, b_dw, padding=dil * (k - 1) // 2, dilation=dil, groups=t.shape[1])
+        return _dense(out, fmt)
+    n, c, h, w = t.shape
+    out = _empty(n, c, h, w, t, fmt)
+    _launch_dw(t, w_dw, b_dw, out, dil, fmt == torch.channels_last, plan.dw)
+    return out
 
 
 def _launch_dw(t, w_dw, b_dw, out, dil, cl, tile):
@@ -250,7 +353,8 @@ def _layout(x: torch.Tensor):
 def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps: float,
                        relu: bool):
     """Eval forward of dwconv_bn_act: (y, running_mean copy, running_var copy), float32 statistics.
-    1 launch (fused) or 2 (split); the only host-side torch ops allocate y, d and the statistics."""
+    1 launch (fused) or 2 (split); the only host-side torch ops allocate y, d and the statistics
+    (split_cudnn: PyTorch's depthwise conv writes d)."""
     x, fmt, cl = _layout(x)
     n, cin, h, w = x.shape
     cout = w_pw.shape[0]
@@ -267,8 +371,7 @@ def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, run
     if plan.name == FUSED:
         _launch_fused(x, w_dw, b_dw, w_pw, x, y, prm, float(eps), 1, F.EPI_BN, bool(relu), cl, prec, plan.fused)
     else:
-        d = _empty(n, cin, h, w, x, fmt)
-        _launch_dw(x, w_dw, b_dw, d, 1, cl, plan.dw)
+        d = _depthwise(x, w_dw, b_dw, 1, fmt, plan)
         _launch_gemm(d, w_pw, x, y, prm, float(eps), F.EPI_BN, bool(relu), cl, prec, plan.gemm)
     return y, mean, var
 
@@ -283,15 +386,13 @@ def lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation: int):
     b0, bs, b1 = _dense(b0), _dense(bs), _dense(b1)
     prec = precision(x.dtype)
     plan = choose("lka_gate", n, c, c, h, w, (w0.shape[-1], ws.shape[-1]), x.dtype, cl, x.device, prec)
-    a1 = _empty(n, c, h, w, x, fmt)
-    _launch_dw(x, w0, b0, a1, 1, cl, plan.dw)
+    a1 = _depthwise(x, w0, b0, 1, fmt, plan)
     out = _empty(n, c, h, w, x, fmt)
     prm = (b1, b1, b1, b1, b1, b1, b1)  # only b1 is read (EPI_GATE)
     if plan.name == FUSED:
         _launch_fused(a1, ws, bs, w1, x, out, prm, 0.0, dil, F.EPI_GATE, False, cl, prec, plan.fused)
     else:
-        a2 = _empty(n, c, h, w, x, fmt)
-        _launch_dw(a1, ws, bs, a2, dil, cl, plan.dw)
+        a2 = _depthwise(a1, ws, bs, dil, fmt, plan)
         _launch_gemm(a2, w1, x, out, prm, 0.0, F.EPI_GATE, False, cl, prec, plan.gemm)
     return out
 

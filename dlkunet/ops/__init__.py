@@ -37,6 +37,14 @@ def _mode(*tensors: Tensor) -> str:
     return "training" if needs_grad else "inference"
 
 
+def _shape(x: Tensor, cout: int, kernels: tuple):
+    """What auto's choice on CUDA looks up in the triton backend's measured table; None on CPU."""
+    if x.device.type != "cuda":
+        return None
+    n, cin, h, w = x.shape
+    return (x.dtype, layout.memory_format(x) == torch.channels_last, cin, cout, h, w, kernels)
+
+
 def dwconv_bn_act(
     x: Tensor, w_dw: Tensor, b_dw: Tensor, w_pw: Tensor, b_pw: Tensor,
     gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -70,7 +78,7 @@ def dwconv_bn_act(
     if training and sync_bn.active():  # DDP with --sync-bn: the whole process group's statistics
         return sync_bn.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                                      momentum, eps, relu)
-    backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta))
+    backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta), _shape(x, cout, (k,)))
     check_backend(op, backend, x, (("w_dw", k),), out_channels=cout)
     if backend == "torch":
         return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
@@ -105,7 +113,7 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     check_tensor(op, "b1", b1, (c,), x)
     dilation = check_dilation(op, dilation)
     x = layout.in_format(x, layout.conv_output_format(x, w0, ws, w1))
-    backend = resolve(x.device.type, op, _mode(x, w0, b0, ws, bs, w1, b1))
+    backend = resolve(x.device.type, op, _mode(x, w0, b0, ws, bs, w1, b1), _shape(x, c, (k0, ks)))
     check_backend(op, backend, x, (("w0", k0), ("ws", ks)), dilation=dilation)
     if backend == "torch":
         return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, dilation)

@@ -42,9 +42,10 @@ CHOICES = ("auto",) + BACKENDS
 # "training": autograd will call the backward); the first available one wins under "auto".  The
 # measurements behind each entry: docs/design.md, "Why auto chooses what it chooses".
 AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
-    ("cuda", "dwconv_bn_act", "inference"): ("torch",),
+    # triton only where this GPU model's measured table has it faster at the shape (``_measured_faster``).
+    ("cuda", "dwconv_bn_act", "inference"): ("triton", "torch"),
     ("cuda", "dwconv_bn_act", "training"): ("torch",),
-    ("cuda", "lka_gate", "inference"): ("torch",),
+    ("cuda", "lka_gate", "inference"): ("triton", "torch"),
     ("cuda", "lka_gate", "training"): ("torch",),
     ("cpu", "dwconv_bn_act", "inference"): ("cpu",),
     ("cpu", "dwconv_bn_act", "training"): ("cpu",),
@@ -169,9 +170,11 @@ def availability(name: str, device_type: Optional[str] = None, compile_now: bool
 
 
 @torch.compiler.assume_constant_result
-def resolve(device_type: str, op: str, mode: str) -> str:
+def resolve(device_type: str, op: str, mode: str, shape: Optional[tuple] = None) -> str:
     """The backend that runs ``op`` in ``mode`` ('inference' or 'training') for tensors on
-    ``device_type`` under the current setting; only 'auto' looks at op and mode."""
+    ``device_type`` under the current setting; only 'auto' looks at op, mode and ``shape``, the
+    call's (dtype, channels_last, Cin, Cout, H, W, kernel sizes) for the triton backend's measured
+    table."""
     if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
         return "torch"  # an export records the reference formulas (dlkunet.export)
     setting = _state["setting"]
@@ -181,7 +184,7 @@ def resolve(device_type: str, op: str, mode: str) -> str:
             raise BackendUnavailableError(f"dlkunet backend {setting!r} is not available: {why}")
         _ran[(device_type, op)] = setting
         return setting
-    name, missing = auto_choice(device_type, op, mode)
+    name, missing = auto_choice(device_type, op, mode, shape=shape)
     _ran[(device_type, op)] = name
     if missing and device_type not in _state["warned"]:
         _state["warned"].add(device_type)
@@ -192,17 +195,32 @@ def resolve(device_type: str, op: str, mode: str) -> str:
     return name
 
 
-def auto_choice(device_type: str, op: str, mode: str, compile_now: bool = True) -> Tuple[str, list]:
-    """What ``auto`` runs ``op`` in ``mode`` on, and the preferred backends passed over, with why.
+def auto_choice(device_type: str, op: str, mode: str, compile_now: bool = True,
+                shape: Optional[tuple] = None) -> Tuple[str, list]:
+    """What ``auto`` runs ``op`` in ``mode`` on, and the preferred backends passed over because they
+    are missing, with why (a backend measured slower at ``shape`` is passed over silently).
 
     Without ``compile_now`` nothing is compiled: a compiled backend still to be built counts."""
     missing = []
     for name in AUTO_PREFERENCE.get((device_type, op, mode), ()):
         ok, why = availability(name, device_type, compile_now)
+        if ok and name == "triton" and device_type == "cuda" and not _measured_faster(op, shape):
+            continue
         if ok:
             return name, missing
         missing.append(f"{name}: {why}")
     return "torch", missing
+
+
+def _measured_faster(op: str, shape: Optional[tuple]) -> bool:
+    """Whether the triton backend's measured table (``dlkunet.kernels.plans``) has it faster than
+    eager PyTorch for ``op`` at ``shape`` on the current GPU; False for shapes, dtypes or GPU models
+    it never measured, since the reference (cuDNN) is what it must beat."""
+    if shape is None:
+        return False
+    from dlkunet.kernels import plans
+    dtype, cl, cin, cout, h, w, kernels = shape
+    return plans.faster_than_eager(op, cin, cout, h, w, kernels, dtype, cl, torch.device("cuda"))
 
 
 # After set_backend, so a refusal can name the variable; nothing is compiled at import.

@@ -164,3 +164,32 @@ def test_ran_on_names_the_backend_each_operator_ran_on(monkeypatch):
         with ops.use_backend("cpu"):
             ops.lka_gate(x, *weights)
         assert backends.ran_on().startswith("cpu (dlkunet._C "), backends.ran_on()
+
+
+def test_auto_on_cuda_takes_triton_only_where_the_measured_table_says_it_is_faster(monkeypatch):
+    """auto's CUDA inference entries list triton first; the measured table decides per shape, and
+    passing triton over for a shape is a choice, not a missing backend (no warning)."""
+    key = ("cuda", "lka_gate", "inference")
+    assert backends.AUTO_PREFERENCE[key][0] == "triton"
+    monkeypatch.setattr(backends, "availability", lambda name, device=None, compile_now=True: (True, ""))
+    monkeypatch.setattr(backends, "_state", {"setting": "auto", "warned": set()})
+    asked = []
+
+    def measured(op, shape):
+        asked.append((op, shape))
+        return shape[2] == 96  # "faster" at 96 channels only
+    monkeypatch.setattr(backends, "_measured_faster", measured)
+    shape96 = (torch.bfloat16, True, 96, 96, 224, 224, (5, 7))
+    shape40 = (torch.bfloat16, True, 40, 40, 224, 224, (5, 7))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.resolve(*key, shape96) == "triton"
+        assert backends.resolve(*key, shape40) == "torch"
+    assert not [w for w in caught if "no fused backend" in str(w.message)]
+    assert asked == [("lka_gate", shape96), ("lka_gate", shape40)]
+    # training never asks the table: the backward kernels were not measured faster anywhere
+    assert backends.resolve("cuda", "lka_gate", "training", shape96) == "torch"
+
+
+def test_measured_faster_is_false_without_a_shape_or_a_row():
+    assert backends._measured_faster("lka_gate", None) is False
