@@ -219,6 +219,18 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
     return [Plan("current", current + _tiny(host)), Plan("fused", fused), Plan("split", split)]
 
 
+def single_pass_floor_ms(op: str, c: int, side: int, dtype: str, dev: Device, tf32: bool = True,
+                         batch: int = BATCH) -> float:
+    """The forward's floor at the model's efficiencies: one kernel reading x once, writing the output
+    once, with the GEMM on tensor cores and the taps on FMA units.  No plan predicts less; where
+    eager is already within 4x of it, no plan can predict 4x eager."""
+    es = DTYPE_BYTES[dtype]
+    p = batch * side * side
+    act = p * c * es
+    taps = 2.0 * p * c * (DW_KERNEL ** 2 if op == "dwconv_bn_act" else LKA_KERNELS[0] ** 2 + LKA_KERNELS[1] ** 2)
+    return Kernel(2 * act, 2.0 * p * c * c, taps).seconds(dev, dtype, tf32) * 1e3
+
+
 def choose(plans: Sequence[Plan], dev: Device, dtype: str, tf32: bool) -> Plan:
     """The new plan (never 'current') with the lowest predicted time."""
     return min((p for p in plans if p.name != "current"), key=lambda p: p.seconds(dev, dtype, tf32))
