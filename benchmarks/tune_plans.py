@@ -260,6 +260,9 @@ class Tuner:
                     best_gemm, best_gemm_ms = gemm, ms
             plan = P.Plan(P.SPLIT_CUDNN, gemm=best_gemm)
             results.append((*self.run(case, plan, x, p, truth, budget, eager_ms), plan))
+            if case.op == "dwconv_bn_act" and case.layout == "cl":
+                plan = P.Plan(P.SPLIT_CUBLAS, dw=best_dw)
+                results.append((*self.run(case, plan, x, p, truth, budget, eager_ms), plan))
             ms, err, plan = min(results, key=lambda r: r[0])
             if not self.compile_only:
                 self.parts(case, x, p, best_dw, best_gemm, eager_ms)
@@ -396,8 +399,8 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cpu" if args.smoke else "cuda")
     todo = cases("quick" if args.smoke else "full", ops)
-    if args.smoke:  # one case per op: float32 NCHW dwconv_bn_act, bfloat16 channels_last lka_gate
-        wanted = (("dwconv_bn_act", torch.float32, "nchw"), ("lka_gate", torch.bfloat16, "cl"))
+    if args.smoke:  # one case per op: float32 dwconv_bn_act, bfloat16 lka_gate, channels_last
+        wanted = (("dwconv_bn_act", torch.float32, "cl"), ("lka_gate", torch.bfloat16, "cl"))
         todo = list({c.op: c for c in todo if (c.op, c.dtype, c.layout) in wanted}.values())
     if args.cases:
         todo = [c for c in todo if re.search(args.cases, c.key)]

@@ -228,3 +228,22 @@ def _gemm_kernel(a_ptr, w_ptr, x_ptr, out_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_
                        mean_ptr, var_ptr, eps, EPI)
     off = _offsets(p, n, hw, co, COUT, HW, CL)
     _epilogue(acc, p0, p1, off, pmask[:, None] & comask[None, :], out_ptr, x_ptr, EPI, RELU)
+
+
+@triton.jit
+def _fold_bn_kernel(w_ptr, wout_ptr, shift_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, eps,
+                    CIN, COUT, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """Eval BatchNorm folded into the pointwise weights for a library GEMM with a bias(+ReLU)
+    epilogue: wout = W * scale (per output row, in W's dtype), shift = (b_pw - mean) * scale + beta
+    (in shift's dtype), and the returned copies of the running statistics (the same per-channel
+    arithmetic as the tensor-core kernels' prologue)."""
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    comask = co < COUT
+    scale, shift = _prologue(co, comask, COUT, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, eps, 0)
+    tl.store(shift_ptr + co, _to(shift, shift_ptr.dtype.element_ty), mask=comask)
+    for ci0 in range(0, CIN, BLOCK_CI):
+        ci = ci0 + tl.arange(0, BLOCK_CI)
+        m = comask[:, None] & (ci < CIN)[None, :]
+        w = tl.load(w_ptr + co[:, None] * CIN + ci[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(wout_ptr + co[:, None] * CIN + ci[None, :], _to(w * scale[:, None], wout_ptr.dtype.element_ty),
+                 mask=m)

@@ -8,6 +8,11 @@ Plans (benchmarks/roofline.py's vocabulary; docs/gpu-plans.md):
            first, then the dilated conv, pointwise GEMM and gate run fused.
 ``split``  a depthwise kernel writes its output once, then a large-tile tensor-core GEMM with the
            op's epilogue (lka_gate: a1, then a2, then the GEMM with the gate).
+``split_cudnn``   ``split`` with PyTorch's depthwise convolution (cuDNN) as its first stage.
+``split_cublas``  eval dwconv_bn_act in channels_last: our depthwise kernel, BN folded into the
+           pointwise weights by a small kernel, cuBLASLt's GEMM with its bias+ReLU epilogue on the
+           [pixels x C] views (on the H200 cuBLAS ran this GEMM 2.0-2.5x faster than ours).
+The last two are only ever chosen from the measured table.
 
 The choice is the measured table ``tuned_plans.csv`` (benchmarks/tune_plans.py: the fastest plan
 and tiles per shape on a GPU model, beside eager's time) where it has this GPU model, op, dtype,
@@ -44,11 +49,16 @@ from . import _fast as F
 # registers on sm_80) and spilled; with it, it allocates what the kernel needs (as _common does).
 from ._common import INTERPRET, MAX_REGISTERS
 
-FUSED, SPLIT, SPLIT_CUDNN = "fused", "split", "split_cudnn"
-# The cost model's plans; the measured table may also name split_cudnn (the split plan with
-# PyTorch's depthwise convolution, cuDNN on a GPU, as its first stage), which it cannot predict.
+FUSED, SPLIT, SPLIT_CUDNN, SPLIT_CUBLAS = "fused", "split", "split_cudnn", "split_cublas"
+# The cost model's plans.  The measured table may also name two it cannot predict: split_cudnn (the
+# split plan with PyTorch's depthwise convolution, cuDNN on a GPU, as its first stage) and, for eval
+# dwconv_bn_act in channels_last, split_cublas (our depthwise kernel, BN folded into the pointwise
+# weights by a small kernel, then the GEMM with its bias+ReLU epilogue in cuBLASLt).
 PLANS = (FUSED, SPLIT)
-MEASURED_PLANS = PLANS + (SPLIT_CUDNN,)
+MEASURED_PLANS = PLANS + (SPLIT_CUDNN, SPLIT_CUBLAS)
+# Output channels per program of the BN-folding kernel, and input channels per step.
+FOLD_TILE = (16, 64)
+FOLD_WARPS = 4
 # Widest output-channel tile of the fused kernel (a 64 x 256 float32 accumulator is 64 registers
 # per thread at 8 warps).  Wider layers recompute the depthwise taps once per tile.
 FUSED_MAX_COUT = 256
@@ -344,6 +354,29 @@ def _launch_gemm(a, w_pw, x, out, prm, eps, epi, relu, cl, prec, tile):
                          maxnreg=MAX_REGISTERS)
 
 
+def _cublas_gemm(d, w_pw, b_pw, gamma, beta, running_mean, running_var, mean, var, eps, relu):
+    """split_cublas's pointwise stage on channels_last d: its [pixels x C] view is the GEMM's
+    operand (no copy), BN folded into the weights by one small kernel, then cuBLASLt's GEMM with
+    its bias(+ReLU) epilogue, TF32 by the convolution flag as eager's conv.  Returns y, the GEMM's
+    [pixels x Cout] output seen as a channels_last (N, Cout, H, W) tensor."""
+    cout, cin = w_pw.shape[0], w_pw.shape[1]
+    w_fold = torch.empty((cout, cin), dtype=d.dtype, device=d.device)
+    shift = torch.empty(cout, dtype=d.dtype, device=d.device)
+    bco, bci = FOLD_TILE
+    F._fold_bn_kernel[(triton.cdiv(cout, bco),)](w_pw, w_fold, shift, b_pw, gamma, beta, running_mean, running_var,
+                                                mean, var, eps, cin, cout, BLOCK_CO=bco, BLOCK_CI=bci,
+                                                num_warps=FOLD_WARPS, maxnreg=MAX_REGISTERS)
+    n, _, h, w = d.shape
+    rows = d.permute(0, 2, 3, 1).view(n * h * w, cin)  # a view: d is channels_last
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        out = torch._addmm_activation(shift, rows, w_fold.t()) if relu else torch.addmm(shift, rows, w_fold.t())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return out.view(n, h, w, cout).permute(0, 3, 1, 2)
+
+
 def _layout(x: torch.Tensor):
     from dlkunet.ops.layout import memory_format  # late: dlkunet.ops imports this package lazily
     fmt = memory_format(x)
@@ -353,8 +386,8 @@ def _layout(x: torch.Tensor):
 def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps: float,
                        relu: bool):
     """Eval forward of dwconv_bn_act: (y, running_mean copy, running_var copy), float32 statistics.
-    1 launch (fused) or 2 (split); the only host-side torch ops allocate y, d and the statistics
-    (split_cudnn: PyTorch's depthwise conv writes d)."""
+    1 launch (fused), 2 (split, split_cudnn) or 3 (split_cublas: depthwise, BN folding, GEMM); the
+    only other host-side torch ops allocate y, d and the statistics."""
     x, fmt, cl = _layout(x)
     n, cin, h, w = x.shape
     cout = w_pw.shape[0]
@@ -364,13 +397,17 @@ def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, run
     running_mean, running_var = _dense(running_mean), _dense(running_var)
     prec = precision(x.dtype)
     plan = choose("dwconv_bn_act", n, cin, cout, h, w, (k,), x.dtype, cl, x.device, prec)
-    y = _empty(n, cout, h, w, x, fmt)
     mean = torch.empty(cout, dtype=torch.float32, device=x.device)
     var = torch.empty(cout, dtype=torch.float32, device=x.device)
+    if plan.name == SPLIT_CUBLAS and cl:
+        d = _depthwise(x, w_dw, b_dw, 1, fmt, plan)
+        y = _cublas_gemm(d, w_pw, b_pw, gamma, beta, running_mean, running_var, mean, var, float(eps), bool(relu))
+        return y, mean, var
+    y = _empty(n, cout, h, w, x, fmt)
     prm = (b_pw, gamma, beta, running_mean, running_var, mean, var)
     if plan.name == FUSED:
         _launch_fused(x, w_dw, b_dw, w_pw, x, y, prm, float(eps), 1, F.EPI_BN, bool(relu), cl, prec, plan.fused)
-    else:
+    else:  # split, split_cudnn, and split_cublas on NCHW (whose pixels are not rows of a matrix view)
         d = _depthwise(x, w_dw, b_dw, 1, fmt, plan)
         _launch_gemm(d, w_pw, x, y, prm, float(eps), F.EPI_BN, bool(relu), cl, prec, plan.gemm)
     return y, mean, var

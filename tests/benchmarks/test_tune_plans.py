@@ -42,7 +42,8 @@ def test_smoke_run_tunes_one_case_per_op(smoke):
     assert [r["op"] for r in best] == ["dwconv_bn_act", "lka_gate"]
     every = _read(smoke / "tune.csv")
     candidates = [r for r in every if r["plan"] != "part"]
-    assert {r["plan"] for r in candidates} == {"fused", "split", "split_cudnn"}
+    assert {r["plan"] for r in candidates} == {"fused", "split", "split_cudnn", "split_cublas"}
+    assert {r["case"].split()[0] for r in candidates if r["plan"] == "split_cublas"} == {"dwconv_bn_act"}
     assert all(r["status"] == "ok" for r in candidates), [r for r in candidates if r["status"] != "ok"]
     for r in best:
         assert r["device"] == "cpu (interpreter)" and list(r) == list(tune.TABLE_FIELDS)

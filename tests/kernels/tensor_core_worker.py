@@ -68,6 +68,10 @@ def specialisations(kernels):
                         for k, dil in ((3, 1), (5, 1), (7, 3)):
                             consts = dict(K=k, DIL=dil, CL=cl, BH=bh, BW=bw, BLOCK_C=bc)
                             out.append(("dw", F._dw_kernel, dtype, consts, warps, 1))
+    if "fold" in kernels:  # split_cublas's BN folding (no MMA; checked for spills)
+        bco, bci = P.FOLD_TILE
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out.append(("fold", F._fold_bn_kernel, dtype, dict(BLOCK_CO=bco, BLOCK_CI=bci), P.FOLD_WARPS, 3))
     return out
 
 
@@ -88,6 +92,8 @@ def ci_subset(specs):
             keep.append(spec)
         elif name == "dw" and c["K"] == 7 and not c["CL"] and dtype == torch.bfloat16 and c["BW"] == 32:
             keep.append(spec)
+        elif name == "fold" and dtype == torch.float32:
+            keep.append(spec)
     return keep
 
 
@@ -97,7 +103,7 @@ def mma_work(sass, consts, num_warps):
     1 for one MMA per product, 2 for a hi/lo split, 3 or more for tf32x3 (up to the unrolling)."""
     if "BLOCK_M" in consts:
         tile = consts["BLOCK_M"] * consts["BLOCK_N"] * consts["BLOCK_K"]
-    elif "BLOCK_CO" in consts:
+    elif "BH" in consts and "BLOCK_CO" in consts:
         tile = consts["BH"] * consts["BW"] * consts["BLOCK_CO"] * consts["BLOCK_CI"]
     else:
         return 0.0
@@ -124,7 +130,7 @@ def compile_one(fn, consts, dtype, arch, num_warps, num_stages):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("arch", type=int)
-    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw"])
+    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw", "fold"])
     ap.add_argument("--dump", default=None)
     ap.add_argument("--all", action="store_true", help="every shipped specialisation, not the CI subset")
     args = ap.parse_args()

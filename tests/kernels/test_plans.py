@@ -41,7 +41,11 @@ def _on(t, dtype, fmt=torch.contiguous_format):
 
 
 CASES = [("fused", torch.float32, "nchw"), ("fused", torch.bfloat16, "cl"), ("fused", torch.float16, "nchw"),
-         ("split", torch.float32, "cl"), ("split", torch.bfloat16, "nchw"), ("split", torch.float16, "cl")]
+         ("split", torch.float32, "cl"), ("split", torch.bfloat16, "nchw"), ("split", torch.float16, "cl"),
+         ("split_cudnn", torch.float32, "nchw"), ("split_cudnn", torch.bfloat16, "cl"),
+         # split_cublas is a channels_last plan; on NCHW it runs split
+         ("split_cublas", torch.float32, "cl"), ("split_cublas", torch.bfloat16, "cl"),
+         ("split_cublas", torch.float16, "cl"), ("split_cublas", torch.float32, "nchw")]
 
 
 @pytest.mark.parametrize("plan,dtype,layout", CASES)
@@ -164,3 +168,20 @@ def test_eval_forward_host_overhead(plan):
         launches, ops = _count_host_work(lambda: kernels.lka_gate_forward(xl, *pl, 3))
     assert len(launches) == (2 if plan == "fused" else 3), launches
     assert set(ops) <= {"aten::empty"} and len(ops) == (2 if plan == "fused" else 3), ops
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
+def test_split_cublas_host_work():
+    """Eval dwconv_bn_act on split_cublas: 2 Triton launches (depthwise, BN folding) and one library
+    GEMM with its bias+ReLU epilogue on views of d and y: 3 launches in all, no copy."""
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(2)
+    x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
+    xf = x.float().contiguous(memory_format=torch.channels_last)
+    pf = [t.float() for t in p]
+    with plans.forced("split_cublas"):
+        kernels.dwconv_bn_act_forward(xf, *pf, False, 1e-5, True)
+        launches, ops = _count_host_work(lambda: kernels.dwconv_bn_act_forward(xf, *pf, False, 1e-5, True))
+    assert sorted(launches) == ["_dw_kernel", "_fold_bn_kernel"], launches
+    assert ops.count("aten::_addmm_activation") == 1, ops
+    assert set(ops) <= {"aten::empty", "aten::permute", "aten::view", "aten::t", "aten::_addmm_activation"}, ops

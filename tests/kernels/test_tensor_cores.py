@@ -25,6 +25,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+# Kernels without a GEMM (checked for spills and shared memory only).
+NO_GEMM = ("dw", "fold")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensor_core_worker.py")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 PTX_OP = {90: "wgmma.mma_async", 80: "mma.sync"}
@@ -60,7 +62,7 @@ def test_no_spills_and_shared_memory_within_limits(compiled):
         elif r["shared"] > SHARED_LIMIT[arch]:
             bad.append(f"{_what(r)}: {r['shared']} bytes of shared memory")
     assert not bad, "\n".join(bad)
-    assert {r["kernel"] for r in results} == {"fused", "gemm", "dw"}
+    assert {r["kernel"] for r in results} == {"fused", "gemm", "dw", "fold"}
 
 
 @pytest.mark.slow
@@ -68,8 +70,8 @@ def test_gemms_run_on_tensor_cores_in_every_dtype_and_mode(compiled):
     arch, results = compiled
     seen = set()
     for r in results:
-        if r["kernel"] == "dw" or not r["ok"]:
-            continue  # the depthwise kernel has no GEMM; failures are the other test's
+        if r["kernel"] in NO_GEMM or not r["ok"]:
+            continue  # the depthwise and BN-folding kernels have no GEMM; failures are the other test's
         mode = r["consts"]["PREC"] if r["dtype"] == "fp32" else r["dtype"]
         seen.add((r["kernel"], mode))
         ptx_ok = [i for i in r["ptx_tc"] if i.startswith(PTX_OP[arch]) and PTX_TYPE[r["dtype"]] in i]
@@ -86,7 +88,7 @@ def test_gemms_run_on_tensor_cores_in_every_dtype_and_mode(compiled):
 
     by_mode = {}
     for r in results:
-        if r["kernel"] != "dw" and r["ok"]:
+        if r["kernel"] not in NO_GEMM and r["ok"]:
             mode = r["consts"]["PREC"] if r["dtype"] == "fp32" else r["dtype"]
             by_mode.setdefault((r["kernel"], mode), set()).add(work(r))
     for kernel in ("fused", "gemm"):

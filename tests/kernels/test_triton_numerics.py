@@ -111,16 +111,25 @@ def tf32_flag():
     torch.backends.cudnn.allow_tf32 = prev
 
 
-@pytest.mark.parametrize("plan", ["fused", "split"])
-def test_eval_dwconv_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag):
+@pytest.mark.parametrize("plan", ["fused", "split", "split_cublas"])
+def test_eval_dwconv_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag, monkeypatch):
     from dlkunet.kernels import plans
     g = torch.Generator().manual_seed(7)
     # Cin 40: the GEMM's K spans several MMA steps; channels_last for the split plan, NCHW for fused.
     x, p = _dwconv_inputs(2, 40, 24, 5, 6, 3, 0.0, g)
-    fmt = torch.channels_last if plan == "split" else torch.contiguous_format
+    fmt = torch.contiguous_format if plan == "fused" else torch.channels_last
     y_ref = reference.dwconv_bn_act_forward(x, *p, False, 1e-5, True)[0]
     dev = lambda t: t.float().to(DEVICE)  # noqa: E731
     errs = {}
+    # split_cublas's GEMM is cuBLAS's: it must run with the matmul flag set from the conv flag.
+    gemm_flags = []
+    addmm_activation = torch._addmm_activation
+
+    def recording(*args, **kwargs):
+        gemm_flags.append(torch.backends.cuda.matmul.allow_tf32)
+        return addmm_activation(*args, **kwargs)
+    monkeypatch.setattr(torch, "_addmm_activation", recording)
+    matmul_flag = torch.backends.cuda.matmul.allow_tf32
     with plans.forced(plan):
         for on in (False, True):
             tf32_flag(on)  # read on every call: the same shape switches precision with the flag
@@ -131,6 +140,11 @@ def test_eval_dwconv_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag):
     eager_tf32 = rel_err(_eager_tf32_dwconv(x, p, 1e-5), y_ref)
     assert errs[False] <= 1e-5, errs  # full precision: the float32 budget
     assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)  # TF32: no worse than 2x eager's TF32 error
+    if plan == "split_cublas":
+        assert gemm_flags == [False, True], gemm_flags  # the conv flag, call by call
+        assert torch.backends.cuda.matmul.allow_tf32 == matmul_flag  # and restored
+        if DEVICE == "cpu":
+            return  # CPU matrix products have no TF32 mode: the flag is all there is to check
     # TF32 really ran: its error is that of 10-bit mantissas, far above the full-precision path's.
     assert errs[True] > 10 * errs[False], errs
 
