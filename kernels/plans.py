@@ -115,7 +115,7 @@ def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
     gemm = (64, 128, 64, 4, 3) if half else (64, 128, 32, 8, 3)
     # dw at 8 warps: at 4, NCHW with k >= 5 spilled (255 registers on sm_90, 96 on sm_80).
     return Plan(name, fused=fused if name == FUSED else (), dw=(dh, dwd, 32, 8),
-                gemm=gemm if name == SPLIT else ())
+                gemm=gemm if name != FUSED else ())
 
 
 def shipped_configs():
@@ -182,6 +182,7 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
 
 TUNED_TABLE = Path(__file__).with_name("tuned_plans.csv")
 _TUNED: Dict[str, Dict[tuple, dict]] = {}  # path -> rows by key
+_TABLE_PATH: Optional[Path] = None  # another table to read instead (tuned_table)
 
 
 def _ints(text: str) -> Tuple[int, ...]:
@@ -194,8 +195,8 @@ def _table_key(device_name: str, op: str, dtype: str, cl: bool, cin: int, cout: 
 
 
 def _rows(path: Optional[Path] = None) -> Dict[tuple, dict]:
-    """The table's rows by (device, op, dtype, layout, channels, kernel sizes), each a list of the
-    measured (h, w) sizes' rows."""
+    """The table's rows by (device, op, dtype, layout, channels, kernel sizes), each a dict from
+    the measured (h, w) sizes to their rows."""
     path = str(path or _TABLE_PATH or TUNED_TABLE)
     if path not in _TUNED:
         rows: Dict[tuple, dict] = {}
@@ -207,9 +208,6 @@ def _rows(path: Optional[Path] = None) -> Dict[tuple, dict]:
                     rows.setdefault(key, {})[(int(r["h"]), int(r["w"]))] = r
         _TUNED[path] = rows
     return _TUNED[path]
-
-
-_TABLE_PATH: Optional[Path] = None
 
 
 @contextlib.contextmanager

@@ -185,3 +185,18 @@ def test_split_cublas_host_work():
     assert sorted(launches) == ["_dw_kernel", "_fold_bn_kernel"], launches
     assert ops.count("aten::_addmm_activation") == 1, ops
     assert set(ops) <= {"aten::empty", "aten::permute", "aten::view", "aten::t", "aten::_addmm_activation"}, ops
+
+
+def test_gpu_tiles_cover_every_stage_of_every_plan(monkeypatch):
+    """The GPU tiles (not the interpreter's) of each plan name hold a tile for every kernel that
+    plan launches: forcing a plan by name must never launch a kernel without one."""
+    _, plans = _modules()
+    monkeypatch.setattr(plans, "INTERPRET", False)
+    for name in plans.MEASURED_PLANS:
+        for dtype in (torch.float32, torch.bfloat16):
+            t = plans.tiles(name, 96, 96, 224, dtype)
+            assert len(t.dw) == 4, (name, t)  # lka_gate's a1 runs the depthwise kernel in every plan
+            if name == plans.FUSED:
+                assert len(t.fused) == 6 and t.gemm == (), (name, t)
+            else:
+                assert len(t.gemm) == 5 and t.fused == (), (name, t)
