@@ -1,0 +1,76 @@
+"""The planned Triton forward paths inside a CUDA graph (issue 13): captured once, replayed on new
+inputs, they give what a direct call gives.  Needs a GPU (the interpreter has no graphs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlkunet import ops
+from dlkunet.ops import availability, reference
+from dlkunet_testing import BUDGET, dwconv_inputs, lka_inputs, rel_err
+
+ok, why = availability("triton", "cuda")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"triton backend unavailable on CUDA: {why}")]
+
+
+def _graphed(fn, static_x):
+    """fn captured in a CUDA graph on static_x (after a warm-up on a side stream, as PyTorch's docs
+    prescribe: the first calls compile kernels and read the plan table)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_x)
+    return graph, static_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan", ["fused", "split", "split_cublas"])
+def test_eval_dwconv_bn_act_replays_in_a_cuda_graph(plan, dtype):
+    from dlkunet.kernels import plans
+    g = torch.Generator().manual_seed(4)
+    x, p = dwconv_inputs(4, 32, 48, 20, 24, 3, 0.0, g)
+    conv = [t.to("cuda", dtype) for t in p[:4]]
+    bn = [t.float().cuda() for t in p[4:]]
+    fmt = torch.channels_last
+
+    def fn(inp):
+        return ops.dwconv_bn_act(inp, *conv, *bn, training=False)
+    static_x = x.to("cuda", dtype).contiguous(memory_format=fmt)
+    with ops.use_backend("triton"), plans.forced(plan), torch.no_grad():
+        graph, static_out = _graphed(fn, static_x)
+        for seed in (1, 2):
+            fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
+            static_x.copy_(fresh)
+            graph.replay()
+            torch.cuda.synchronize()
+            if plan == "split_cublas":  # cuBLAS may pick another algorithm under capture: judge by float64
+                want = reference.dwconv_bn_act_forward(fresh.double().cpu(), *[t.double().cpu() for t in p[:4]],
+                                                       *[t.double().cpu() for t in bn], False, 1e-5, True)[0]
+                assert rel_err(static_out, want) <= 2 * BUDGET[dtype], (plan, dtype, seed)
+            else:  # our kernels are deterministic: the replay is the direct call, bit for bit
+                assert torch.equal(static_out, fn(static_x)), (plan, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plan", ["fused", "split"])
+def test_lka_gate_replays_in_a_cuda_graph(plan, dtype):
+    from dlkunet.kernels import plans
+    g = torch.Generator().manual_seed(6)
+    x, p = lka_inputs(2, 40, 18, 22, 5, 7, g)
+    weights = [t.to("cuda", dtype) for t in p]
+
+    def fn(inp):
+        return ops.lka_gate(inp, *weights, dilation=3)
+    static_x = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    with ops.use_backend("triton"), plans.forced(plan), torch.no_grad():
+        graph, static_out = _graphed(fn, static_x)
+        for seed in (3, 4):
+            static_x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_out, fn(static_x)), (plan, dtype, seed)
