@@ -78,7 +78,9 @@ def dwconv_bn_act(
     if training and sync_bn.active():  # DDP with --sync-bn: the whole process group's statistics
         return sync_bn.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                                      momentum, eps, relu)
-    backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta), _shape(x, cout, (k,)))
+    # The measured table times the eval forward: a training forward (batch statistics) never asks it.
+    shape = None if training else _shape(x, cout, (k,))
+    backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta), shape)
     check_backend(op, backend, x, (("w_dw", k),), out_channels=cout)
     if backend == "torch":
         return reference.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,

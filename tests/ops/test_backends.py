@@ -193,3 +193,20 @@ def test_auto_on_cuda_takes_triton_only_where_the_measured_table_says_it_is_fast
 
 def test_measured_faster_is_false_without_a_shape_or_a_row():
     assert backends._measured_faster("lka_gate", None) is False
+
+
+def test_a_training_forward_never_asks_the_measured_table(monkeypatch):
+    """dwconv_bn_act with batch statistics under no_grad is 'inference' to autograd, but the table
+    times the eval forward only: auto must not take triton for it on that evidence."""
+    from dlkunet.ops import library
+    shapes = []
+    monkeypatch.setattr(ops, "resolve", lambda device, op, mode, shape=None: shapes.append(shape) or "torch")
+    monkeypatch.setattr(ops, "_shape", lambda x, cout, kernels: ("measured", cout, kernels))
+    monkeypatch.setattr(library, "dwconv_bn_act_forward", None)  # never reached: resolve says torch
+    x = torch.randn(2, 4, 6, 6)
+    p = [torch.randn(4, 1, 3, 3), torch.randn(4), torch.randn(5, 4, 1, 1), torch.randn(5), torch.rand(5) + 0.5,
+         torch.randn(5), torch.zeros(5), torch.ones(5)]
+    with torch.no_grad():
+        ops.dwconv_bn_act(x, *p, training=False)
+        ops.dwconv_bn_act(x, *p, training=True)
+    assert shapes == [("measured", 5, (3,)), None]
