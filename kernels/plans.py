@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -227,8 +228,13 @@ def device_name(device: torch.device) -> str:
     """The table's name for ``device``: the GPU model, or the interpreter's (whose rows only tests
     and benchmarks/tune_plans.py --smoke write)."""
     if device.type == "cuda" and not INTERPRET:
-        return torch.cuda.get_device_name(device)
+        return _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
     return "cpu (interpreter)"
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_name(index: int) -> str:  # asked on every auto-dispatched call
+    return torch.cuda.get_device_name(index)
 
 
 def measured(op: str, cin: int, cout: int, h: int, w: int, kernels: Tuple[int, ...], dtype: torch.dtype,
