@@ -3,15 +3,18 @@
 For every real shape (DLKUNet-L at batch 16 from 224x224: the encoder Blocks' and decoder Blocks'
 eval dwconv_bn_act, the five lka_gate levels), float32 (TF32, eager's default) and bfloat16, NCHW
 and channels_last, it times eager PyTorch in the same dtype and layout (cuDNN; float32 also with
-TF32 off), then each plan with a few tiles around the shipped ones: ``fused`` directly, ``split``
-by coordinate descent (the depthwise tile with the shipped GEMM tile, then the GEMM tile).  Every
-candidate's error against float64 is measured on the timed input, and a candidate whose error is
-over twice eager's own (or over the float32/16-bit budget where that is larger) is never chosen.
+TF32 off), then each plan: ``fused`` at its shipped tile, ``split`` by coordinate descent (the
+depthwise tile with the shipped GEMM tile, then the GEMM tile), ``split_cudnn`` and, for
+channels_last dwconv_bn_act, ``split_cublas``; then each stage alone beside cuDNN's and cuBLAS's
+(rows with plan ``part``: where the time goes).  Every candidate's error against float64 is measured
+on the timed input, and a candidate whose error is over twice eager's own (or over the
+float32/16-bit budget where that is larger) is never chosen.
 
-    python benchmarks/tune_plans.py OUTDIR [--jobs 14] [--ops dwconv_bn_act,lka_gate] [--smoke]
+    python benchmarks/tune_plans.py OUTDIR [--jobs 14] [--ops dwconv_bn_act,lka_gate] [--cases REGEX] [--smoke]
+    python benchmarks/tune_plans.py OUTDIR/tuned_plans.csv --merge kernels/tuned_plans.csv
 
 OUTDIR gets ``tune.csv`` (every candidate) and ``tuned_plans.csv`` (the fastest valid candidate per
-case, in the format of ``kernels/tuned_plans.csv``: copy its rows there to ship them).  With
+case, in the format of ``kernels/tuned_plans.csv``; ``--merge`` upserts it there).  With
 ``--jobs J`` (default 14), J worker processes first compile every candidate once into Triton's
 on-disk cache, so the timing process that follows only loads them (compilation is CPU-bound and
 the device has 16 cores; nothing is timed while they compile).  ``--smoke`` runs tiny shapes on
