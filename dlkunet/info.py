@@ -72,10 +72,29 @@ def print_info() -> None:
             gemm = "dlkunet's AVX2 kernel" if module.cpu_tile_gemm_available() else "at::mm"
             print(f"  CPU kernels: {module.cpu_isa()} depthwise rows (DLKUNET_CPU_ISA), pointwise GEMMs on {gemm} "
                   "(DLKUNET_CPU_GEMM=mkl: at::mm)")
+    print(f"  triton plans: {_triton_table()}")
     print("\nmodels (1 input channel, 9 classes; MACs of convolutions at 1x1x224x224,\n"
           "torch.utils.flop_counter; the paper's FLOPs column counts more layer types):")
     for name, row in model_table().items():
         print(f"  DLKUNet-{name}  {row['params']:>12,} parameters  {row['gmacs']:6.2f} GMACs")
+
+
+def _triton_table() -> str:
+    """Which GPU models the triton backend's measured table covers, and whether this machine's is
+    one of them (auto runs CUDA inference on triton only where that table says it is faster)."""
+    try:
+        from .kernels import plans
+    except ImportError as exc:
+        return f"unavailable ({exc})"
+    models = plans.measured_models()
+    listed = ", ".join(f"{name} ({count} shapes)" for name, count in sorted(models.items())) or "none"
+    line = f"measured on {listed} ({plans.TUNED_TABLE.name})"
+    if torch.cuda.is_available():
+        here = torch.cuda.get_device_name(torch.cuda.current_device())
+        if here not in models:
+            line += (f"; not on this {here}: auto keeps its inference on torch until "
+                     "`python benchmarks/tune_plans.py OUT` measures it")
+    return line
 
 
 def backend_status(name: str) -> str:

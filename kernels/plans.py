@@ -224,6 +224,14 @@ def tuned_table(path: Union[str, Path]) -> Iterator[None]:
         _CACHE.clear()
 
 
+def measured_models() -> Dict[str, int]:
+    """GPU models in the measured table, with how many shapes each has (``dlkunet info``)."""
+    counts: Dict[str, int] = {}
+    for key, sizes in _rows().items():
+        counts[key[0]] = counts.get(key[0], 0) + len(sizes)
+    return counts
+
+
 def device_name(device: torch.device) -> str:
     """The table's name for ``device``: the GPU model, or the interpreter's (whose rows only tests
     and benchmarks/tune_plans.py --smoke write)."""

@@ -1,6 +1,7 @@
 """The command line: help texts, exit codes and one-line errors for bad input."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -88,6 +89,8 @@ def test_info_runs(capsys):
     assert out.strip()
     if ops.availability("cpu", "cpu")[0]:  # the thread count and the kernels the cpu backend runs here
         assert "CPU threads: torch" in out and "depthwise rows" in out and "pointwise GEMMs on" in out
+    if importlib.util.find_spec("triton") is not None:  # the GPU models the shipped plan table covers
+        assert "triton plans: measured on NVIDIA H200 (56 shapes) (tuned_plans.csv)" in out
 
 
 def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
