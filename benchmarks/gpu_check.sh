@@ -24,9 +24,10 @@
 # GPU_CHECK_WORKERS (pytest-xdist workers for the tests, default 6 where xdist is installed; 0: none),
 # GPU_CHECK_TOTAL_S (the total budget), GPU_CHECK_STEPS (default "tests tune errors bench": which of
 # the steps after the install run, in that order), GPU_CHECK_TUNE_CASES (a regular expression:
-# which cases tune_plans.py tunes; default all), GPU_CHECK_BENCH_K (a pytest -k filter for bench).  --no-build uses the dlkunet already installed
-# (for trying the script on a machine without nvcc or CUDA); --no-ext installs it without the
-# compiled extension (seconds instead of minutes: the torch and triton backends only).
+# which cases tune_plans.py tunes; default all), GPU_CHECK_BENCH_K (a pytest -k filter for bench).
+# --no-build uses the dlkunet already installed (for trying the script on a machine without nvcc or
+# CUDA); --no-ext installs it without the compiled extension (seconds instead of minutes: the torch
+# and triton backends only).
 set -u
 
 usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }

@@ -37,12 +37,13 @@ def _mode(*tensors: Tensor) -> str:
     return "training" if needs_grad else "inference"
 
 
-def _shape(x: Tensor, cout: int, kernels: tuple):
-    """What auto's choice on CUDA looks up in the triton backend's measured table; None on CPU."""
+def _shape(x: Tensor, fmt: torch.memory_format, cout: int, kernels: tuple):
+    """What auto's choice on CUDA looks up in the triton backend's measured table (x is in layout
+    ``fmt``, the call's output layout); None on CPU."""
     if x.device.type != "cuda":
         return None
     n, cin, h, w = x.shape
-    return (x.dtype, layout.memory_format(x) == torch.channels_last, cin, cout, h, w, kernels)
+    return (x.dtype, fmt == torch.channels_last, cin, cout, h, w, kernels)
 
 
 def dwconv_bn_act(
@@ -74,12 +75,13 @@ def dwconv_bn_act(
     if training:
         check_batch_statistics(op, x)
 
-    x = layout.in_format(x, layout.conv_output_format(x, w_dw, w_pw))
+    fmt = layout.conv_output_format(x, w_dw, w_pw)
+    x = layout.in_format(x, fmt)
     if training and sync_bn.active():  # DDP with --sync-bn: the whole process group's statistics
         return sync_bn.dwconv_bn_act(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                                      momentum, eps, relu)
     # The measured table times the eval forward: a training forward (batch statistics) never asks it.
-    shape = None if training else _shape(x, cout, (k,))
+    shape = None if training else _shape(x, fmt, cout, (k,))
     backend = resolve(x.device.type, op, _mode(x, w_dw, b_dw, w_pw, b_pw, gamma, beta), shape)
     check_backend(op, backend, x, (("w_dw", k),), out_channels=cout)
     if backend == "torch":
@@ -114,8 +116,9 @@ def lka_gate(x: Tensor, w0: Tensor, b0: Tensor, ws: Tensor, bs: Tensor, w1: Tens
     check_tensor(op, "w1", w1, (c, c, 1, 1), x)
     check_tensor(op, "b1", b1, (c,), x)
     dilation = check_dilation(op, dilation)
-    x = layout.in_format(x, layout.conv_output_format(x, w0, ws, w1))
-    backend = resolve(x.device.type, op, _mode(x, w0, b0, ws, bs, w1, b1), _shape(x, c, (k0, ks)))
+    fmt = layout.conv_output_format(x, w0, ws, w1)
+    x = layout.in_format(x, fmt)
+    backend = resolve(x.device.type, op, _mode(x, w0, b0, ws, bs, w1, b1), _shape(x, fmt, c, (k0, ks)))
     check_backend(op, backend, x, (("w0", k0), ("ws", ks)), dilation=dilation)
     if backend == "torch":
         return reference.lka_gate(x, w0, b0, ws, bs, w1, b1, dilation)

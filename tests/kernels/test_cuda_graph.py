@@ -51,7 +51,7 @@ def test_eval_dwconv_bn_act_replays_in_a_cuda_graph(plan, dtype):
             if plan == "split_cublas":  # cuBLAS may pick another algorithm under capture: judge by float64
                 want = reference.dwconv_bn_act_forward(fresh.double().cpu(), *[t.double().cpu() for t in p[:4]],
                                                        *[t.double().cpu() for t in bn], False, 1e-5, True)[0]
-                assert rel_err(static_out, want) <= 2 * BUDGET[dtype], (plan, dtype, seed)
+                assert rel_err(static_out, want) <= BUDGET[dtype], (plan, dtype, seed)
             else:  # our kernels are deterministic: the replay is the direct call, bit for bit
                 assert torch.equal(static_out, fn(static_x)), (plan, dtype, seed)
 

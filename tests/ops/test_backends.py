@@ -191,7 +191,7 @@ def test_auto_on_cuda_takes_triton_only_where_the_measured_table_says_it_is_fast
     assert backends.resolve("cuda", "lka_gate", "training", shape96) == "torch"
 
 
-def test_measured_faster_is_false_without_a_shape_or_a_row():
+def test_measured_faster_is_false_without_a_shape():
     assert backends._measured_faster("lka_gate", None) is False
 
 
@@ -201,7 +201,7 @@ def test_a_training_forward_never_asks_the_measured_table(monkeypatch):
     from dlkunet.ops import library
     shapes = []
     monkeypatch.setattr(ops, "resolve", lambda device, op, mode, shape=None: shapes.append(shape) or "torch")
-    monkeypatch.setattr(ops, "_shape", lambda x, cout, kernels: ("measured", cout, kernels))
+    monkeypatch.setattr(ops, "_shape", lambda x, fmt, cout, kernels: ("measured", cout, kernels))
     monkeypatch.setattr(library, "dwconv_bn_act_forward", None)  # never reached: resolve says torch
     x = torch.randn(2, 4, 6, 6)
     p = [torch.randn(4, 1, 3, 3), torch.randn(4), torch.randn(5, 4, 1, 1), torch.randn(5), torch.rand(5) + 0.5,
