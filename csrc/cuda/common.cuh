@@ -1,19 +1,24 @@
 // Device building blocks shared by the four .cu files (CUDA headers only; each .cu instantiates
 // what it uses, so everything here has internal linkage).
 //
-// Two tiled fp32 SIMT GEMMs carry all the channel mixing (no tensor cores, so float32 stays exact
-// fp32 math, never TF32):
-// - pix_gemm_kernel:   out[r][p] = sum_k W[r][k] * A(k, p) over a 64-pixel x 64-row tile, where
-//                      the A loader computes its operand on the fly (a depthwise conv of x, a
-//                      product of two activations, or a float32 plane), and an epilogue functor
-//                      finishes the tile (bias, BN, ReLU, gate, statistics).
-// - wgrad_gemm_kernel: part[s][r][c] = sum_{p in split s} A(r, p) * B(c, p): weight gradients,
-//                      split over pixels; reduce_splits_kernel then sums the splits in double.
+// Two tiled GEMMs carry all the channel mixing, each in two builds chosen per call by `Mma`:
+// tensor cores (WMMA 16x16 fragments: TF32 for float32 when cudnn.allow_tf32 is set, as eager
+// convolutions do; float16/bfloat16 in the input dtype; float32 accumulation) on sm_80 and newer,
+// and an exact fp32 SIMT build for float32 with TF32 off (or a GPU without these MMAs).
+// - pix_gemm:   out[r][p] = sum_k W[r][k] * A(k, p) over a 64-pixel x 64-row tile, where the A
+//               loader computes its operand on the fly (a depthwise conv of x, a product of two
+//               activations, or a float32 plane), and an epilogue functor finishes the tile (bias,
+//               BN, ReLU, gate, statistics).
+// - wgrad_gemm: part[s][r][c] = sum_{p in split s} A(r, p) * B(c, p): weight gradients, split
+//               over pixels; reduce_splits_kernel then sums the splits in double.
+// Both builds hand the epilogue the same per-thread 4x4 accumulator (the MMA build through shared
+// memory), so every epilogue serves both.
 // "Plane" buffers are float32 scratch laid out [C][P] with P = N*H*W, p = (n*H + h)*W + w.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -82,6 +87,37 @@ constexpr int BN = 64;   // rows per tile
 constexpr int BK = 16;   // reduction step
 constexpr int NT = 256;  // threads per GEMM block: 16 x 16, each owning 4 x 4 outputs
 
+// ---------------------------------------------------------------- GEMM precision
+
+// How a GEMM multiplies: on CUDA cores in float32, or on tensor cores with its operands in TF32,
+// float16 or bfloat16 (float32 accumulation in every case).
+enum class Mma { FP32, TF32, F16, BF16 };
+
+// A problem's mode: its dtype's MMA where the GPU has it (float32 only when TF32 is allowed, the
+// rule of eager convolutions), else exact float32.
+inline Mma mma_mode(DType dt, bool tf32, bool tensor_cores) {
+  if (!tensor_cores) return Mma::FP32;
+  switch (dt) {
+    case DType::F16: return Mma::F16;
+    case DType::BF16: return Mma::BF16;
+    default: return tf32 ? Mma::TF32 : Mma::FP32;
+  }
+}
+
+// Calls f(integral_constant<Mma, mode>), instantiating only the modes inputs of type T can take.
+template <Mma M> using MmaC = std::integral_constant<Mma, M>;
+template <class T, class F>
+void with_mma(Mma mode, F&& f) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (mode == Mma::TF32) return f(MmaC<Mma::TF32>{});
+  } else if constexpr (std::is_same<T, __half>::value) {
+    if (mode == Mma::F16) return f(MmaC<Mma::F16>{});
+  } else {
+    if (mode == Mma::BF16) return f(MmaC<Mma::BF16>{});
+  }
+  f(MmaC<Mma::FP32>{});
+}
+
 // ---------------------------------------------------------------- operand loaders: (k, n, h, w, p)
 
 // Depthwise k x k conv of x (zero padding k/2) plus its bias, at channel c and pixel (n, h, w).
@@ -144,6 +180,23 @@ struct OutPlane {
 
 // ---------------------------------------------------------------- pixel-tile GEMM
 
+// (n, h, w) of the tile's pixels p0 .. p0 + count - 1, n = -1 from `pend` on; threads < count write.
+__device__ __forceinline__ void tile_pixels(int p0, int count, Geo g, int pend, int* sn, int* sh, int* sw) {
+  const int i = threadIdx.x;
+  if (i >= count) return;
+  const int p = p0 + i;
+  if (p < pend) {
+    const int t = p / g.W;
+    sw[i] = p - t * g.W;
+    sh[i] = t % g.H;
+    sn[i] = t / g.H;
+  } else {
+    sn[i] = -1;
+    sh[i] = 0;
+    sw[i] = 0;
+  }
+}
+
 // Epilogue contract: operator()(acc, tx, ty, p0, r0, s_n, s_h, s_w), where acc[i][j] belongs to
 // pixel p0 + tx + 16*i (valid when s_n[tx + 16*i] >= 0; lanes stay on consecutive pixels, so
 // stores coalesce) and row r0 + 4*ty + j (four consecutive rows: one float4 read of Bs per step).
@@ -158,19 +211,7 @@ __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __re
   __shared__ int s_n[BM], s_h[BM], s_w[BM];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
-  if (tid < BM) {
-    const int p = p0 + tid;
-    if (p < g.P) {
-      const int t = p / g.W;
-      s_w[tid] = p - t * g.W;
-      s_h[tid] = t % g.H;
-      s_n[tid] = t / g.H;
-    } else {
-      s_n[tid] = -1;
-      s_h[tid] = 0;
-      s_w[tid] = 0;
-    }
-  }
+  tile_pixels(p0, BM, g, g.P, s_n, s_h, s_w);
   __syncthreads();
   float acc[4][4];
 #pragma unroll
@@ -205,13 +246,6 @@ __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __re
     __syncthreads();
   }
   epi(acc, tx, ty, p0, r0, s_n, s_h, s_w);
-}
-
-template <class ALoad, class Epi>
-void launch_pix_gemm(const ALoad& A, const float* wm, int64_t w_rs, int64_t w_ks, int rows, int kdim,
-                     Geo g, const Epi& epi, cudaStream_t stream) {
-  dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN));
-  pix_gemm_kernel<ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
 }
 
 // Sum over the 16 lanes that share ty (lane = (ty & 1) * 16 + tx): xor offsets < 16 stay inside.
@@ -280,19 +314,7 @@ __global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R,
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
   for (int q0 = pbeg; q0 < pend; q0 += BK) {
-    if (tid < BK) {
-      const int p = q0 + tid;
-      if (p < pend) {
-        const int t = p / g.W;
-        s_w[tid] = p - t * g.W;
-        s_h[tid] = t % g.H;
-        s_n[tid] = t / g.H;
-      } else {
-        s_n[tid] = -1;
-        s_h[tid] = 0;
-        s_w[tid] = 0;
-      }
-    }
+    tile_pixels(q0, BK, g, pend, s_n, s_h, s_w);
     __syncthreads();
     for (int i = tid; i < BK * BN; i += NT) {
       const int kk = i % BK, rr = i / BK;
@@ -340,12 +362,232 @@ inline int wgrad_splits(int R, int Ccols, int P, int* chunk) {
   return (int)cdiv(P, len);
 }
 
-template <class ALoad, class BLoad>
-void launch_wgrad(const ALoad& A, const BLoad& B, int R, int Ccols, Geo g, float* part, cudaStream_t stream) {
+// ---------------------------------------------------------------- tensor-core builds
+
+// The MMA kernels keep the SIMT kernels' tiles, loaders and epilogues; only the product runs on
+// tensor cores: operands are converted once, when the tile is staged in shared memory (TF32
+// rounded to nearest, as cuDNN converts), and each of the 8 warps owns two 16x16 fragments.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define DLK_MMA 1
+#else
+#define DLK_MMA 0
+#endif
+constexpr int MMA_FRAG = 16;            // fragment rows and columns
+constexpr int MMA_ROW_PAD_BYTES = 16;   // shared rows padded by 16 bytes: WMMA's ldm rule, fewer conflicts
+constexpr int MMA_ACC_PAD = 4;          // floats of padding per accumulator row in shared memory
+
+#if DLK_MMA
+template <Mma M> struct MmaOperand;
+template <> struct MmaOperand<Mma::TF32> {
+  using Storage = float;                         // element staged in shared memory
+  using Frag = nvcuda::wmma::precision::tf32;    // fragment element
+  static constexpr int K = 8;                    // fragment depth
+  __device__ static float cvt(float v) { return nvcuda::wmma::__float_to_tf32(v); }
+};
+template <> struct MmaOperand<Mma::F16> {
+  using Storage = __half;
+  using Frag = __half;
+  static constexpr int K = 16;
+  __device__ static __half cvt(float v) { return __float2half_rn(v); }
+};
+template <> struct MmaOperand<Mma::BF16> {
+  using Storage = __nv_bfloat16;
+  using Frag = __nv_bfloat16;
+  static constexpr int K = 16;
+  __device__ static __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
+};
+
+// One warp's 16 x 32 share of a 64 x 64 output tile: two accumulator fragments side by side.
+template <Mma M, class ALayout>
+struct WarpTile {
+  using Op = MmaOperand<M>;
+  using S = typename Op::Storage;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, MMA_FRAG, MMA_FRAG, Op::K, float> acc[2];
+  __device__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+  }
+  // One BK-deep step.  a: the warp's 16 rows at k = 0 (row-major a[row * lda + k], or column-major
+  // a[k * lda + row]); b: its 32 columns at k = 0, row-major b[k * ldb + col].
+  __device__ void step(const S* a, int lda, const S* b, int ldb) {
+    namespace wmma = nvcuda::wmma;
+    constexpr bool a_col_major = std::is_same<ALayout, wmma::col_major>::value;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += Op::K) {
+      wmma::fragment<wmma::matrix_a, MMA_FRAG, MMA_FRAG, Op::K, typename Op::Frag, ALayout> fa;
+      wmma::load_matrix_sync(fa, a + (a_col_major ? kk * lda : kk), lda);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, MMA_FRAG, MMA_FRAG, Op::K, typename Op::Frag, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, b + kk * ldb + j * MMA_FRAG, ldb);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+  }
+  __device__ void store(float* c, int ldc) const {
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(c + j * MMA_FRAG, acc[j], ldc, nvcuda::wmma::mem_row_major);
+  }
+};
+#endif
+
+// pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of the
+// tile; the accumulators go through shared memory into the SIMT kernel's per-thread layout.
+template <Mma M, class ALoad, class Epi>
+__global__ void __launch_bounds__(NT) mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
+                                                          int64_t w_ks, int rows, int kdim, Geo g, Epi epi) {
+#if DLK_MMA
+  using Op = MmaOperand<M>;
+  using S = typename Op::Storage;
+  constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
+  __shared__ __align__(32) S As[BK][BM + PAD];  // operand (k, pixel): the MMA's B
+  __shared__ __align__(32) S Bs[BN][BK + PAD];  // weights (row, k): the MMA's A
+  __shared__ __align__(32) float Cs[BN][BM + MMA_ACC_PAD];
+  __shared__ int s_n[BM], s_h[BM], s_w[BM];
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
+  const int wr = (warp >> 1) * MMA_FRAG, wp = (warp & 1) * 2 * MMA_FRAG;
+  tile_pixels(p0, BM, g, g.P, s_n, s_h, s_w);
+  __syncthreads();
+  WarpTile<M, nvcuda::wmma::row_major> tile;
+  tile.zero();
+
+  for (int k0 = 0; k0 < kdim; k0 += BK) {
+    for (int i = tid; i < BK * BM; i += NT) {
+      const int kk = i / BM, pp = i % BM, k = k0 + kk;
+      float v = 0.f;
+      if (k < kdim && s_n[pp] >= 0) v = A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp);
+      As[kk][pp] = Op::cvt(v);
+    }
+    for (int i = tid; i < BK * BN; i += NT) {
+      const int kk = i % BK, rr = i / BK, k = k0 + kk, r = r0 + rr;
+      Bs[rr][kk] = Op::cvt((r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f);
+    }
+    __syncthreads();
+    tile.step(&Bs[wr][0], BK + PAD, &As[0][wp], BM + PAD);
+    __syncthreads();
+  }
+  tile.store(&Cs[wr][wp], BM + MMA_ACC_PAD);
+  __syncthreads();
+  const int tx = tid & 15, ty = tid >> 4;
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty * 4 + j][tx + 16 * i];
+  epi(acc, tx, ty, p0, r0, s_n, s_h, s_w);
+#else
+  __trap();  // never launched: the launchers pick Mma::FP32 below compute capability 8.0
+#endif
+}
+
+// wgrad_gemm_kernel on tensor cores: the A tile is staged [pixel][row], i.e. the MMA's A in
+// column-major order; warp w owns rows 16*(w/2) and columns 32*(w%2) .. +31.
+// Column `sum_col` (or none when negative) has B = 1 everywhere: a bias gradient, i.e. the row sums
+// of A.  Those are taken in float32 from A before rounding, as exact as eager's separate reduction.
+template <Mma M, class ALoad, class BLoad>
+__global__ void __launch_bounds__(NT) mma_wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int sum_col,
+                                                            int chunk, Geo g, float* __restrict__ part) {
+#if DLK_MMA
+  using Op = MmaOperand<M>;
+  using S = typename Op::Storage;
+  constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
+  __shared__ __align__(32) S As[BK][BN + PAD];  // [pixel][row]
+  __shared__ __align__(32) S Bs[BK][BN + PAD];  // [pixel][col]
+  __shared__ __align__(32) float Cs[BN][BN + MMA_ACC_PAD];
+  __shared__ int s_n[BK], s_h[BK], s_w[BK];
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int c0 = blockIdx.x * BN, r0 = blockIdx.y * BN, s = blockIdx.z;
+  const int wr = (warp >> 1) * MMA_FRAG, wc = (warp & 1) * 2 * MMA_FRAG;
+  const int pbeg = s * chunk;
+  const int pend = min(g.P, pbeg + chunk);
+  WarpTile<M, nvcuda::wmma::col_major> tile;
+  tile.zero();
+  // Thread t stages rows t/BK + j*(NT/BK) of every step: their unrounded sums (for sum_col).
+  constexpr int ROWS_PER_THREAD = BK * BN / NT;
+  float row_sum[ROWS_PER_THREAD] = {};
+
+  for (int q0 = pbeg; q0 < pend; q0 += BK) {
+    tile_pixels(q0, BK, g, pend, s_n, s_h, s_w);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ROWS_PER_THREAD; ++j) {
+      const int i = tid + j * NT, kk = i % BK, rr = i / BK;
+      const bool pv = s_n[kk] >= 0;
+      const int r = r0 + rr, c = c0 + rr;
+      const float a = (pv && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
+      row_sum[j] += a;
+      As[kk][rr] = Op::cvt(a);
+      Bs[kk][rr] = Op::cvt((pv && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f);
+    }
+    __syncthreads();
+    tile.step(&As[0][wr], BN + PAD, &Bs[0][wc], BN + PAD);
+    __syncthreads();
+  }
+  tile.store(&Cs[wr][wc], BN + MMA_ACC_PAD);
+  __syncthreads();
+  // The BK threads staging a row are 16 consecutive lanes (BK == 16): sum16 adds their parts.
+  static_assert(BK == 16, "row sums reduce over 16 lanes");
+  const bool has_sum_col = sum_col >= c0 && sum_col < c0 + BN;
+#pragma unroll
+  for (int j = 0; j < ROWS_PER_THREAD; ++j) {
+    const float total = sum16(row_sum[j]);
+    if (has_sum_col && tid % BK == 0) Cs[(tid + j * NT) / BK][sum_col - c0] = total;
+  }
+  __syncthreads();
+  for (int i = tid; i < BN * BN; i += NT) {
+    const int rr = i / BN, cc = i % BN, r = r0 + rr, c = c0 + cc;
+    if (r < R && c < Ccols) part[((int64_t)s * R + r) * Ccols + c] = Cs[rr][cc];
+  }
+#else
+  __trap();
+#endif
+}
+
+template <class T, class ALoad, class Epi>
+void launch_pix_gemm(Mma mode, const ALoad& A, const float* wm, int64_t w_rs, int64_t w_ks, int rows, int kdim,
+                     Geo g, const Epi& epi, cudaStream_t stream) {
+  const dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN));
+  with_mma<T>(mode, [&](auto m) {
+    constexpr Mma M = decltype(m)::value;
+    if constexpr (M == Mma::FP32)
+      pix_gemm_kernel<ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+    else
+      mma_pix_gemm_kernel<M, ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+  });
+}
+
+// sum_col: as in mma_wgrad_gemm_kernel (the fp32 kernel computes every column exactly anyway).
+template <class T, class ALoad, class BLoad>
+void launch_wgrad(Mma mode, const ALoad& A, const BLoad& B, int R, int Ccols, int sum_col, Geo g, float* part,
+                  cudaStream_t stream) {
   int chunk = 0;
   const int S = wgrad_splits(R, Ccols, g.P, &chunk);
-  dim3 grid((unsigned)cdiv(Ccols, BN), (unsigned)cdiv(R, BN), (unsigned)S);
-  wgrad_gemm_kernel<ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, chunk, g, part);
+  const dim3 grid((unsigned)cdiv(Ccols, BN), (unsigned)cdiv(R, BN), (unsigned)S);
+  with_mma<T>(mode, [&](auto m) {
+    constexpr Mma M = decltype(m)::value;
+    if constexpr (M == Mma::FP32)
+      wgrad_gemm_kernel<ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, chunk, g, part);
+    else
+      mma_wgrad_gemm_kernel<M, ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, sum_col, chunk, g, part);
+  });
+}
+
+// plane[c][p] = A(c, p): the loader's operand (a depthwise conv) computed once into a float32
+// plane, for GEMMs that would otherwise recompute it once per row tile (or per pass).
+template <class ALoad>
+__global__ void __launch_bounds__(256) plane_kernel(ALoad A, Geo g, int C, float* __restrict__ plane) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= (int64_t)C * g.P) return;
+  const int c = (int)(idx / g.P), p = (int)(idx - (int64_t)c * g.P);
+  const int t = p / g.W;
+  plane[idx] = A(c, t / g.H, t % g.H, p - t * g.W, p);
+}
+
+template <class ALoad>
+void launch_plane(const ALoad& A, Geo g, int C, float* plane, cudaStream_t stream) {
+  plane_kernel<ALoad><<<(unsigned)cdiv((int64_t)C * g.P, 256), 256, 0, stream>>>(A, g, C, plane);
 }
 
 // out[r][c] (c < cols_main) and extra[r][c - cols_main] (c >= cols_main) = sum_s part[s][r][c].

@@ -28,6 +28,7 @@ Checked check_inputs(const char* op, const Tensor& x_in, const Tensor& w_dw, con
   c.p.H = (int)H;
   c.p.W = (int)W;
   c.p.k = (int)k;
+  set_precision(c.p, c.x);
   c.w_dw = param(w_dw, op, "w_dw", c.x, {Cin, 1, k, k}, false);
   c.b_dw = param(b_dw, op, "b_dw", c.x, {Cin}, false);
   c.w_pw = param(w_pw, op, "w_pw", c.x, {Cout, Cin, 1, 1}, false);

@@ -1,11 +1,13 @@
 // dwconv_bn_act backward.  z = pw(dw(x)) is recomputed from x (never saved):
+//  0. d = dw(x) once, as a float32 plane [Cin][P] (the three GEMMs below read it);
 //  1. recompute z per tile; per-tile sums of g and g * xhat, g = grad_y masked by ReLU;
 //  2. per channel (double): grad_beta = sum g, grad_gamma = sum g * xhat, and the coefficients of
 //     dz = A * g + B * xhat + C  (eval: A = gamma * rstd; training adds the batch-statistics terms);
 //  3. recompute z again and write dz (float32 plane [Cout][P]);
 //  4. grad_d = w_pw^T dz (float32 plane [Cin][P]);
-//  5. grad_w_pw = dz d^T with d = dw(x) recomputed on the fly, split over pixels, summed in double;
+//  5. grad_w_pw = dz d^T, split over pixels, summed in double;
 //  6. grad_x = depthwise-transposed(grad_d); grad_w_dw, grad_b_dw = pixel sums against x.
+// The GEMMs multiply as the forward does (common.cuh, Mma), so z is recomputed bit for bit.
 // In training, grad_b_pw and grad_b_dw are exactly zero (BN removes any per-channel shift of z).
 #include "common.cuh"
 
@@ -130,7 +132,7 @@ __global__ void __launch_bounds__(256) bn_bwd_finalize_kernel(const float* __res
 }
 
 struct Layout {  // offsets into the float32 workspace
-  int64_t part_g, part_gx, coef, dz, gd, wpart, dwpart, total;
+  int64_t part_g, part_gx, coef, d, dz, gd, wpart, dwpart, total;
 };
 
 Layout layout(const DwConvProblem& p) {
@@ -142,7 +144,8 @@ Layout layout(const DwConvProblem& p) {
   l.part_g = 0;
   l.part_gx = l.part_g + nblk * p.Cout;
   l.coef = l.part_gx + nblk * p.Cout;
-  l.dz = l.coef + 3 * (int64_t)p.Cout;
+  l.d = l.coef + 3 * (int64_t)p.Cout;
+  l.dz = l.d + (int64_t)p.Cin * P;
   l.gd = l.dz + (int64_t)p.Cout * P;
   l.wpart = l.gd + (int64_t)p.Cin * P;
   l.dwpart = l.wpart + (int64_t)S * p.Cout * p.Cin;
@@ -162,26 +165,31 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
   const Layout l = layout(p);
   const BnView bn{w.b_pw, w.gamma, w.beta, mean, var, eps, relu};
   float *cA = ws + l.coef, *cB = cA + p.Cout, *cC = cB + p.Cout;
-  float *dz = ws + l.dz, *gd = ws + l.gd;
+  float *d = ws + l.d, *dz = ws + l.dz, *gd = ws + l.gd;
+  const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), gya = act<T>(grad_y), gxa = act<T>(grad_x);
+    const LoadPlane load{d, g.P, p.Cin};
     with_k(p.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
-      const EpiBwdStats<T> stats{gya, bn, p.Cout, ws + l.part_g, ws + l.part_gx};
-      launch_pix_gemm(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
-      bn_bwd_finalize_kernel<<<p.Cout, 256, 0, stream>>>(ws + l.part_g, ws + l.part_gx, nblk, p.Cout, g.P, bn,
-                                                         training, cA, cB, cC, gr.gamma, gr.beta, gr.b_pw);
-      const EpiBwdDz<T> epi_dz{gya, bn, p.Cout, cA, cB, cC, dz, g.P};
-      launch_pix_gemm(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi_dz, stream);
-      // grad_d[ci][p] = sum_co w_pw[co][ci] * dz[co][p]: w_pw read transposed (row ci, k co).
-      launch_pix_gemm(LoadPlane{dz, g.P, p.Cout}, w.w_pw, 1, p.Cin, p.Cin, p.Cout, g, EpiStorePlane{gd, g.P, p.Cin},
-                      stream);
-      launch_wgrad(LoadPlane{dz, g.P, p.Cout}, load, p.Cout, p.Cin, g, ws + l.wpart, stream);
-      int chunk = 0;
-      const int S = wgrad_splits(p.Cout, p.Cin, g.P, &chunk);
-      launch_reduce_splits(ws + l.wpart, S, (int64_t)p.Cout * p.Cin, p.Cin, p.Cin, gr.w_pw, nullptr, stream);
+      launch_plane(LoadDw<T, K>{xa, w.w_dw, w.b_dw, p.k, p.H, p.W}, g, p.Cin, d, stream);
+    });
+    const EpiBwdStats<T> stats{gya, bn, p.Cout, ws + l.part_g, ws + l.part_gx};
+    launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
+    bn_bwd_finalize_kernel<<<p.Cout, 256, 0, stream>>>(ws + l.part_g, ws + l.part_gx, nblk, p.Cout, g.P, bn,
+                                                       training, cA, cB, cC, gr.gamma, gr.beta, gr.b_pw);
+    const EpiBwdDz<T> epi_dz{gya, bn, p.Cout, cA, cB, cC, dz, g.P};
+    launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi_dz, stream);
+    // grad_d[ci][p] = sum_co w_pw[co][ci] * dz[co][p]: w_pw read transposed (row ci, k co).
+    launch_pix_gemm<T>(mode, LoadPlane{dz, g.P, p.Cout}, w.w_pw, 1, p.Cin, p.Cin, p.Cout, g,
+                       EpiStorePlane{gd, g.P, p.Cin}, stream);
+    launch_wgrad<T>(mode, LoadPlane{dz, g.P, p.Cout}, load, p.Cout, p.Cin, -1, g, ws + l.wpart, stream);
+    int chunk = 0;
+    const int S = wgrad_splits(p.Cout, p.Cin, g.P, &chunk);
+    launch_reduce_splits(ws + l.wpart, S, (int64_t)p.Cout * p.Cin, p.Cin, p.Cin, gr.w_pw, nullptr, stream);
+    with_k(p.k, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
       launch_dw_bwd_input<K>(gd, w.w_dw, p.k, 1, g, p.Cin, nullptr, OutAct<T>{gxa}, stream);
       launch_dw_bwd_weight<K>(gd, SrcAct<T>{xa}, p.k, 1, g, p.Cin, ws + l.dwpart, gr.w_dw, gr.b_dw, stream);
     });

@@ -1,7 +1,9 @@
 // dwconv_bn_act forward: y = act(BN(pw(dw(x)))).
-// Eval: one pass.  Each 64-pixel x 64-channel tile computes the depthwise conv on the fly into
-// shared memory, accumulates the pointwise product in registers, and applies bias, BN (as one
-// per-channel scale and shift) and ReLU in the epilogue.
+// The depthwise taps are computed once per pass: inside the GEMM's operand loader when one row
+// tile holds every output channel (Cout <= BN), else once into a float32 plane that the GEMM
+// reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
+// Eval: each 64-pixel x 64-channel tile accumulates the pointwise product (tensor cores or fp32,
+// common.cuh) and applies bias, BN (as one per-channel scale and shift) and ReLU in the epilogue.
 // Training: the same pass writes z and per-tile (mean, M2) statistics of each channel (exact two-pass
 // within the tile, in float32); a per-channel kernel merges the tiles in double (Chan et al.), and an
 // elementwise pass normalises z in place.
@@ -145,10 +147,12 @@ __global__ void __launch_bounds__(256) bn_apply_kernel(Act<T> y, int N, int C, i
 
 }  // namespace
 
+// Whether the depthwise output goes through a plane (see the file comment).
+static bool dw_via_plane(const DwConvProblem& p) { return cdiv(p.Cout, BN) > 1; }
+
 int64_t dwconv_forward_workspace(const DwConvProblem& p, bool training) {
-  if (!training) return 0;
   const int64_t P = (int64_t)p.N * p.H * p.W;
-  return 2 * cdiv(P, BM) * p.Cout;
+  return (training ? 2 * cdiv(P, BM) * p.Cout : 0) + (dw_via_plane(p) ? (int64_t)p.Cin * P : 0);
 }
 
 cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& w, const float* mean_in,
@@ -156,23 +160,34 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
                            float* var_out, float* workspace, cudaStream_t stream) {
   const Geo g{p.N, p.H, p.W, p.N * p.H * p.W};
   const int nblk = (int)cdiv(g.P, BM);
+  const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
+  float* part = workspace;  // training: per-tile statistics
+  float* d_plane = workspace + (training ? 2 * (int64_t)nblk * p.Cout : 0);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), ya = act<T>(y);
+    auto gemm = [&](const auto& load) {
+      if (!training) {
+        const EpiDwEval<T> epi{ya, w.b_pw, w.gamma, w.beta, mean_in, var_in, eps, relu, p.Cout};
+        launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      } else {
+        const EpiDwTrain<T> epi{ya, w.b_pw, p.Cout, g.P, part, part + (int64_t)nblk * p.Cout};
+        launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      }
+    };
     with_k(p.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
       const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
-      if (!training) {
-        const EpiDwEval<T> epi{ya, w.b_pw, w.gamma, w.beta, mean_in, var_in, eps, relu, p.Cout};
-        launch_pix_gemm(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      if (dw_via_plane(p)) {
+        launch_plane(load, g, p.Cin, d_plane, stream);
+        gemm(LoadPlane{d_plane, g.P, p.Cin});
       } else {
-        const EpiDwTrain<T> epi{ya, w.b_pw, p.Cout, g.P, workspace, workspace + (int64_t)nblk * p.Cout};
-        launch_pix_gemm(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+        gemm(load);
       }
     });
     if (training) {
-      bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(workspace, workspace + (int64_t)nblk * p.Cout, nblk,
-                                                           p.Cout, g.P, mean_out, var_out);
+      bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(part, part + (int64_t)nblk * p.Cout, nblk, p.Cout, g.P,
+                                                           mean_out, var_out);
       const int64_t total = (int64_t)g.P * p.Cout;
       const bool cl = y.sc < y.sw;
       bn_apply_kernel<T><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(ya, p.N, p.Cout, p.H, p.W, cl, mean_out,

@@ -5,6 +5,8 @@
 // kernel runs.  What stays here guards memory and launches for a direct caller of the extension:
 // devices, shapes and dtypes the launchers index by, and the kernels' index and grid limits.
 #pragma once
+#include <ATen/Context.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -80,6 +82,17 @@ inline at::MemoryFormat format_of(const Tensor& t) {
 inline Tensor dense(const Tensor& t) {
   if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
   return t.contiguous(format_of(t));
+}
+
+// How the problem's GEMMs multiply (launch.h): TF32 follows the flag eager convolutions follow
+// (torch.backends.cudnn.allow_tf32), read on every call; tensor cores where x's GPU has the MMAs.
+template <class Problem>
+void set_precision(Problem& p, const Tensor& x) {
+  int major = 0;
+  DLK_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()) == cudaSuccess,
+            "set_precision");
+  p.tf32 = at::globalContext().allowTF32CuDNN();
+  p.tensor_cores = major >= cuda::kMmaMinComputeMajor;
 }
 
 inline cuda::View4 view4(const Tensor& t) {

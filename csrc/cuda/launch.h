@@ -23,10 +23,18 @@ struct View4 {  // an activation tensor: data pointer and element strides of (N,
   int64_t sn, sc, sh, sw;
 };
 
+// How the pointwise GEMMs multiply (common.cuh, Mma): on tensor cores when `tensor_cores` (the GPU
+// has compute capability >= 8.0), in the input dtype for 16-bit inputs and in TF32 for float32
+// when `tf32` (torch.backends.cudnn.allow_tf32, the flag eager convolutions follow); otherwise
+// in exact float32 on CUDA cores.
+constexpr int kMmaMinComputeMajor = 8;  // TF32 and bfloat16 MMAs: compute capability 8.0
+
 struct DwConvProblem {
   int N, Cin, Cout, H, W;
   int k;  // depthwise kernel size (odd); 3, 5, 7 are specialised, others take a generic path
   DType dtype;
+  bool tf32 = false;
+  bool tensor_cores = false;
 };
 
 struct DwConvParams {  // all float32, contiguous
@@ -65,6 +73,8 @@ struct LkaProblem {
   int N, C, H, W;
   int k0, ks, dilation;  // (5,7,3), (3,7,3), (5,5,3) are specialised, others take a generic path
   DType dtype;
+  bool tf32 = false;  // as in DwConvProblem
+  bool tensor_cores = false;
 };
 
 struct LkaParams {  // all float32, contiguous

@@ -23,6 +23,7 @@ Checked check_inputs(const char* op, const Tensor& x_in, const Tensor& w0, const
   const int64_t ks = check_depthwise(ws, op, "ws", C);
   DLK_CHECK(dilation >= 1 && dilation <= 64, op);
   c.p = cuda::LkaProblem{(int)N, (int)C, (int)H, (int)W, (int)k0, (int)ks, (int)dilation, c.p.dtype};
+  set_precision(c.p, c.x);
   const int64_t smem = cuda::lka_shared_bytes(c.p);
   DLK_CHECK(smem <= 48 * 1024, op);  // dlkunet/ops/validation.py cuda_lka_shared_bytes mirrors lka_shared_bytes
   c.w0 = param(w0, op, "w0", c.x, {C, 1, k0, k0}, false);

@@ -4,6 +4,7 @@
 //   grad_a1   = dws_d^T(grad_a2) (inside the image only);  grad_ws, grad_bs from grad_a2 and a1
 //   grad_w0, grad_b0 from grad_a1 and x.
 // a1 and a2 are recomputed by the forward's stage kernel; every intermediate is a float32 plane.
+// The GEMMs multiply as the forward does (common.cuh, Mma).
 #include "common.cuh"
 
 namespace dlkunet {
@@ -41,18 +42,19 @@ cudaError_t lka_backward(const LkaProblem& p, View4 grad_out, View4 x, const Lka
   const Geo g{p.N, p.H, p.W, p.N * p.H * p.W};
   const Layout l = layout(p);
   float *a1 = ws + l.a1, *a2 = ws + l.a2, *gxd = ws + l.gxd, *ga2 = ws + l.ga2, *ga1 = ws + l.ga1;
+  const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), ga = act<T>(grad_out);
     launch_lka_stage<T>(p, xa, w, g, a1, a2, stream);
     // g * u, kept as a float32 plane until the depthwise-transposed term is added.
     const EpiGate<T, OutPlane> epi_gxd{ga, w.b1, p.C, OutPlane{gxd, g.P}};
-    launch_pix_gemm(LoadPlane{a2, g.P, p.C}, w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
+    launch_pix_gemm<T>(mode, LoadPlane{a2, g.P, p.C}, w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
     // grad_a2[ci][p] = sum_co w1[co][ci] * du[co][p]: w1 read transposed (row ci, k co).
     const LoadProd<T> du{ga, xa};
-    launch_pix_gemm(du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane{ga2, g.P, p.C}, stream);
+    launch_pix_gemm<T>(mode, du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane{ga2, g.P, p.C}, stream);
     // grad_w1 and, through a column of ones appended to a2, grad_b1.
-    launch_wgrad(du, LoadPlane{a2, g.P, p.C}, p.C, p.C + 1, g, ws + l.wpart, stream);
+    launch_wgrad<T>(mode, du, LoadPlane{a2, g.P, p.C}, p.C, p.C + 1, p.C, g, ws + l.wpart, stream);
     int chunk = 0;
     const int S = wgrad_splits(p.C, p.C + 1, g.P, &chunk);
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.C * (p.C + 1), p.C + 1, p.C, gr.w1, gr.b1, stream);

@@ -1,7 +1,7 @@
 // lka_gate forward: out = x * (w1 @ dw_d(dw(x, w0, b0), ws, bs) + b1).
 // Pass 1 (lka_stage_kernel): both depthwise stages per (n, c, spatial tile) from one shared-memory
-// tile of x with the combined halo; a2 goes to a float32 plane.  Pass 2 (pix_gemm_kernel): the
-// pointwise mix of a2 with the bias and the gate multiply by x in the epilogue.
+// tile of x with the combined halo; a2 goes to a float32 plane.  Pass 2 (pix_gemm, tensor cores or
+// fp32 by common.cuh's Mma): the pointwise mix of a2 with the bias and the gate multiply by x in the epilogue.
 #include "common.cuh"
 
 namespace dlkunet {
@@ -22,7 +22,8 @@ cudaError_t lka_forward(const LkaProblem& p, View4 x, const LkaParams& w, View4 
     const Act<T> xa = act<T>(x);
     launch_lka_stage<T>(p, xa, w, g, nullptr, a2, stream);
     const EpiGate<T, OutAct<T>> epi{xa, w.b1, p.C, OutAct<T>{act<T>(out)}};
-    launch_pix_gemm(LoadPlane{a2, g.P, p.C}, w.w1, p.C, 1, p.C, p.C, g, epi, stream);
+    launch_pix_gemm<T>(mma_mode(p.dtype, p.tf32, p.tensor_cores), LoadPlane{a2, g.P, p.C}, w.w1, p.C, 1, p.C, p.C,
+                       g, epi, stream);
   });
   return cudaGetLastError();
 }

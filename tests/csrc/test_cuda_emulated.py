@@ -5,6 +5,11 @@ fiber, __syncthreads a barrier), so their index math, bounds, barriers and reduc
 checked against the float64 reference on every machine with g++ and the CUDA headers.  The GPU
 suite (tests/ops, cuda backend) remains the real check; this one catches logic errors early.
 Shapes are tiny because the emulation is slow.  Inputs and outputs are poisoned with NaN.
+
+Every case runs in each GEMM mode its dtype can take (common.cuh, Mma): "exact" (fp32 on CUDA
+cores: the design's budgets against float64) and "mma" (tensor cores: TF32 for float32, the input
+dtype for 16-bit), judged as eager is in the same precision: no worse than 2x the error of an
+emulated eager computation whose convolution products see operands rounded the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from dlkunet.ops import reference as R
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +35,7 @@ EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 UNITS = ("dwconv_bn_act_fwd", "dwconv_bn_act_bwd", "lka_gate_fwd", "lka_gate_bwd")
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+MODES = ("exact", "mma")
 
 
 def _cuda_include():
@@ -126,11 +134,82 @@ def _act(g, shape, dtype, cl):
     return t.contiguous(memory_format=torch.channels_last) if cl else t
 
 
-def _check(name, got, ref, tol):
+def _err(got, ref):
     got, ref = got.double().reshape(ref.shape), ref.double()
-    assert not torch.isnan(got).any(), f"{name}: NaN (an unwritten element?)"
-    err = ((got - ref).norm() / ref.norm()).item()
+    assert not torch.isnan(got).any(), "NaN (an unwritten element?)"
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def _check(name, got, ref, tol):
+    err = _err(got, ref)
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+def _rounding(dtype):
+    """How a tensor-core MMA of the mode sees a float operand (float64 in, float64 out)."""
+    if dtype == torch.float32:  # TF32: 10 mantissa bits, round to nearest (cuDNN's and our conversion)
+        def tf32(t):
+            bits = t.float().view(torch.int32)
+            return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
+        return tf32
+    return lambda t: t.to(dtype).double()
+
+
+class _RoundedPointwise(torch.autograd.Function):
+    """A 1x1 conv whose forward product and both backward products see their operands rounded by
+    `rnd` (float64 arithmetic otherwise): eager's pointwise conv in that precision."""
+
+    @staticmethod
+    def forward(ctx, a, w, rnd):
+        ctx.save_for_backward(a, w)
+        ctx.rnd = rnd
+        return F.conv2d(rnd(a), rnd(w))
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w = ctx.saved_tensors
+        rnd, gr = ctx.rnd, ctx.rnd(g)
+        grad_a = F.conv_transpose2d(gr, rnd(w))
+        grad_w = torch.einsum("nohw,nchw->oc", gr, rnd(a)).view_as(w)
+        return grad_a, grad_w, None
+
+
+def _leaves(ts):
+    return [t.detach().double().clone().requires_grad_() for t in ts]
+
+
+def _eager_dwconv(d, rm, rv, training, eps, relu, gy, dtype):
+    """Emulated eager dwconv_bn_act in the MMA precision of `dtype`: (y, grads), float64."""
+    rnd, out = _rounding(dtype), (lambda t: t.to(dtype).double())
+    x, w_dw, b_dw, w_pw, b_pw, gamma, beta = _leaves(d)
+    z = _RoundedPointwise.apply(R.depthwise_conv(x, w_dw, b_dw), w_pw, rnd) + b_pw.view(1, -1, 1, 1)
+    y = F.batch_norm(z, rm.double().clone(), rv.double().clone(), gamma, beta, training, 0.0, eps)
+    y = F.relu(y) if relu else y
+    y.backward(gy.double())
+    mean, var = (z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), unbiased=False)) if training else (None, None)
+    return out(y.detach()), mean, var, [out(x.grad)] + [t.grad for t in (w_dw, b_dw, w_pw, b_pw, gamma, beta)]
+
+
+def _eager_lka(d, dil, go, dtype):
+    """Emulated eager lka_gate in the MMA precision of `dtype`: (out, grads), float64."""
+    rnd, out = _rounding(dtype), (lambda t: t.to(dtype).double())
+    x, w0, b0, wsd, bs, w1, b1 = _leaves(d)
+    a2 = R.depthwise_conv(R.depthwise_conv(x, w0, b0), wsd, bs, dil)
+    o = x * (_RoundedPointwise.apply(a2, w1, rnd) + b1.view(1, -1, 1, 1))
+    o.backward(go.double())
+    return out(o.detach()), [out(x.grad)] + [t.grad for t in (w0, b0, wsd, bs, w1, b1)]
+
+
+def _judge(name, got, ref, tol, eager=None, floor_above=None):
+    """exact mode: the design's budget; mma mode: no worse than 2x emulated eager's error, or than
+    float32's budget where the MMA's rounding does not reach the value (e.g. grad_beta)."""
+    if eager is None:
+        return _check(name, got, ref, tol)
+    err, eager_err = _err(got, ref), _err(eager, ref)
+    bound = max(2 * eager_err, TOL[torch.float32])
+    assert err <= bound, f"{name}: relative error {err:.3g} > 2x eager's {eager_err:.3g}"
+    if floor_above is not None:  # the MMA really ran: its error is that of the rounded operands
+        assert err > floor_above, f"{name}: error {err:.3g} is float32's, not the MMA precision's"
 
 
 DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
@@ -144,8 +223,13 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
 ]
 
 
-@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
-def test_dwconv_bn_act_emulated(lib, case):
+def _ids(c):
+    return "-".join(str(v).replace("torch.", "") for v in c)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", DW_CASES, ids=_ids)
+def test_dwconv_bn_act_emulated(lib, case, mode):
     N, Cin, Cout, H, W, k, dtype, cl, training, relu = case
     eps, tol = 1e-5, TOL[dtype]
     g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
@@ -157,7 +241,8 @@ def test_dwconv_bn_act_emulated(lib, case):
     gamma, beta = torch.rand(Cout, generator=g) + 0.5, torch.randn(Cout, generator=g)
     rm, rv = torch.randn(Cout, generator=g) * 0.2, torch.rand(Cout, generator=g) + 0.5
     prm = [_f32(w_dw).view(Cin, k * k), _f32(b_dw), _f32(w_pw).view(Cout, Cin), _f32(b_pw), gamma, beta]
-    dims = (N, Cin, Cout, H, W, k, DT[dtype])
+    mma = mode == "mma"
+    dims = (N, Cin, Cout, H, W, k, DT[dtype], int(mma and dtype == torch.float32), int(mma))
     d = [t.double() for t in (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)]
     ref_y, ref_mean, ref_var = R.dwconv_bn_act_forward(*d, rm.double(), rv.double(), training, eps, relu)
 
@@ -165,27 +250,32 @@ def test_dwconv_bn_act_emulated(lib, case):
     ws = _nan((max(1, lib.emu_dwconv_fwd_ws(*dims, int(training))),))
     assert lib.emu_dwconv_fwd(*dims, _p(x), _s(x), _arr(prm), _p(rm), _p(rv), int(training), ctypes.c_float(eps),
                               int(relu), _p(y), _s(y), _p(mean), _p(var), _p(ws)) == 0
-    _check("y", y, ref_y, tol)
-    if training:
-        _check("mean", mean, ref_mean, 1e-5)
-        _check("var", var, ref_var, 1e-5)
-
     gy = _act(g, (N, Cout, H, W), dtype, cl)
+    eager = _eager_dwconv(d, rm, rv, training, eps, relu, gy, dtype) if mma else None
+    # TF32 must show its 10-bit operands: well above float32's error
+    above = TOL[torch.float32] if mma and dtype == torch.float32 else None
+    _judge("y", y, ref_y, tol, eager[0] if eager else None, above)
+    if training:
+        _judge("mean", mean, ref_mean, 1e-5, eager[1] if eager else None)
+        _judge("var", var, ref_var, 1e-5, eager[2] if eager else None)
+
     mean_s, var_s = _f32(ref_mean), _f32(ref_var)
+    # The backward normalises with the statistics its forward saved: in mma mode, those of its own z.
+    mean_b, var_b = (mean, var) if mma and training else (mean_s, var_s)
     gx = _nan((N, Cin, H, W), dtype, cl)
     grads = [_nan(s) for s in [(Cin, k * k), (Cin,), (Cout, Cin), (Cout,), (Cout,), (Cout,)]]
     ws = _nan((lib.emu_dwconv_bwd_ws(*dims),))
-    assert lib.emu_dwconv_bwd(*dims, _p(gy), _s(gy), _p(x), _s(x), _arr(prm), _p(mean_s), _p(var_s), int(training),
+    assert lib.emu_dwconv_bwd(*dims, _p(gy), _s(gy), _p(x), _s(x), _arr(prm), _p(mean_b), _p(var_b), int(training),
                               ctypes.c_float(eps), int(relu), _p(gx), _s(gx), _arr(grads), _p(ws)) == 0
     refs = R.dwconv_bn_act_backward(gy.double(), *d, mean_s.double(), var_s.double(), training, eps, relu)
     names = ("grad_x", "grad_w_dw", "grad_b_dw", "grad_w_pw", "grad_b_pw", "grad_gamma", "grad_beta")
-    for name, got, ref in zip(names, [gx, *grads], refs):
+    for i, (name, got, ref) in enumerate(zip(names, [gx, *grads], refs)):
         if training and name in ("grad_b_dw", "grad_b_pw"):
             assert torch.equal(got, torch.zeros_like(got)), f"{name} must be exactly zero in training"
             assert ref.abs().max() < 1e-4
         else:
-            # half-precision inputs: gradients of the parameters are float32 here (the glue casts them)
-            _check(name, got, ref, tol if name == "grad_x" else 1e-5)
+            # exact mode, half-precision inputs: the parameters' gradients are float32 products
+            _judge(name, got, ref, tol if name == "grad_x" else 1e-5, eager[3][i] if eager else None)
 
 
 LKA_CASES = [  # N, C, H, W, k0, ks, dilation, dtype, channels_last
@@ -199,8 +289,9 @@ LKA_CASES = [  # N, C, H, W, k0, ks, dilation, dtype, channels_last
 ]
 
 
-@pytest.mark.parametrize("case", LKA_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
-def test_lka_gate_emulated(lib, case):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", LKA_CASES, ids=_ids)
+def test_lka_gate_emulated(lib, case, mode):
     N, C, H, W, k0, ks, dil, dtype, cl = case
     tol = TOL[dtype]
     g = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
@@ -212,20 +303,23 @@ def test_lka_gate_emulated(lib, case):
     w1 = (torch.randn(C, C, 1, 1, generator=g) * 0.3).to(dtype)
     b1 = torch.randn(C, generator=g).to(dtype)
     prm = [_f32(w0).view(C, -1), _f32(b0), _f32(wsd).view(C, -1), _f32(bs), _f32(w1).view(C, C), _f32(b1)]
-    dims = (N, C, H, W, k0, ks, dil, DT[dtype])
+    mma = mode == "mma"
+    dims = (N, C, H, W, k0, ks, dil, DT[dtype], int(mma and dtype == torch.float32), int(mma))
     d = [t.double() for t in (x, w0, b0, wsd, bs, w1, b1)]
 
     out = _nan((N, C, H, W), dtype, cl)
     ws = _nan((lib.emu_lka_fwd_ws(*dims),))
     assert lib.emu_lka_fwd(*dims, _p(x), _s(x), _arr(prm), _p(out), _s(out), _p(ws)) == 0
-    _check("out", out, R.lka_gate_forward(*d, dil), tol)
-
     go = _act(g, (N, C, H, W), dtype, cl)
+    eager = _eager_lka(d, dil, go, dtype) if mma else None
+    above = TOL[torch.float32] if mma and dtype == torch.float32 else None
+    _judge("out", out, R.lka_gate_forward(*d, dil), tol, eager[0] if eager else None, above)
+
     gx = _nan((N, C, H, W), dtype, cl)
     grads = [_nan(s) for s in [(C, k0 * k0), (C,), (C, ks * ks), (C,), (C, C), (C,)]]
     ws = _nan((lib.emu_lka_bwd_ws(*dims),))
     assert lib.emu_lka_bwd(*dims, _p(go), _s(go), _p(x), _s(x), _arr(prm), _p(gx), _s(gx), _arr(grads), _p(ws)) == 0
     refs = R.lka_gate_backward(go.double(), *d, dil)
     names = ("grad_x", "grad_w0", "grad_b0", "grad_ws", "grad_bs", "grad_w1", "grad_b1")
-    for name, got, ref in zip(names, [gx, *grads], refs):
-        _check(name, got, ref, tol if name == "grad_x" else 1e-5)
+    for i, (name, got, ref) in enumerate(zip(names, [gx, *grads], refs)):
+        _judge(name, got, ref, tol if name == "grad_x" else 1e-5, eager[1][i] if eager else None)

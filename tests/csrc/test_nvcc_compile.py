@@ -1,4 +1,5 @@
-"""Every CUDA source compiles with nvcc alone for sm_80 and sm_90, without register spills.
+"""Every CUDA source compiles with nvcc alone for sm_80 and sm_90, without register spills, and
+its tensor-core GEMM kernels really run on tensor cores (HMMA of their precision in the SASS).
 
 The .cu files include only CUDA headers (see csrc/cuda/launch.h), so this needs nvcc but no GPU
 and no CUDA build of torch.  ptxas -v reports, per kernel, the registers used and the bytes
@@ -42,7 +43,25 @@ def _nvcc():
     return None
 
 
+def _cuobjdump():
+    """cuobjdump from PATH or the CUDA toolkit, else the copy Triton ships (same tool)."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    for home in homes:
+        if home and (Path(home) / "bin" / "cuobjdump").is_file():
+            return str(Path(home) / "bin" / "cuobjdump")
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.is_file() else None
+
+
 NVCC = _nvcc()
+CUOBJDUMP = _cuobjdump()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
@@ -81,10 +100,34 @@ def test_parse_ptxas_sees_spills():
 
 
 def _compile(source: str, arch: str, out_dir: str):
-    cmd = [NVCC, *FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", str(CUDA_DIR / source),
-           "-o", os.path.join(out_dir, f"{source}.{arch}.o")]
+    obj = os.path.join(out_dir, f"{source}.{arch}.o")
+    cmd = [NVCC, *FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-c", str(CUDA_DIR / source), "-o", obj]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=CUDA_DIR)
-    return proc.returncode, proc.stdout + proc.stderr
+    sass = ""
+    if proc.returncode == 0 and CUOBJDUMP:
+        sass = subprocess.run([CUOBJDUMP, "-sass", obj], capture_output=True, text=True).stdout
+    return proc.returncode, proc.stdout + proc.stderr, sass
+
+
+_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
+
+
+def sass_functions(sass: str):
+    """{mangled kernel name: its SASS} from cuobjdump -sass output."""
+    marks = list(_FUNCTION.finditer(sass))
+    return {m.group(1): sass[m.end():marks[i + 1].start() if i + 1 < len(marks) else len(sass)]
+            for i, m in enumerate(marks)}
+
+
+# common.cuh's Mma enum as it appears in a mangled template argument (Mma::TF32 = 1, ...), and the
+# SASS MMA each must contain: TF32 m16n8k4, float16 and bfloat16 m16n8k16, float32 accumulators.
+_MMA_ARG = re.compile(r"3MmaELi?(\d)E|3MmaE(\d)E")
+MMA_SASS = {1: "HMMA.1684.F32.TF32", 2: "HMMA.16816.F32", 3: "HMMA.16816.F32.BF16"}
+
+
+def mma_mode_of(name: str):
+    m = _MMA_ARG.search(name)
+    return int(m.group(1) or m.group(2)) if m else None
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +148,7 @@ def test_the_default_subset_covers_every_source_and_both_architectures():
 
 @pytest.mark.parametrize("source,arch", PAIRS, ids=[f"{s}-sm{a}" for s, a in PAIRS])
 def test_compiles_without_spills(compiled, source, arch):
-    rc, log = compiled[(source, arch)]
+    rc, log, _ = compiled[(source, arch)]
     assert rc == 0, f"nvcc failed on {source} for sm_{arch}:\n{log[-6000:]}"
     kernels = parse_ptxas(log)
     assert kernels, f"no kernels reported by ptxas for {source} (sm_{arch}); is -Xptxas -v honoured?\n{log[-2000:]}"
@@ -114,3 +157,33 @@ def test_compiles_without_spills(compiled, source, arch):
         f"  {k}: {v}" for k, v in spilling.items())
     missing = [k for k, v in kernels.items() if v[0] is None]
     assert not missing, f"ptxas gave no register count for {missing}"
+
+
+def test_mma_mode_is_read_from_mangled_names():
+    assert mma_mode_of("_ZN7dlkunet4cuda19mma_pix_gemm_kernelILNS1_3MmaE1ENS1_9LoadPlaneE") == 1
+    assert mma_mode_of("_ZN7dlkunet4cuda21mma_wgrad_gemm_kernelILNS1_3MmaE3ENS1_8LoadProd") == 3
+    assert mma_mode_of("_ZN7dlkunet4cuda15pix_gemm_kernelINS1_9LoadPlaneE") is None
+
+
+@pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found (PATH, CUDA_HOME, or Triton's copy)")
+@pytest.mark.parametrize("source,arch", PAIRS, ids=[f"{s}-sm{a}" for s, a in PAIRS])
+def test_gemms_run_on_tensor_cores(compiled, source, arch):
+    """Each MMA kernel holds its precision's HMMA (and no other); the fp32 GEMMs hold none, so
+    float32 with TF32 off stays exact."""
+    rc, log, sass = compiled[(source, arch)]
+    assert rc == 0, log[-2000:]
+    functions = sass_functions(sass)
+    assert functions, f"cuobjdump listed no kernels for {source} (sm_{arch})"
+    modes_seen, wrong = set(), []
+    for name, body in functions.items():
+        hmma = set(re.findall(r"HMMA\.[0-9A-Z.]+", body))
+        mode = mma_mode_of(name) if "gemm_kernel" in name else None
+        if mode is None:
+            if hmma:
+                wrong.append(f"{name}: {sorted(hmma)} in a kernel that must not use tensor cores")
+            continue
+        modes_seen.add(mode)
+        if hmma != {MMA_SASS[mode]}:
+            wrong.append(f"{name}: {sorted(hmma) or 'no HMMA'}, expected {MMA_SASS[mode]}")
+    assert not wrong, "\n".join(wrong)
+    assert modes_seen == set(MMA_SASS), f"{source}: MMA kernels of modes {sorted(modes_seen)} only"

@@ -4,6 +4,9 @@
 // warp shuffles through a shared buffer between two barriers.  __shared__ becomes `static` (one
 // block at a time).  Kernel launches (<<<...>>>) and dynamic shared memory are rewritten to calls
 // of dlk_launch / dlk_dyn_smem by tests/csrc/test_cuda_emulated.py before compiling.
+// WMMA (nvcuda::wmma) is emulated with every thread holding its warp's whole fragment: loads,
+// products and stores are done redundantly by each lane, with the same results a warp computes
+// (operands as stored, float32 accumulation; the order of the accumulation may differ).
 // Not emulated: warp-level timing, races between threads (fibers run in a fixed order), and the
 // precision of fast-math intrinsics.
 #pragma once
@@ -18,6 +21,8 @@
 #include <vector>
 #include <algorithm>
 #include <functional>
+#include <type_traits>
+#include <cstdint>
 
 #undef __global__
 #undef __device__
@@ -69,6 +74,71 @@ inline float dlk_shfl_xor(unsigned, float v, int o) {
 }
 #define __shfl_xor_sync dlk_shfl_xor
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+namespace precision { struct tf32 {}; }
+template <class T> struct dlk_elem { using type = T; };
+template <> struct dlk_elem<precision::tf32> { using type = float; };
+template <class Use, int M, int N, int K> struct dlk_dims;
+template <int M, int N, int K> struct dlk_dims<matrix_a, M, N, K> { static constexpr int R = M, C = K; };
+template <int M, int N, int K> struct dlk_dims<matrix_b, M, N, K> { static constexpr int R = K, C = N; };
+template <int M, int N, int K> struct dlk_dims<accumulator, M, N, K> { static constexpr int R = M, C = N; };
+// The whole R x C tile, row-major, in every thread.
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  using element_type = typename dlk_elem<T>::type;
+  static constexpr int R = dlk_dims<Use, M, N, K>::R, C = dlk_dims<Use, M, N, K>::C;
+  static constexpr int num_elements = R * C;
+  element_type x[R * C];
+};
+inline float dlk_f(float v) { return v; }
+inline float dlk_f(__half v) { return __half2float(v); }
+inline float dlk_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class Frag, class V> inline void fill_fragment(Frag& f, V v) {
+  for (int i = 0; i < Frag::num_elements; ++i) f.x[i] = v;
+}
+template <class Use, int M, int N, int K, class T, class L, class P>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, L>;
+  constexpr bool col = std::is_same<L, col_major>::value;
+  for (int r = 0; r < F::R; ++r)
+    for (int c = 0; c < F::C; ++c) f.x[r * F::C + c] = col ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <int M, int N, int K, class T>
+inline void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t lay) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) p[lay == mem_col_major ? (size_t)c * ldm + r : (size_t)r * ldm + c] = f.x[r * N + c];
+}
+template <int M, int N, int K, class TA, class LA, class LB>
+inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TA, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.x[i * N + j];
+      for (int k = 0; k < K; ++k) s += dlk_f(a.x[i * K + k]) * dlk_f(b.x[k * N + j]);
+      out[i * N + j] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+// cvt.rna.tf32.f32: round to nearest, ties away from zero, at 10 mantissa bits.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 using std::min;
 using std::max;
 inline cudaError_t dlk_last_error() { return cudaSuccess; }
