@@ -4,17 +4,20 @@
 // reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
 // Eval: each 64-pixel x 64-channel tile accumulates the pointwise product (tensor cores or fp32,
 // common.cuh) and applies bias, BN (as one per-channel scale and shift) and ReLU in the epilogue.
-// Training: the same pass writes z and per-tile (mean, M2) statistics of each channel (exact two-pass
-// within the tile, in float32); a per-channel kernel merges the tiles in double (Chan et al.), and an
-// elementwise pass normalises z in place.
+// Training: a first GEMM pass writes only per-tile (mean, M2) statistics of z (exact two-pass within
+// the tile, in float32; z itself is never stored); a per-channel kernel merges the tiles in double
+// (Chan et al.); a second GEMM pass recomputes z bit for bit and writes y through the eval epilogue
+// with the batch statistics.  z is never written and re-read: y is written once.
 #include "common.cuh"
 
 namespace dlkunet {
 namespace cuda {
 namespace {
 
+// y = act(BN(z)), z = acc + b_pw, BN with the given statistics (running ones in eval, the batch's in
+// training) folded into one per-channel scale and shift.
 template <class T>
-struct EpiDwEval {
+struct EpiDwApply {
   Act<T> y;
   const float *b_pw, *gamma, *beta, *mean, *var;
   float eps;
@@ -40,9 +43,7 @@ struct EpiDwEval {
   }
 };
 
-template <class T>
-struct EpiDwTrain {  // y = z (pre-normalisation); part_mean/part_m2[tile][row]: the tile's statistics
-  Act<T> y;
+struct EpiDwStats {  // part_mean/part_m2[tile][row]: the tile's statistics of z = acc + b_pw
   const float* b_pw;
   int rows, P;
   float *part_mean, *part_m2;
@@ -59,10 +60,7 @@ struct EpiDwTrain {  // y = z (pre-normalisation); part_mean/part_m2[tile][row]:
       for (int i = 0; i < 4; ++i) {
         const int pp = tx + 16 * i;
         z[i] = acc[i][j] + bias;
-        if (sn[pp] >= 0) {
-          s += z[i];
-          if (rv) y.store(sn[pp], r, sh[pp], sw[pp], z[i]);
-        }
+        if (sn[pp] >= 0) s += z[i];
       }
       const float m = sum16(s) / (float)nvalid;
       float q = 0.f;
@@ -114,37 +112,6 @@ __global__ void __launch_bounds__(256) bn_stats_finalize_kernel(const float* __r
   }
 }
 
-// In place: y = act((y - mean) * gamma * rsqrt(var + eps) + beta).  The flat index runs in y's
-// storage order (channels fastest when y is channels_last) so that accesses stay coalesced.
-template <class T>
-__global__ void __launch_bounds__(256) bn_apply_kernel(Act<T> y, int N, int C, int H, int W, bool cl,
-                                                       const float* __restrict__ mean, const float* __restrict__ var,
-                                                       const float* __restrict__ gamma, const float* __restrict__ beta,
-                                                       float eps, bool relu) {
-  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (idx >= (int64_t)N * C * H * W) return;
-  int n, c, h, w;
-  if (cl) {
-    c = (int)(idx % C);
-    int64_t t = idx / C;
-    w = (int)(t % W);
-    t /= W;
-    h = (int)(t % H);
-    n = (int)(t / H);
-  } else {
-    w = (int)(idx % W);
-    int64_t t = idx / W;
-    h = (int)(t % H);
-    t /= H;
-    c = (int)(t % C);
-    n = (int)(t / C);
-  }
-  const float scale = gamma[c] * rsqrtf(var[c] + eps);
-  float v = (y.load(n, c, h, w) - mean[c]) * scale + beta[c];
-  if (relu) v = fmaxf(v, 0.f);
-  y.store(n, c, h, w, v);
-}
-
 }  // namespace
 
 // Whether the depthwise output goes through a plane (see the file comment).
@@ -167,13 +134,16 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), ya = act<T>(y);
     auto gemm = [&](const auto& load) {
-      if (!training) {
-        const EpiDwEval<T> epi{ya, w.b_pw, w.gamma, w.beta, mean_in, var_in, eps, relu, p.Cout};
-        launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
-      } else {
-        const EpiDwTrain<T> epi{ya, w.b_pw, p.Cout, g.P, part, part + (int64_t)nblk * p.Cout};
-        launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      if (training) {
+        const EpiDwStats stats{w.b_pw, p.Cout, g.P, part, part + (int64_t)nblk * p.Cout};
+        launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
+        bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(part, part + (int64_t)nblk * p.Cout, nblk, p.Cout,
+                                                             g.P, mean_out, var_out);
       }
+      const float* mean = training ? mean_out : mean_in;
+      const float* var = training ? var_out : var_in;
+      const EpiDwApply<T> epi{ya, w.b_pw, w.gamma, w.beta, mean, var, eps, relu, p.Cout};
+      launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
     };
     with_k(p.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
@@ -185,14 +155,6 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
         gemm(load);
       }
     });
-    if (training) {
-      bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(part, part + (int64_t)nblk * p.Cout, nblk, p.Cout, g.P,
-                                                           mean_out, var_out);
-      const int64_t total = (int64_t)g.P * p.Cout;
-      const bool cl = y.sc < y.sw;
-      bn_apply_kernel<T><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(ya, p.N, p.Cout, p.H, p.W, cl, mean_out,
-                                                                         var_out, w.gamma, w.beta, eps, relu);
-    }
   });
   return cudaGetLastError();
 }
