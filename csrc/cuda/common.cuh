@@ -146,24 +146,44 @@ struct LoadDw {
     }
     return acc;
   }
+  __device__ __forceinline__ bool channels_contiguous() const { return x.sc == 1; }
 };
 
-struct LoadPlane {  // plane[c][p]; channels >= `ones_from` read as 1 (a bias column)
+// Element (c, p) of a float32 plane at d[c * sc + p * sp]: channel-major [C][P] (sc = P, sp = 1) or
+// pixel-major [P][C] (sc = 1, sp = C); channels >= `ones_from` read as 1 (a bias column).
+struct LoadPlane {
   const float* __restrict__ d;
-  int64_t P;
+  int sc, sp;  // P and C fit an int (the glue checks N*H*W); their products may not
   int ones_from;
   __device__ __forceinline__ float operator()(int c, int, int, int, int p) const {
-    return c < ones_from ? d[c * P + p] : 1.f;
+    return c < ones_from ? d[(int64_t)c * sc + (int64_t)p * sp] : 1.f;
   }
+  __device__ __forceinline__ bool channels_contiguous() const { return sc == 1; }
 };
+inline LoadPlane channel_major(const float* d, int P, int C) { return LoadPlane{d, P, 1, C}; }
+inline LoadPlane pixel_major(const float* d, int C) { return LoadPlane{d, 1, C, C}; }
 
 template <class T>
-struct LoadProd {  // a(n,c,h,w) * b(n,c,h,w)
+struct LoadProd {  // a(n,c,h,w) * b(n,c,h,w), a and b in the same layout
   Act<T> a, b;
   __device__ __forceinline__ float operator()(int c, int n, int h, int w, int) const {
     return a.load(n, c, h, w) * b.load(n, c, h, w);
   }
+  __device__ __forceinline__ bool channels_contiguous() const { return a.sc == 1; }
 };
+
+// Where a loader's channels are contiguous (channels_last activations, pixel-major planes), a tile
+// is staged with consecutive threads on consecutive channels, else on consecutive pixels, so that
+// a warp's loads coalesce either way: stage(kk, pp) is called for every (channel, pixel) of a
+// BK x BM tile, in the block's threads, in that order.
+template <class F>
+__device__ __forceinline__ void stage_tile(bool channels_fast, F&& stage) {
+  if (channels_fast) {
+    for (int i = threadIdx.x; i < BK * BM; i += NT) stage(i % BK, i / BK);
+  } else {
+    for (int i = threadIdx.x; i < BK * BM; i += NT) stage(i / BM, i % BM);
+  }
+}
 
 // ---------------------------------------------------------------- outputs: (c, n, h, w, p, v)
 
@@ -211,6 +231,7 @@ __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __re
   __shared__ int s_n[BM], s_h[BM], s_w[BM];
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
+  const bool channels_fast = A.channels_contiguous();
   tile_pixels(p0, BM, g, g.P, s_n, s_h, s_w);
   __syncthreads();
   float acc[4][4];
@@ -220,12 +241,10 @@ __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __re
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
   for (int k0 = 0; k0 < kdim; k0 += BK) {
-    for (int i = tid; i < BK * BM; i += NT) {
-      const int kk = i / BM, pp = i % BM, k = k0 + kk;
-      float v = 0.f;
-      if (k < kdim && s_n[pp] >= 0) v = A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp);
-      As[kk][pp] = v;
-    }
+    stage_tile(channels_fast, [&](int kk, int pp) {
+      const int k = k0 + kk;
+      As[kk][pp] = (k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f;
+    });
     for (int i = tid; i < BK * BN; i += NT) {
       const int kk = i % BK, rr = i / BK, k = k0 + kk, r = r0 + rr;
       Bs[kk][rr] = (r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f;
@@ -307,6 +326,7 @@ __global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R,
   const int c0 = blockIdx.x * BN, r0 = blockIdx.y * BN, s = blockIdx.z;
   const int pbeg = s * chunk;
   const int pend = min(g.P, pbeg + chunk);
+  const bool b_channels_fast = B.channels_contiguous();  // A stays pixel-fast (see the MMA kernel)
   float acc[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
@@ -317,11 +337,12 @@ __global__ void __launch_bounds__(NT) wgrad_gemm_kernel(ALoad A, BLoad B, int R,
     tile_pixels(q0, BK, g, pend, s_n, s_h, s_w);
     __syncthreads();
     for (int i = tid; i < BK * BN; i += NT) {
-      const int kk = i % BK, rr = i / BK;
-      const bool pv = s_n[kk] >= 0;
-      const int r = r0 + rr, c = c0 + rr;
-      As[kk][rr] = (pv && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
-      Bs[kk][rr] = (pv && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
+      const int kk = i % BK, rr = i / BK, r = r0 + rr;
+      As[kk][rr] = (s_n[kk] >= 0 && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
+    }
+    for (int i = tid; i < BK * BN; i += NT) {
+      const int cc = b_channels_fast ? i % BN : i / BK, kk = b_channels_fast ? i / BN : i % BK, c = c0 + cc;
+      Bs[kk][cc] = (s_n[kk] >= 0 && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
     }
     __syncthreads();
 #pragma unroll
@@ -375,6 +396,9 @@ inline int wgrad_splits(int R, int Ccols, int P, int* chunk) {
 constexpr int MMA_FRAG = 16;            // fragment rows and columns
 constexpr int MMA_ROW_PAD_BYTES = 16;   // shared rows padded by 16 bytes: WMMA's ldm rule, fewer conflicts
 constexpr int MMA_ACC_PAD = 4;          // floats of padding per accumulator row in shared memory
+// Blocks per SM the MMA kernels are built for: a register budget of 65536 / (2 * NT) = 128.  Given
+// the block size alone, ptxas (CUDA 13.0) held some of them to 31-48 registers and spilled.
+constexpr int MMA_MIN_BLOCKS = 2;
 
 #if DLK_MMA
 template <Mma M> struct MmaOperand;
@@ -435,7 +459,7 @@ struct WarpTile {
 // pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of the
 // tile; the accumulators go through shared memory into the SIMT kernel's per-thread layout.
 template <Mma M, class ALoad, class Epi>
-__global__ void __launch_bounds__(NT) mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
+__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
                                                           int64_t w_ks, int rows, int kdim, Geo g, Epi epi) {
 #if DLK_MMA
   using Op = MmaOperand<M>;
@@ -448,18 +472,17 @@ __global__ void __launch_bounds__(NT) mma_pix_gemm_kernel(ALoad A, const float* 
   const int tid = threadIdx.x, warp = tid >> 5;
   const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
   const int wr = (warp >> 1) * MMA_FRAG, wp = (warp & 1) * 2 * MMA_FRAG;
+  const bool channels_fast = A.channels_contiguous();
   tile_pixels(p0, BM, g, g.P, s_n, s_h, s_w);
   __syncthreads();
   WarpTile<M, nvcuda::wmma::row_major> tile;
   tile.zero();
 
   for (int k0 = 0; k0 < kdim; k0 += BK) {
-    for (int i = tid; i < BK * BM; i += NT) {
-      const int kk = i / BM, pp = i % BM, k = k0 + kk;
-      float v = 0.f;
-      if (k < kdim && s_n[pp] >= 0) v = A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp);
-      As[kk][pp] = Op::cvt(v);
-    }
+    stage_tile(channels_fast, [&](int kk, int pp) {
+      const int k = k0 + kk;
+      As[kk][pp] = Op::cvt((k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f);
+    });
     for (int i = tid; i < BK * BN; i += NT) {
       const int kk = i % BK, rr = i / BK, k = k0 + kk, r = r0 + rr;
       Bs[rr][kk] = Op::cvt((r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f);
@@ -487,7 +510,7 @@ __global__ void __launch_bounds__(NT) mma_pix_gemm_kernel(ALoad A, const float* 
 // Column `sum_col` (or none when negative) has B = 1 everywhere: a bias gradient, i.e. the row sums
 // of A.  Those are taken in float32 from A before rounding, as exact as eager's separate reduction.
 template <Mma M, class ALoad, class BLoad>
-__global__ void __launch_bounds__(NT) mma_wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int sum_col,
+__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int sum_col,
                                                             int chunk, Geo g, float* __restrict__ part) {
 #if DLK_MMA
   using Op = MmaOperand<M>;
@@ -504,7 +527,9 @@ __global__ void __launch_bounds__(NT) mma_wgrad_gemm_kernel(ALoad A, BLoad B, in
   const int pend = min(g.P, pbeg + chunk);
   WarpTile<M, nvcuda::wmma::col_major> tile;
   tile.zero();
-  // Thread t stages rows t/BK + j*(NT/BK) of every step: their unrounded sums (for sum_col).
+  // Thread t stages rows t/BK + j*(NT/BK) of every step: their unrounded sums (for sum_col).  So A
+  // is staged pixel-fast in every layout; B follows its layout.
+  const bool b_channels_fast = B.channels_contiguous();
   constexpr int ROWS_PER_THREAD = BK * BN / NT;
   float row_sum[ROWS_PER_THREAD] = {};
 
@@ -513,13 +538,14 @@ __global__ void __launch_bounds__(NT) mma_wgrad_gemm_kernel(ALoad A, BLoad B, in
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < ROWS_PER_THREAD; ++j) {
-      const int i = tid + j * NT, kk = i % BK, rr = i / BK;
-      const bool pv = s_n[kk] >= 0;
-      const int r = r0 + rr, c = c0 + rr;
-      const float a = (pv && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
+      const int i = tid + j * NT, kk = i % BK, rr = i / BK, r = r0 + rr;
+      const float a = (s_n[kk] >= 0 && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
       row_sum[j] += a;
       As[kk][rr] = Op::cvt(a);
-      Bs[kk][rr] = Op::cvt((pv && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f);
+    }
+    for (int i = tid; i < BK * BN; i += NT) {
+      const int cc = b_channels_fast ? i % BN : i / BK, kk = b_channels_fast ? i / BN : i % BK, c = c0 + cc;
+      Bs[kk][cc] = Op::cvt((s_n[kk] >= 0 && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f);
     }
     __syncthreads();
     tile.step(&As[0][wr], BN + PAD, &Bs[0][wc], BN + PAD);
@@ -574,20 +600,32 @@ void launch_wgrad(Mma mode, const ALoad& A, const BLoad& B, int R, int Ccols, in
   });
 }
 
-// plane[c][p] = A(c, p): the loader's operand (a depthwise conv) computed once into a float32
-// plane, for GEMMs that would otherwise recompute it once per row tile (or per pass).
+// plane(c, p) = A(c, p): the loader's operand (a depthwise conv) computed once into a float32 plane,
+// for GEMMs that would otherwise recompute it once per row tile (or per pass).  Pixel-major [P][C]
+// for channels_last inputs, else channel-major [C][P]: threads follow the plane's order, so the
+// loads of x (same layout) and the stores both coalesce.
 template <class ALoad>
-__global__ void __launch_bounds__(256) plane_kernel(ALoad A, Geo g, int C, float* __restrict__ plane) {
+__global__ void __launch_bounds__(256) plane_kernel(ALoad A, Geo g, int C, bool pixel_major_order,
+                                                    float* __restrict__ plane) {
   const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (idx >= (int64_t)C * g.P) return;
-  const int c = (int)(idx / g.P), p = (int)(idx - (int64_t)c * g.P);
+  int c, p;
+  if (pixel_major_order) {
+    p = (int)(idx / C);
+    c = (int)(idx - (int64_t)p * C);
+  } else {
+    c = (int)(idx / g.P);
+    p = (int)(idx - (int64_t)c * g.P);
+  }
   const int t = p / g.W;
   plane[idx] = A(c, t / g.H, t % g.H, p - t * g.W, p);
 }
 
+// Writes the plane and returns the loader that reads it.
 template <class ALoad>
-void launch_plane(const ALoad& A, Geo g, int C, float* plane, cudaStream_t stream) {
-  plane_kernel<ALoad><<<(unsigned)cdiv((int64_t)C * g.P, 256), 256, 0, stream>>>(A, g, C, plane);
+LoadPlane launch_plane(const ALoad& A, bool pixel_major_order, Geo g, int C, float* plane, cudaStream_t stream) {
+  plane_kernel<ALoad><<<(unsigned)cdiv((int64_t)C * g.P, 256), 256, 0, stream>>>(A, g, C, pixel_major_order, plane);
+  return pixel_major_order ? pixel_major(plane, C) : channel_major(plane, g.P, C);
 }
 
 // out[r][c] (c < cols_main) and extra[r][c - cols_main] (c >= cols_main) = sum_s part[s][r][c].

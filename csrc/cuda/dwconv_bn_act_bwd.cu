@@ -1,5 +1,5 @@
 // dwconv_bn_act backward.  z = pw(dw(x)) is recomputed from x (never saved):
-//  0. d = dw(x) once, as a float32 plane [Cin][P] (the three GEMMs below read it);
+//  0. d = dw(x) once, as a float32 plane in x's layout (the three GEMMs below read it);
 //  1. recompute z per tile; per-tile sums of g and g * xhat, g = grad_y masked by ReLU;
 //  2. per channel (double): grad_beta = sum g, grad_gamma = sum g * xhat, and the coefficients of
 //     dz = A * g + B * xhat + C  (eval: A = gamma * rstd; training adds the batch-statistics terms);
@@ -170,10 +170,10 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), gya = act<T>(grad_y), gxa = act<T>(grad_x);
-    const LoadPlane load{d, g.P, p.Cin};
+    LoadPlane load{};
     with_k(p.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      launch_plane(LoadDw<T, K>{xa, w.w_dw, w.b_dw, p.k, p.H, p.W}, g, p.Cin, d, stream);
+      load = launch_plane(LoadDw<T, K>{xa, w.w_dw, w.b_dw, p.k, p.H, p.W}, x.sc == 1, g, p.Cin, d, stream);
     });
     const EpiBwdStats<T> stats{gya, bn, p.Cout, ws + l.part_g, ws + l.part_gx};
     launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
@@ -182,9 +182,9 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
     const EpiBwdDz<T> epi_dz{gya, bn, p.Cout, cA, cB, cC, dz, g.P};
     launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi_dz, stream);
     // grad_d[ci][p] = sum_co w_pw[co][ci] * dz[co][p]: w_pw read transposed (row ci, k co).
-    launch_pix_gemm<T>(mode, LoadPlane{dz, g.P, p.Cout}, w.w_pw, 1, p.Cin, p.Cin, p.Cout, g,
+    launch_pix_gemm<T>(mode, channel_major(dz, g.P, p.Cout), w.w_pw, 1, p.Cin, p.Cin, p.Cout, g,
                        EpiStorePlane{gd, g.P, p.Cin}, stream);
-    launch_wgrad<T>(mode, LoadPlane{dz, g.P, p.Cout}, load, p.Cout, p.Cin, -1, g, ws + l.wpart, stream);
+    launch_wgrad<T>(mode, channel_major(dz, g.P, p.Cout), load, p.Cout, p.Cin, -1, g, ws + l.wpart, stream);
     int chunk = 0;
     const int S = wgrad_splits(p.Cout, p.Cin, g.P, &chunk);
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.Cout * p.Cin, p.Cin, p.Cin, gr.w_pw, nullptr, stream);

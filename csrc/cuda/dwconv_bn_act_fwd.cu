@@ -149,8 +149,7 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
       constexpr int K = decltype(kc)::value;
       const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
       if (dw_via_plane(p)) {
-        launch_plane(load, g, p.Cin, d_plane, stream);
-        gemm(LoadPlane{d_plane, g.P, p.Cin});
+        gemm(launch_plane(load, x.sc == 1, g, p.Cin, d_plane, stream));
       } else {
         gemm(load);
       }

@@ -49,12 +49,12 @@ cudaError_t lka_backward(const LkaProblem& p, View4 grad_out, View4 x, const Lka
     launch_lka_stage<T>(p, xa, w, g, a1, a2, stream);
     // g * u, kept as a float32 plane until the depthwise-transposed term is added.
     const EpiGate<T, OutPlane> epi_gxd{ga, w.b1, p.C, OutPlane{gxd, g.P}};
-    launch_pix_gemm<T>(mode, LoadPlane{a2, g.P, p.C}, w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
+    launch_pix_gemm<T>(mode, channel_major(a2, g.P, p.C), w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
     // grad_a2[ci][p] = sum_co w1[co][ci] * du[co][p]: w1 read transposed (row ci, k co).
     const LoadProd<T> du{ga, xa};
     launch_pix_gemm<T>(mode, du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane{ga2, g.P, p.C}, stream);
     // grad_w1 and, through a column of ones appended to a2, grad_b1.
-    launch_wgrad<T>(mode, du, LoadPlane{a2, g.P, p.C}, p.C, p.C + 1, p.C, g, ws + l.wpart, stream);
+    launch_wgrad<T>(mode, du, channel_major(a2, g.P, p.C), p.C, p.C + 1, p.C, g, ws + l.wpart, stream);
     int chunk = 0;
     const int S = wgrad_splits(p.C, p.C + 1, g.P, &chunk);
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.C * (p.C + 1), p.C + 1, p.C, gr.w1, gr.b1, stream);

@@ -22,7 +22,7 @@ cudaError_t lka_forward(const LkaProblem& p, View4 x, const LkaParams& w, View4 
     const Act<T> xa = act<T>(x);
     launch_lka_stage<T>(p, xa, w, g, nullptr, a2, stream);
     const EpiGate<T, OutAct<T>> epi{xa, w.b1, p.C, OutAct<T>{act<T>(out)}};
-    launch_pix_gemm<T>(mma_mode(p.dtype, p.tf32, p.tensor_cores), LoadPlane{a2, g.P, p.C}, w.w1, p.C, 1, p.C, p.C,
+    launch_pix_gemm<T>(mma_mode(p.dtype, p.tf32, p.tensor_cores), channel_major(a2, g.P, p.C), w.w1, p.C, 1, p.C, p.C,
                        g, epi, stream);
   });
   return cudaGetLastError();

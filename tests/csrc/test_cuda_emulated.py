@@ -218,6 +218,7 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (2, 17, 20, 6, 7, 7, torch.float32, True, True, False),
     (2, 3, 4, 40, 30, 5, torch.float32, False, True, True),    # > 1024 pixels: split weight gradients
     (1, 3, 4, 5, 6, 9, torch.float32, False, False, True),      # generic kernel size
+    (1, 9, 70, 9, 8, 3, torch.float32, True, True, True),      # Cout > 64 in channels_last: pixel-major plane
     (2, 9, 10, 8, 9, 3, torch.float16, True, False, True),
     (2, 9, 10, 8, 9, 3, torch.bfloat16, False, True, True),
 ]
