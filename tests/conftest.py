@@ -5,6 +5,7 @@ set before triton is first imported, which is why it is set here, at collection 
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -18,3 +19,11 @@ torch.backends.cudnn.allow_tf32 = False
 def pytest_report_header(config):
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (GPU tests are skipped)"
     return [f"torch {torch.__version__}; CUDA GPU: {gpu}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+
+
+@pytest.fixture
+def tf32_flag():
+    """Sets torch.backends.cudnn.allow_tf32 for one test and restores it (conftest turns it off)."""
+    prev = torch.backends.cudnn.allow_tf32
+    yield lambda on: setattr(torch.backends.cudnn, "allow_tf32", on)
+    torch.backends.cudnn.allow_tf32 = prev

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dlkunet.ops import availability
+from dlkunet.ops import reference as _reference
 
 # Relative-error budgets of docs/design.md, "Verification" (float32 without TF32; half types).
 BUDGET = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -105,3 +106,30 @@ def lka_inputs(n, c, h, w, k0, ks, g):
          torch.randn(c, c, 1, 1, dtype=torch.float64, generator=g) / c ** 0.5,
          torch.randn(c, dtype=torch.float64, generator=g) * 0.1]
     return x, p
+
+
+# Eager PyTorch with TF32 on (torch.backends.cudnn.allow_tf32), the yardstick of TF32 kernels.
+
+def tf32_round(t):
+    """float32 rounded to TF32 (round to nearest even at 10 mantissa bits)."""
+    b = t.float().contiguous().view(torch.int32)
+    return ((b + 0xFFF + ((b >> 13) & 1)) & -8192).view(torch.float32)
+
+
+def eager_tf32_dwconv(x, p, eps):
+    """Eager eval dwconv_bn_act in float32 with TF32 on, against which TF32 kernels are judged: the
+    pointwise conv's operands rounded to TF32 (as cuDNN converts them), float32 elsewhere.  Emulated
+    on every device: on a GPU cuDNN picks a non-TF32 algorithm for shapes this small (measured on an
+    H200: error 1.2e-7, float32's), which would judge TF32 kernels by float32's budget."""
+    w_dw, b_dw, w_pw, b_pw, gamma, beta, rm, rv = [t.float() for t in p]
+    d = _reference.depthwise_conv(x.float(), w_dw, b_dw)
+    z = torch.nn.functional.conv2d(tf32_round(d), tf32_round(w_pw), b_pw)
+    y = (z - rm.view(1, -1, 1, 1)) * torch.rsqrt(rv + eps).view(1, -1, 1, 1) * gamma.view(1, -1, 1, 1)
+    return torch.relu(y + beta.view(1, -1, 1, 1))
+
+
+def eager_tf32_lka(x, p, dil):
+    """Eager lka_gate in float32 with TF32 on, emulated as ``eager_tf32_dwconv`` is."""
+    w0, b0, ws, bs, w1, b1 = [t.float() for t in p]
+    a2 = _reference.depthwise_conv(_reference.depthwise_conv(x.float(), w0, b0), ws, bs, dil)
+    return x.float() * torch.nn.functional.conv2d(tf32_round(a2), tf32_round(w1), b1)

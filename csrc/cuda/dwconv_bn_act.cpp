@@ -57,14 +57,9 @@ std::tuple<Tensor, Tensor, Tensor> dwconv_bn_act_forward(const Tensor& x_in, con
   const Tensor rm = param(running_mean, op, "running_mean", c.x, {Cout}, true);
   const Tensor rv = param(running_var, op, "running_var", c.x, {Cout}, true);
   Tensor y = at::empty({c.p.N, Cout, c.p.H, c.p.W}, c.x.options().memory_format(format_of(c.x)));
-  Tensor mean, var;
-  if (training) {
-    mean = at::empty({Cout}, c.x.options().dtype(at::kFloat));
-    var = at::empty({Cout}, c.x.options().dtype(at::kFloat));
-  } else {
-    mean = rm.clone();  // outputs never alias inputs
-    var = rv.clone();
-  }
+  // Eval: the kernel copies the running statistics here (outputs never alias inputs).
+  Tensor mean = at::empty({Cout}, c.x.options().dtype(at::kFloat));
+  Tensor var = at::empty({Cout}, c.x.options().dtype(at::kFloat));
   Tensor ws = workspace(c.x, cuda::dwconv_forward_workspace(c.p, training));
   const cudaError_t err = cuda::dwconv_forward(
       c.p, view4(c.x), params_of(c), rm.data_ptr<float>(), rv.data_ptr<float>(), training, (float)eps, relu,

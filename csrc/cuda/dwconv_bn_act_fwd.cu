@@ -15,7 +15,9 @@ namespace cuda {
 namespace {
 
 // y = act(BN(z)), z = acc + b_pw, BN with the given statistics (running ones in eval, the batch's in
-// training) folded into one per-channel scale and shift.
+// training) folded into one per-channel scale and shift.  Eval also copies the running statistics
+// to the op's mean/var outputs (mean_copy/var_copy, else null) from the first pixel tile: no
+// separate copy launches.
 template <class T>
 struct EpiDwApply {
   Act<T> y;
@@ -23,12 +25,17 @@ struct EpiDwApply {
   float eps;
   bool relu;
   int rows;
+  float *mean_copy, *var_copy;
   __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
                                              const int* sh, const int* sw) const {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int r = r0 + ty * 4 + j;
       if (r >= rows) continue;
+      if (mean_copy && p0 == 0 && tx == 0) {
+        mean_copy[r] = mean[r];
+        var_copy[r] = var[r];
+      }
       const float scale = gamma[r] * rsqrtf(var[r] + eps);
       const float shift = (b_pw[r] - mean[r]) * scale + beta[r];
 #pragma unroll
@@ -142,7 +149,8 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
       }
       const float* mean = training ? mean_out : mean_in;
       const float* var = training ? var_out : var_in;
-      const EpiDwApply<T> epi{ya, w.b_pw, w.gamma, w.beta, mean, var, eps, relu, p.Cout};
+      const EpiDwApply<T> epi{ya, w.b_pw, w.gamma, w.beta, mean, var, eps, relu, p.Cout,
+                              training ? nullptr : mean_out, training ? nullptr : var_out};
       launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
     };
     with_k(p.k, [&](auto kc) {

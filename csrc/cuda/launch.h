@@ -48,7 +48,7 @@ struct DwConvParams {  // all float32, contiguous
 
 int64_t dwconv_forward_workspace(const DwConvProblem& p, bool training);
 // training: writes the batch statistics to mean_out/var_out and normalises with them;
-// eval: normalises with mean_in/var_in (mean_out/var_out untouched).
+// eval: normalises with mean_in/var_in and copies them to mean_out/var_out.
 cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& w,
                            const float* mean_in, const float* var_in, bool training, float eps,
                            bool relu, View4 y, float* mean_out, float* var_out, float* workspace,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dlkunet.ops import reference as R
+from dlkunet_testing import tf32_round
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -148,10 +149,7 @@ def _check(name, got, ref, tol):
 def _rounding(dtype):
     """How a tensor-core MMA of the mode sees a float operand (float64 in, float64 out)."""
     if dtype == torch.float32:  # TF32: 10 mantissa bits, round to nearest (cuDNN's and our conversion)
-        def tf32(t):
-            bits = t.float().view(torch.int32)
-            return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).double()
-        return tf32
+        return lambda t: tf32_round(t).double()
     return lambda t: t.to(dtype).double()
 
 
@@ -259,6 +257,8 @@ def test_dwconv_bn_act_emulated(lib, case, mode):
     if training:
         _judge("mean", mean, ref_mean, 1e-5, eager[1] if eager else None)
         _judge("var", var, ref_var, 1e-5, eager[2] if eager else None)
+    else:  # the running statistics, copied by the kernel
+        assert torch.equal(mean, rm) and torch.equal(var, rv)
 
     mean_s, var_s = _f32(ref_mean), _f32(ref_var)
     # The backward normalises with the statistics its forward saved: in mma mode, those of its own z.

@@ -9,6 +9,7 @@ import torch
 
 from dlkunet.ops import availability, reference
 from dlkunet_testing import dwconv_inputs as _dwconv_inputs
+from dlkunet_testing import eager_tf32_dwconv, eager_tf32_lka
 from dlkunet_testing import lka_inputs as _lka_inputs
 from dlkunet_testing import rel_err
 
@@ -78,39 +79,6 @@ def test_lka_gate_ablation_kernels(k0, ks, dilation):
 # they are real.  Eager TF32 is emulated everywhere (its pointwise conv's operands rounded to TF32).
 
 
-def _tf32(t):
-    """float32 rounded to TF32 (round to nearest even at 10 mantissa bits)."""
-    b = t.float().contiguous().view(torch.int32)
-    return ((b + 0xFFF + ((b >> 13) & 1)) & -8192).view(torch.float32)
-
-
-def _eager_tf32_dwconv(x, p, eps):
-    """Eager eval dwconv_bn_act in float32 with TF32 on, against which TF32 kernels are judged: the
-    pointwise conv's operands rounded to TF32 (as cuDNN converts them), float32 elsewhere.  Emulated
-    on every device: on a GPU cuDNN picks a non-TF32 algorithm for shapes this small (measured on an
-    H200: error 1.2e-7, float32's), which would judge TF32 kernels by float32's budget."""
-    w_dw, b_dw, w_pw, b_pw, gamma, beta, rm, rv = [t.float() for t in p]
-    d = reference.depthwise_conv(x.float(), w_dw, b_dw)
-    z = torch.nn.functional.conv2d(_tf32(d), _tf32(w_pw), b_pw)
-    y = (z - rm.view(1, -1, 1, 1)) * torch.rsqrt(rv + eps).view(1, -1, 1, 1) * gamma.view(1, -1, 1, 1)
-    return torch.relu(y + beta.view(1, -1, 1, 1))
-
-
-def _eager_tf32_lka(x, p, dil):
-    """Eager lka_gate in float32 with TF32 on, emulated as ``_eager_tf32_dwconv`` is."""
-    w0, b0, ws, bs, w1, b1 = [t.float() for t in p]
-    a2 = reference.depthwise_conv(reference.depthwise_conv(x.float(), w0, b0), ws, bs, dil)
-    return x.float() * torch.nn.functional.conv2d(_tf32(a2), _tf32(w1), b1)
-
-
-@pytest.fixture
-def tf32_flag():
-    """Sets torch.backends.cudnn.allow_tf32 for one test and restores it (conftest turns it off)."""
-    prev = torch.backends.cudnn.allow_tf32
-    yield lambda on: setattr(torch.backends.cudnn, "allow_tf32", on)
-    torch.backends.cudnn.allow_tf32 = prev
-
-
 @pytest.mark.parametrize("plan", ["fused", "split", "split_cublas"])
 def test_eval_dwconv_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag, monkeypatch):
     from dlkunet.kernels import plans
@@ -137,7 +105,7 @@ def test_eval_dwconv_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag, monk
             y, _, _ = _kernels().dwconv_bn_act_forward(dev(x).contiguous(memory_format=fmt), *map(dev, p), False,
                                                        1e-5, True)
             errs[on] = rel_err(y, y_ref)
-    eager_tf32 = rel_err(_eager_tf32_dwconv(x, p, 1e-5), y_ref)
+    eager_tf32 = rel_err(eager_tf32_dwconv(x, p, 1e-5), y_ref)
     assert errs[False] <= 1e-5, errs  # full precision: the float32 budget
     assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)  # TF32: no worse than 2x eager's TF32 error
     if plan == "split_cublas":
@@ -162,7 +130,7 @@ def test_lka_gate_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag):
         for on in (False, True):
             tf32_flag(on)
             errs[on] = rel_err(_kernels().lka_gate_forward(dev(x), *map(dev, p), dil), ref)
-    eager_tf32 = rel_err(_eager_tf32_lka(x, p, dil), ref)
+    eager_tf32 = rel_err(eager_tf32_lka(x, p, dil), ref)
     assert errs[False] <= 1e-5, errs
     assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)
     assert errs[True] > 10 * errs[False], errs
