@@ -23,6 +23,8 @@ Plans (the Triton/CUDA issue's vocabulary):
              its taps are recomputed on the halo (``LKA_HALO_RECOMPUTE``) and a2 is written once.
 ``split``    a depthwise kernel writes its output once (small at the deep levels), then a
              large-tile tensor-core GEMM reads it with the op's epilogue.
+``cuda``     the cuda backend's kernels as shipped (csrc/cuda), predicted at the same attainable
+             fractions: a contract for them too, printed in its own table.
 
 Precision follows PyTorch's convolution rule: float32 GEMMs use TF32 when
 ``torch.backends.cudnn.allow_tf32`` is True (eager's default), else three TF32 MMAs (tf32x3, the
@@ -219,6 +221,82 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
     return [Plan("current", current + _tiny(host)), Plan("fused", fused), Plan("split", split)]
 
 
+# ------------------------------------------------------------------------------------------------
+# The cuda backend as shipped (csrc/cuda): 64 x 64 WMMA tiles; the depthwise output goes through a
+# float32 plane when Cout spans more than one 64-row tile; every backward intermediate is a float32
+# plane; the lka stage kernel computes a1 over a 16 x 64 tile plus its dilated halo.
+CUDA_ROW_TILE = 64
+CUDA_LKA_TILE = (16, 64)
+
+
+def cuda_dwconv_plan(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str, pass_: str,
+                     k: int = DW_KERNEL) -> Plan:
+    es = DTYPE_BYTES[dtype]
+    p = n * hw * hw
+    x, y, d32 = p * cin * es, p * cout * es, p * cin * FP32_BYTES
+    weights = (cin * k * k + cin + cout * cin + cout) * es + 4 * cout * FP32_BYTES
+    dw, pw = 2.0 * p * cin * k * k, 2.0 * p * cin * cout
+    finalize = Kernel(0.0)
+    if pass_ == "fwd":
+        if cout > CUDA_ROW_TILE:  # plane, [statistics GEMM, finalize,] apply GEMM
+            plane = Kernel(x + d32, 0, dw)
+            train = (Kernel(d32 + weights, pw), finalize) if mode == "train" else ()
+            return Plan("cuda", (plane, *train, Kernel(d32 + y + weights, pw)))
+        train = (Kernel(x + weights, pw, dw), finalize) if mode == "train" else ()
+        return Plan("cuda", (*train, Kernel(x + y + weights, pw, dw)))
+    gy, gx, dz32, gd32 = y, x, p * cout * FP32_BYTES, p * cin * FP32_BYTES
+    return Plan("cuda", (Kernel(x + d32, 0, dw),                      # d plane
+                         Kernel(d32 + gy + weights, pw), finalize,    # BN-backward sums
+                         Kernel(d32 + gy + dz32 + weights, pw),       # dz
+                         Kernel(dz32 + gd32 + weights, pw),           # grad_d = W^T dz
+                         Kernel(dz32 + d32, pw), Kernel(0.0),         # grad_w_pw, split sums
+                         Kernel(gd32 + gx, 0, dw),                    # grad_x
+                         Kernel(gd32 + x, 0, dw), Kernel(0.0)))       # grad_w_dw, grad_b_dw
+
+
+def cuda_lka_plan(n: int, c: int, hw: int, dtype: str, pass_: str,
+                  kernels: Tuple[int, int, int] = LKA_KERNELS) -> Plan:
+    k0, ks, dil = kernels
+    es = DTYPE_BYTES[dtype]
+    p = n * hw * hw
+    act, plane = p * c * es, p * c * FP32_BYTES
+    w1 = (c * c + c) * es
+    dw0, dws, pw = 2.0 * p * c * k0 * k0, 2.0 * p * c * ks * ks, 2.0 * p * c * c
+    halo = lka_halo_factor(k0, ks, dil, CUDA_LKA_TILE)
+    if pass_ == "fwd":  # stage (a1 on chip, a2 to a plane), GEMM with the gate
+        return Plan("cuda", (Kernel(act + plane, 0, dw0 * halo + dws), Kernel(plane + 2 * act + w1, pw)))
+    return Plan("cuda", (Kernel(act + 2 * plane, 0, dw0 * halo + dws),  # a1, a2 planes
+                         Kernel(plane + act + plane + w1, pw),          # g * u (gxd plane)
+                         Kernel(2 * act + plane + w1, pw),              # grad_a2 = W1^T (g * x)
+                         Kernel(2 * act + plane, pw), Kernel(0.0),      # grad_w1, grad_b1; split sums
+                         Kernel(2 * plane, 0, dws),                     # grad_a1
+                         Kernel(2 * plane, 0, dws), Kernel(0.0),        # grad_ws, grad_bs
+                         Kernel(2 * plane + act, 0, dw0),               # grad_x
+                         Kernel(plane + act, 0, dw0), Kernel(0.0)))     # grad_w0, grad_b0
+
+
+def cuda_summary(dev_name: str, tf32: bool, dtypes: Sequence[str], measured: Dict) -> str:
+    """The cuda backend's kernels: predicted time against the committed eager and cuda times."""
+    dev = DEVICES[dev_name]
+    head = ["op", "mode", "pass", "level", "dtype", "kernels", "DRAM MB", f"predicted {dev_name} ms",
+            "eager ms", "predicted speedup", "cuda ms (committed)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c, side in LEVELS:
+        for dtype in dtypes:
+            for op, mode, pass_, passes in TIMED:
+                plans = [cuda_dwconv_plan(BATCH, c, c, side, dtype, m, q) if op == "dwconv_bn_act"
+                         else cuda_lka_plan(BATCH, c, side, dtype, q) for m, q in passes]
+                ms = sum(pl.seconds(dev, dtype, tf32) for pl in plans) * 1e3
+                ref = measured.get(("eager", op, mode, pass_, c, side, dtype, "nchw"))
+                old = measured.get(("cuda", op, mode, pass_, c, side, dtype, "nchw"))
+                cells = [op, mode, pass_, f"C{c} {side}x{side}", dtype, str(sum(len(pl.kernels) for pl in plans)),
+                         f"{sum(pl.bytes for pl in plans) / 1e6:.0f}", f"{ms:.3f}",
+                         f"{ref:.3f}" if ref else "", f"{ref / ms:.1f}x" if ref else "",
+                         f"{old:.3f}" if old else ""]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def single_pass_floor_ms(op: str, c: int, side: int, dtype: str, dev: Device, tf32: bool = True,
                          batch: int = BATCH) -> float:
     """The forward's floor at the model's efficiencies: one kernel reading x once, writing the output
@@ -366,6 +444,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in dev_names:
         print(f"## Chosen plans on {name} against the committed {name} measurements\n")
         print(summary(name, args.tf32, dtypes, measured_times(name.lower())) + "\n")
+    for name in dev_names:
+        print(f"## The cuda backend's kernels on {name} (the committed cuda times predate tensor cores)\n")
+        print(cuda_summary(name, args.tf32, dtypes, measured_times(name.lower())) + "\n")
     if args.plans:
         print("## Every plan of every pass\n")
         print(render(rows(dtypes=dtypes), dev_names, args.tf32))

@@ -87,8 +87,31 @@ def test_the_committed_h200_table_covers_most_forward_cases():
     assert len(have) >= 20, len(have)
 
 
+@pytest.mark.parametrize("cout", [64, 65])
+def test_cuda_eval_plan_fuses_the_taps_within_one_row_tile_else_writes_a_float32_plane(cout):
+    plan = roofline.cuda_dwconv_plan(16, 96, cout, 56, "bfloat16", "eval", "fwd")
+    p = 16 * 56 * 56
+    x, y, plane = p * 96 * 2, p * cout * 2, p * 96 * 4
+    if cout <= roofline.CUDA_ROW_TILE:
+        assert len(plan.kernels) == 1
+        assert 0 < plan.bytes - x - y < 1e6  # only the weights besides x and y
+    else:
+        assert len(plan.kernels) == 2
+        assert plan.kernels[0].bytes == x + plane and plan.kernels[1].bytes - plane - y < 1e6
+    assert plan.tensor_flops == 2 * p * 96 * cout and plan.fma_flops == 2 * p * 96 * 9
+
+
+def test_cuda_training_forward_writes_y_once_and_never_z():
+    fwd = roofline.cuda_dwconv_plan(16, 64, 64, 56, "float32", "train", "fwd")
+    act = 16 * 56 * 56 * 64 * 4
+    # statistics pass reads x, apply pass reads x and writes y: 3 activations (+ weights)
+    assert 3 * act < fwd.bytes < 3 * act + 1e6
+    assert len(fwd.kernels) == 3  # statistics GEMM, finalize, apply GEMM
+
+
 def test_cli_prints_a_table_per_device(capsys):
     assert roofline.main(["--device", "H100", "--dtype", "bfloat16", "--plans"]) == 0
     out = capsys.readouterr().out
     assert "## Chosen plans on H100" in out and "## Every plan of every pass" in out
+    assert "## The cuda backend's kernels on H100" in out
     assert "| lka_gate | - | fwd | C96 224x224 | bfloat16 |" in out
