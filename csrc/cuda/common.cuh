@@ -149,19 +149,23 @@ struct LoadDw {
   __device__ __forceinline__ bool channels_contiguous() const { return x.sc == 1; }
 };
 
-// Element (c, p) of a float32 plane at d[c * sc + p * sp]: channel-major [C][P] (sc = P, sp = 1) or
-// pixel-major [P][C] (sc = 1, sp = C); channels >= `ones_from` read as 1 (a bias column).
+// Element (c, p) of a plane at d[c * sc + p * sp]: channel-major [C][P] (sc = P, sp = 1) or
+// pixel-major [P][C] (sc = 1, sp = C); channels >= `ones_from` read as 1 (a bias column).  Planes
+// are float32, or the input's 16-bit dtype where only 16-bit MMAs read them (PlaneOf).
+template <class S = float>
 struct LoadPlane {
-  const float* __restrict__ d;
+  const S* __restrict__ d;
   int sc, sp;  // P and C fit an int (the glue checks N*H*W); their products may not
   int ones_from;
   __device__ __forceinline__ float operator()(int c, int, int, int, int p) const {
-    return c < ones_from ? d[(int64_t)c * sc + (int64_t)p * sp] : 1.f;
+    return c < ones_from ? to_f(d[(int64_t)c * sc + (int64_t)p * sp]) : 1.f;
   }
   __device__ __forceinline__ bool channels_contiguous() const { return sc == 1; }
 };
-inline LoadPlane channel_major(const float* d, int P, int C) { return LoadPlane{d, P, 1, C}; }
-inline LoadPlane pixel_major(const float* d, int C) { return LoadPlane{d, 1, C, C}; }
+template <class S>
+LoadPlane<S> channel_major(const S* d, int P, int C) { return LoadPlane<S>{d, P, 1, C}; }
+template <class S>
+LoadPlane<S> pixel_major(const S* d, int C) { return LoadPlane<S>{d, 1, C, C}; }
 
 template <class T>
 struct LoadProd {  // a(n,c,h,w) * b(n,c,h,w), a and b in the same layout
@@ -571,32 +575,44 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_wgrad_gemm_kernel(ALoa
 #endif
 }
 
+// The GEMM launchers for a mode known at compile time (callers inside with_mma), and for one chosen
+// at run time.
+template <Mma M, class ALoad, class Epi>
+void launch_pix_gemm_as(const ALoad& A, const float* wm, int64_t w_rs, int64_t w_ks, int rows, int kdim, Geo g,
+                        const Epi& epi, cudaStream_t stream) {
+  const dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN));
+  if constexpr (M == Mma::FP32)
+    pix_gemm_kernel<ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+  else
+    mma_pix_gemm_kernel<M, ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+}
+
 template <class T, class ALoad, class Epi>
 void launch_pix_gemm(Mma mode, const ALoad& A, const float* wm, int64_t w_rs, int64_t w_ks, int rows, int kdim,
                      Geo g, const Epi& epi, cudaStream_t stream) {
-  const dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN));
   with_mma<T>(mode, [&](auto m) {
-    constexpr Mma M = decltype(m)::value;
-    if constexpr (M == Mma::FP32)
-      pix_gemm_kernel<ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
-    else
-      mma_pix_gemm_kernel<M, ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+    launch_pix_gemm_as<decltype(m)::value>(A, wm, w_rs, w_ks, rows, kdim, g, epi, stream);
   });
 }
 
 // sum_col: as in mma_wgrad_gemm_kernel (the fp32 kernel computes every column exactly anyway).
-template <class T, class ALoad, class BLoad>
-void launch_wgrad(Mma mode, const ALoad& A, const BLoad& B, int R, int Ccols, int sum_col, Geo g, float* part,
-                  cudaStream_t stream) {
+template <Mma M, class ALoad, class BLoad>
+void launch_wgrad_as(const ALoad& A, const BLoad& B, int R, int Ccols, int sum_col, Geo g, float* part,
+                     cudaStream_t stream) {
   int chunk = 0;
   const int S = wgrad_splits(R, Ccols, g.P, &chunk);
   const dim3 grid((unsigned)cdiv(Ccols, BN), (unsigned)cdiv(R, BN), (unsigned)S);
+  if constexpr (M == Mma::FP32)
+    wgrad_gemm_kernel<ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, chunk, g, part);
+  else
+    mma_wgrad_gemm_kernel<M, ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, sum_col, chunk, g, part);
+}
+
+template <class T, class ALoad, class BLoad>
+void launch_wgrad(Mma mode, const ALoad& A, const BLoad& B, int R, int Ccols, int sum_col, Geo g, float* part,
+                  cudaStream_t stream) {
   with_mma<T>(mode, [&](auto m) {
-    constexpr Mma M = decltype(m)::value;
-    if constexpr (M == Mma::FP32)
-      wgrad_gemm_kernel<ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, chunk, g, part);
-    else
-      mma_wgrad_gemm_kernel<M, ALoad, BLoad><<<grid, NT, 0, stream>>>(A, B, R, Ccols, sum_col, chunk, g, part);
+    launch_wgrad_as<decltype(m)::value>(A, B, R, Ccols, sum_col, g, part, stream);
   });
 }
 
@@ -604,9 +620,9 @@ void launch_wgrad(Mma mode, const ALoad& A, const BLoad& B, int R, int Ccols, in
 // for GEMMs that would otherwise recompute it once per row tile (or per pass).  Pixel-major [P][C]
 // for channels_last inputs, else channel-major [C][P]: threads follow the plane's order, so the
 // loads of x (same layout) and the stores both coalesce.
-template <class ALoad>
+template <class ALoad, class S>
 __global__ void __launch_bounds__(256) plane_kernel(ALoad A, Geo g, int C, bool pixel_major_order,
-                                                    float* __restrict__ plane) {
+                                                    S* __restrict__ plane) {
   const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (idx >= (int64_t)C * g.P) return;
   int c, p;
@@ -618,15 +634,21 @@ __global__ void __launch_bounds__(256) plane_kernel(ALoad A, Geo g, int C, bool 
     p = (int)(idx - (int64_t)c * g.P);
   }
   const int t = p / g.W;
-  plane[idx] = A(c, t / g.H, t % g.H, p - t * g.W, p);
+  plane[idx] = from_f<S>(A(c, t / g.H, t % g.H, p - t * g.W, p));
 }
 
 // Writes the plane and returns the loader that reads it.
-template <class ALoad>
-LoadPlane launch_plane(const ALoad& A, bool pixel_major_order, Geo g, int C, float* plane, cudaStream_t stream) {
-  plane_kernel<ALoad><<<(unsigned)cdiv((int64_t)C * g.P, 256), 256, 0, stream>>>(A, g, C, pixel_major_order, plane);
+template <class ALoad, class S>
+LoadPlane<S> launch_plane(const ALoad& A, bool pixel_major_order, Geo g, int C, S* plane, cudaStream_t stream) {
+  plane_kernel<ALoad, S><<<(unsigned)cdiv((int64_t)C * g.P, 256), 256, 0, stream>>>(A, g, C, pixel_major_order,
+                                                                                     plane);
   return pixel_major_order ? pixel_major(plane, C) : channel_major(plane, g.P, C);
 }
+
+// The element type of a plane that only GEMMs of mode M read: their operand type for 16-bit MMAs
+// (rounding there is the MMA's own, so nothing changes but half the bytes), else float32.
+template <Mma M, class T>
+using PlaneOf = std::conditional_t<M == Mma::F16 || M == Mma::BF16, T, float>;
 
 // out[r][c] (c < cols_main) and extra[r][c - cols_main] (c >= cols_main) = sum_s part[s][r][c].
 __global__ void reduce_splits_kernel(const float* __restrict__ part, int S, int64_t M, int cols, int cols_main,

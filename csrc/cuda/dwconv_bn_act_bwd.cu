@@ -1,13 +1,14 @@
 // dwconv_bn_act backward.  z = pw(dw(x)) is recomputed from x (never saved):
-//  0. d = dw(x) once, as a float32 plane in x's layout (the three GEMMs below read it);
+//  0. d = dw(x) once, as a plane in x's layout (the three GEMMs below read it);
 //  1. recompute z per tile; per-tile sums of g and g * xhat, g = grad_y masked by ReLU;
 //  2. per channel (double): grad_beta = sum g, grad_gamma = sum g * xhat, and the coefficients of
 //     dz = A * g + B * xhat + C  (eval: A = gamma * rstd; training adds the batch-statistics terms);
-//  3. recompute z again and write dz (float32 plane [Cout][P]);
+//  3. recompute z again and write dz (plane [Cout][P]);
 //  4. grad_d = w_pw^T dz (float32 plane [Cin][P]);
 //  5. grad_w_pw = dz d^T, split over pixels, summed in double;
 //  6. grad_x = depthwise-transposed(grad_d); grad_w_dw, grad_b_dw = pixel sums against x.
-// The GEMMs multiply as the forward does (common.cuh, Mma), so z is recomputed bit for bit.
+// The GEMMs multiply as the forward does (common.cuh, Mma), so z is recomputed bit for bit.  d and dz
+// are float32, or 16-bit for 16-bit MMAs, the only readers (PlaneOf): half the bytes, same numbers.
 // In training, grad_b_pw and grad_b_dw are exactly zero (BN removes any per-channel shift of z).
 #include "common.cuh"
 
@@ -58,13 +59,13 @@ struct EpiBwdStats {
   }
 };
 
-template <class T>
-struct EpiBwdDz {
+template <class T, class S>
+struct EpiBwdDz {  // dz as a channel-major plane of S
   Act<T> gy;
   BnView bn;
   int rows;
   const float *cA, *cB, *cC;
-  float* dz;
+  S* dz;
   int64_t P;
   __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
                                              const int* sh, const int* sw) const {
@@ -81,7 +82,7 @@ struct EpiBwdDz {
         const float xh = (acc[i][j] + bias - m) * rstd;
         float gv = gy.load(sn[pp], r, sh[pp], sw[pp]);
         if (bn.relu && fmaf(xh, ga, be) <= 0.f) gv = 0.f;
-        dz[r * P + p0 + pp] = fmaf(a, gv, fmaf(b, xh, c));
+        dz[r * P + p0 + pp] = from_f<S>(fmaf(a, gv, fmaf(b, xh, c)));
       }
     }
   }
@@ -165,26 +166,31 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
   const Layout l = layout(p);
   const BnView bn{w.b_pw, w.gamma, w.beta, mean, var, eps, relu};
   float *cA = ws + l.coef, *cB = cA + p.Cout, *cC = cB + p.Cout;
-  float *d = ws + l.d, *dz = ws + l.dz, *gd = ws + l.gd;
+  float* gd = ws + l.gd;
   const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), gya = act<T>(grad_y), gxa = act<T>(grad_x);
-    LoadPlane load{};
-    with_k(p.k, [&](auto kc) {
-      constexpr int K = decltype(kc)::value;
-      load = launch_plane(LoadDw<T, K>{xa, w.w_dw, w.b_dw, p.k, p.H, p.W}, x.sc == 1, g, p.Cin, d, stream);
+    with_mma<T>(mode, [&](auto m) {
+      constexpr Mma M = decltype(m)::value;
+      using S = PlaneOf<M, T>;  // d and dz feed only this mode's GEMMs
+      S *d = reinterpret_cast<S*>(ws + l.d), *dz = reinterpret_cast<S*>(ws + l.dz);
+      LoadPlane<S> load{};
+      with_k(p.k, [&](auto kc) {
+        constexpr int K = decltype(kc)::value;
+        load = launch_plane(LoadDw<T, K>{xa, w.w_dw, w.b_dw, p.k, p.H, p.W}, x.sc == 1, g, p.Cin, d, stream);
+      });
+      const EpiBwdStats<T> stats{gya, bn, p.Cout, ws + l.part_g, ws + l.part_gx};
+      launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
+      bn_bwd_finalize_kernel<<<p.Cout, 256, 0, stream>>>(ws + l.part_g, ws + l.part_gx, nblk, p.Cout, g.P, bn,
+                                                         training, cA, cB, cC, gr.gamma, gr.beta, gr.b_pw);
+      const EpiBwdDz<T, S> epi_dz{gya, bn, p.Cout, cA, cB, cC, dz, g.P};
+      launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi_dz, stream);
+      // grad_d[ci][p] = sum_co w_pw[co][ci] * dz[co][p]: w_pw read transposed (row ci, k co).
+      launch_pix_gemm_as<M>(channel_major(dz, g.P, p.Cout), w.w_pw, 1, p.Cin, p.Cin, p.Cout, g,
+                            EpiStorePlane{gd, g.P, p.Cin}, stream);
+      launch_wgrad_as<M>(channel_major(dz, g.P, p.Cout), load, p.Cout, p.Cin, -1, g, ws + l.wpart, stream);
     });
-    const EpiBwdStats<T> stats{gya, bn, p.Cout, ws + l.part_g, ws + l.part_gx};
-    launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
-    bn_bwd_finalize_kernel<<<p.Cout, 256, 0, stream>>>(ws + l.part_g, ws + l.part_gx, nblk, p.Cout, g.P, bn,
-                                                       training, cA, cB, cC, gr.gamma, gr.beta, gr.b_pw);
-    const EpiBwdDz<T> epi_dz{gya, bn, p.Cout, cA, cB, cC, dz, g.P};
-    launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi_dz, stream);
-    // grad_d[ci][p] = sum_co w_pw[co][ci] * dz[co][p]: w_pw read transposed (row ci, k co).
-    launch_pix_gemm<T>(mode, channel_major(dz, g.P, p.Cout), w.w_pw, 1, p.Cin, p.Cin, p.Cout, g,
-                       EpiStorePlane{gd, g.P, p.Cin}, stream);
-    launch_wgrad<T>(mode, channel_major(dz, g.P, p.Cout), load, p.Cout, p.Cin, -1, g, ws + l.wpart, stream);
     int chunk = 0;
     const int S = wgrad_splits(p.Cout, p.Cin, g.P, &chunk);
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.Cout * p.Cin, p.Cin, p.Cin, gr.w_pw, nullptr, stream);

@@ -1,7 +1,7 @@
 // dwconv_bn_act forward: y = act(BN(pw(dw(x)))).
 // The depthwise taps are computed once per pass: inside the GEMM's operand loader when one row
-// tile holds every output channel (Cout <= BN), else once into a float32 plane that the GEMM
-// reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
+// tile holds every output channel (Cout <= BN), else once into a plane (float32; 16-bit for 16-bit
+// MMAs) that the GEMM reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
 // Eval: each 64-pixel x 64-channel tile accumulates the pointwise product (tensor cores or fp32,
 // common.cuh) and applies bias, BN (as one per-channel scale and shift) and ReLU in the epilogue.
 // Training: a first GEMM pass writes only per-tile (mean, M2) statistics of z (exact two-pass within
@@ -140,27 +140,29 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), ya = act<T>(y);
-    auto gemm = [&](const auto& load) {
-      if (training) {
-        const EpiDwStats stats{w.b_pw, p.Cout, g.P, part, part + (int64_t)nblk * p.Cout};
-        launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
-        bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(part, part + (int64_t)nblk * p.Cout, nblk, p.Cout,
-                                                             g.P, mean_out, var_out);
-      }
-      const float* mean = training ? mean_out : mean_in;
-      const float* var = training ? var_out : var_in;
-      const EpiDwApply<T> epi{ya, w.b_pw, w.gamma, w.beta, mean, var, eps, relu, p.Cout,
-                              training ? nullptr : mean_out, training ? nullptr : var_out};
-      launch_pix_gemm<T>(mode, load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
-    };
-    with_k(p.k, [&](auto kc) {
-      constexpr int K = decltype(kc)::value;
-      const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
-      if (dw_via_plane(p)) {
-        gemm(launch_plane(load, x.sc == 1, g, p.Cin, d_plane, stream));
-      } else {
-        gemm(load);
-      }
+    with_mma<T>(mode, [&](auto m) {
+      constexpr Mma M = decltype(m)::value;
+      auto gemm = [&](const auto& load) {
+        if (training) {
+          const EpiDwStats stats{w.b_pw, p.Cout, g.P, part, part + (int64_t)nblk * p.Cout};
+          launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
+          bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(part, part + (int64_t)nblk * p.Cout, nblk, p.Cout,
+                                                               g.P, mean_out, var_out);
+        }
+        const float* mean = training ? mean_out : mean_in;
+        const float* var = training ? var_out : var_in;
+        const EpiDwApply<T> epi{ya, w.b_pw, w.gamma, w.beta, mean, var, eps, relu, p.Cout,
+                                training ? nullptr : mean_out, training ? nullptr : var_out};
+        launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+      };
+      with_k(p.k, [&](auto kc) {
+        constexpr int K = decltype(kc)::value;
+        const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
+        if (dw_via_plane(p))
+          gemm(launch_plane(load, x.sc == 1, g, p.Cin, reinterpret_cast<PlaneOf<M, T>*>(d_plane), stream));
+        else
+          gemm(load);
+      });
     });
   });
   return cudaGetLastError();

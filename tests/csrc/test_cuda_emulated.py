@@ -219,6 +219,7 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (1, 9, 70, 9, 8, 3, torch.float32, True, True, True),      # Cout > 64 in channels_last: pixel-major plane
     (2, 9, 10, 8, 9, 3, torch.float16, True, False, True),
     (2, 9, 10, 8, 9, 3, torch.bfloat16, False, True, True),
+    (1, 9, 70, 5, 6, 3, torch.bfloat16, False, False, True),    # Cout > 64, 16-bit: a bfloat16 plane in mma mode
 ]
 
 
