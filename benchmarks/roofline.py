@@ -223,8 +223,9 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
 
 # ------------------------------------------------------------------------------------------------
 # The cuda backend as shipped (csrc/cuda): 64 x 64 WMMA tiles; the depthwise output goes through a
-# float32 plane when Cout spans more than one 64-row tile; every backward intermediate is a float32
-# plane; the lka stage kernel computes a1 over a 16 x 64 tile plus its dilated halo.
+# plane when Cout spans more than one 64-row tile; backward intermediates are float32 planes except
+# dwconv's d and dz (the input's dtype under 16-bit MMAs); the lka stage kernel computes a1 over a
+# 16 x 64 tile plus its dilated halo.
 CUDA_ROW_TILE = 64
 CUDA_LKA_TILE = (16, 64)
 
@@ -233,25 +234,26 @@ def cuda_dwconv_plan(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str
                      k: int = DW_KERNEL) -> Plan:
     es = DTYPE_BYTES[dtype]
     p = n * hw * hw
-    x, y, d32 = p * cin * es, p * cout * es, p * cin * FP32_BYTES
+    # d and dz planes: the dtype's own for 16-bit MMAs, float32 with TF32
+    x, y, d_plane = p * cin * es, p * cout * es, p * cin * es
     weights = (cin * k * k + cin + cout * cin + cout) * es + 4 * cout * FP32_BYTES
     dw, pw = 2.0 * p * cin * k * k, 2.0 * p * cin * cout
     finalize = Kernel(0.0)
     if pass_ == "fwd":
         if cout > CUDA_ROW_TILE:  # plane, [statistics GEMM, finalize,] apply GEMM
-            plane = Kernel(x + d32, 0, dw)
-            train = (Kernel(d32 + weights, pw), finalize) if mode == "train" else ()
-            return Plan("cuda", (plane, *train, Kernel(d32 + y + weights, pw)))
+            plane = Kernel(x + d_plane, 0, dw)
+            train = (Kernel(d_plane + weights, pw), finalize) if mode == "train" else ()
+            return Plan("cuda", (plane, *train, Kernel(d_plane + y + weights, pw)))
         train = (Kernel(x + weights, pw, dw), finalize) if mode == "train" else ()
         return Plan("cuda", (*train, Kernel(x + y + weights, pw, dw)))
-    gy, gx, dz32, gd32 = y, x, p * cout * FP32_BYTES, p * cin * FP32_BYTES
-    return Plan("cuda", (Kernel(x + d32, 0, dw),                      # d plane
-                         Kernel(d32 + gy + weights, pw), finalize,    # BN-backward sums
-                         Kernel(d32 + gy + dz32 + weights, pw),       # dz
-                         Kernel(dz32 + gd32 + weights, pw),           # grad_d = W^T dz
-                         Kernel(dz32 + d32, pw), Kernel(0.0),         # grad_w_pw, split sums
-                         Kernel(gd32 + gx, 0, dw),                    # grad_x
-                         Kernel(gd32 + x, 0, dw), Kernel(0.0)))       # grad_w_dw, grad_b_dw
+    gy, gx, dz_plane, gd_plane = y, x, p * cout * es, p * cin * FP32_BYTES
+    return Plan("cuda", (Kernel(x + d_plane, 0, dw),                      # d plane
+                         Kernel(d_plane + gy + weights, pw), finalize,    # BN-backward sums
+                         Kernel(d_plane + gy + dz_plane + weights, pw),       # dz
+                         Kernel(dz_plane + gd_plane + weights, pw),           # grad_d = W^T dz
+                         Kernel(dz_plane + d_plane, pw), Kernel(0.0),         # grad_w_pw, split sums
+                         Kernel(gd_plane + gx, 0, dw),                    # grad_x
+                         Kernel(gd_plane + x, 0, dw), Kernel(0.0)))       # grad_w_dw, grad_b_dw
 
 
 def cuda_lka_plan(n: int, c: int, hw: int, dtype: str, pass_: str,
