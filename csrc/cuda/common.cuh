@@ -845,8 +845,10 @@ __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float
   const int AH = LKA_TH + 2 * r2, AW = TW + 2 * r2, XW = AW + 2 * r0, XH = AH + 2 * r0;
   float* xs = smem;
   float* as = smem + XH * XW;
-  const int c = blockIdx.y, n = blockIdx.z;
-  const int h0 = (blockIdx.x / tiles_w) * LKA_TH, wb = (blockIdx.x % tiles_w) * TW;
+  // Channels vary fastest over the grid: blocks running together share x's sectors when x is
+  // channels_last (a channel's tile alone uses 4 of each 32 bytes it loads).
+  const int c = blockIdx.x, n = blockIdx.z;
+  const int h0 = (blockIdx.y / tiles_w) * LKA_TH, wb = (blockIdx.y % tiles_w) * TW;
   const int H = g.H, W = g.W;
   const int64_t plane = (int64_t)c * g.P + (int64_t)n * H * W;
 
@@ -953,7 +955,7 @@ void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, 
                       cudaStream_t stream) {
   const int tw = lka_tile_w(lka_specialised(p.k0, p.ks, p.dilation));
   const int tiles_w = (int)cdiv(p.W, tw);
-  const dim3 grid((unsigned)(cdiv(p.H, LKA_TH) * tiles_w), (unsigned)p.C, (unsigned)p.N);
+  const dim3 grid((unsigned)p.C, (unsigned)(cdiv(p.H, LKA_TH) * tiles_w), (unsigned)p.N);
   const size_t smem = (size_t)lka_stage_smem_bytes(p.k0, p.ks, p.dilation);
   const int a = p.k0, b = p.ks, d = p.dilation;
 #define DLK_STAGE(K0, KS, D)                                                                         \

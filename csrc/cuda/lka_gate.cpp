@@ -18,7 +18,6 @@ Checked check_inputs(const char* op, const Tensor& x_in, const Tensor& w0, const
   c.p.dtype = check_x(x_in, op);
   c.x = dense(x_in);
   const int64_t N = c.x.size(0), C = c.x.size(1), H = c.x.size(2), W = c.x.size(3);
-  DLK_CHECK(C <= 65535, op);
   const int64_t k0 = check_depthwise(w0, op, "w0", C);
   const int64_t ks = check_depthwise(ws, op, "ws", C);
   DLK_CHECK(dilation >= 1 && dilation <= 64, op);

@@ -113,18 +113,22 @@ BACKEND_DTYPES = {"triton": _HALF_AND_FLOAT, "cuda": _HALF_AND_FLOAT, "cpu": FLO
 CPU_MAX_KERNEL = 63          # csrc/cpu/common.h kMaxKernel: the on-stack tap list
 MAX_DILATION = 64            # lka_gate in csrc/cpu and csrc/cuda
 CUDA_MAX_BATCH = 65535       # grid z
-CUDA_MAX_CHANNELS = 65535    # lka_gate: grid y
+CUDA_MAX_LKA_TILES = 65535   # lka_gate: spatial tiles of its depthwise stage (grid y)
 CUDA_MAX_PIXELS = 2 ** 31 - 1 - 1024  # N*H*W in 32-bit pixel indices
 CUDA_SHARED_BYTES = 48 * 1024         # without opting in to more
 TRITON_MAX_NUMEL = 2 ** 30   # 32-bit offsets, with room for the widest intermediate
 
 
-def cuda_lka_shared_bytes(k0: int, ks: int, dilation: int) -> int:
-    """Shared memory of the cuda backend's depthwise stage (csrc/cuda/common.cuh,
-    lka_stage_smem_bytes): a 16-row tile, 64 columns wide for the specialised kernel sizes
-    ((5, 7, 3), (3, 7, 3), (5, 5, 3)), 32 for the generic path."""
+def cuda_lka_tile(k0: int, ks: int, dilation: int) -> Tuple[int, int]:
+    """(rows, columns) of the cuda backend's depthwise-stage tile (csrc/cuda/common.cuh): 16 rows,
+    64 columns for the specialised kernel sizes ((5, 7, 3), (3, 7, 3), (5, 5, 3)), 32 otherwise."""
     specialised = dilation == 3 and (k0, ks) in ((5, 7), (3, 7), (5, 5))
-    tile_h, tile_w = 16, 64 if specialised else 32
+    return 16, 64 if specialised else 32
+
+
+def cuda_lka_shared_bytes(k0: int, ks: int, dilation: int) -> int:
+    """Shared memory of that stage's tile with its halos (lka_stage_smem_bytes)."""
+    tile_h, tile_w = cuda_lka_tile(k0, ks, dilation)
     r0, r2 = k0 // 2, dilation * (ks // 2)
     ah, aw = tile_h + 2 * r2, tile_w + 2 * r2
     return 4 * ((ah + 2 * r0) * (aw + 2 * r0) + ah * aw)
@@ -161,9 +165,12 @@ def check_backend(op: str, backend: str, x: Tensor, kernels: Sequence[Tuple[str,
     if n * h * w > CUDA_MAX_PIXELS:
         raise ValueError(f"{op}: N*H*W = {n * h * w} is too large for the cuda backend's 32-bit pixel indices")
     if op == "lka_gate":
-        if c > CUDA_MAX_CHANNELS:
-            raise ValueError(f"{op}: {c} channels exceed the cuda backend's limit of {CUDA_MAX_CHANNELS}")
         (_, k0), (_, ks) = kernels
+        tile_h, tile_w = cuda_lka_tile(k0, ks, dilation)
+        tiles = -(-h // tile_h) * -(-w // tile_w)
+        if tiles > CUDA_MAX_LKA_TILES:
+            raise ValueError(f"{op}: a {h}x{w} image is {tiles} tiles of {tile_h}x{tile_w} for the cuda backend, "
+                             f"more than its {CUDA_MAX_LKA_TILES}; use the torch or triton backend")
         smem = cuda_lka_shared_bytes(k0, ks, dilation)
         if smem > CUDA_SHARED_BYTES:
             raise ValueError(f"{op}: kernel sizes (k0, ks, dilation) = ({k0}, {ks}, {dilation}) need {smem} bytes "

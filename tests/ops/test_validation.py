@@ -116,8 +116,11 @@ def test_lka_gate_backend_limits():
     x = torch.empty(1, 4, 8, 8)
     with pytest.raises(ValueError, match="dilation up to 64, got 65"):
         validation.check_backend("lka_gate", "cpu", x, (("w0", 5), ("ws", 7)), dilation=65)
-    with pytest.raises(ValueError, match="65536 channels exceed"):
-        validation.check_backend("lka_gate", "cuda", torch.empty(1, 1, 1, 1).expand(1, 65536, 1, 1),
+    # channels run along grid x (no practical limit); spatial tiles along grid y (at most 65535)
+    validation.check_backend("lka_gate", "cuda", torch.empty(1, 1, 1, 1).expand(1, 65536, 8, 8),
+                             (("w0", 5), ("ws", 7)), dilation=3)
+    with pytest.raises(ValueError, match=r"a 4096x16448 image is 65792 tiles of 16x64"):
+        validation.check_backend("lka_gate", "cuda", torch.empty(1, 1, 1, 1).expand(1, 1, 4096, 16448),
                                  (("w0", 5), ("ws", 7)), dilation=3)
     # the shipped kernel sizes fit the cuda backend's shared memory; a very wide dilated kernel does not
     for k0, ks, d in ((5, 7, 3), (3, 7, 3), (5, 5, 3), (7, 7, 2)):
