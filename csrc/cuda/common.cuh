@@ -176,16 +176,16 @@ struct LoadProd {  // a(n,c,h,w) * b(n,c,h,w), a and b in the same layout
   __device__ __forceinline__ bool channels_contiguous() const { return a.sc == 1; }
 };
 
-// Where a loader's channels are contiguous (channels_last activations, pixel-major planes), a tile
-// is staged with consecutive threads on consecutive channels, else on consecutive pixels, so that
-// a warp's loads coalesce either way: stage(kk, pp) is called for every (channel, pixel) of a
-// BK x BM tile, in the block's threads, in that order.
-template <class F>
-__device__ __forceinline__ void stage_tile(bool channels_fast, F&& stage) {
+// f(c, p) for every (channel, pixel) of a ROWS-channel x COLS-pixel tile, spread over the block's
+// threads: consecutive threads on consecutive channels where the global tensor behind the tile has
+// contiguous channels (channels_last activations, pixel-major planes), else on consecutive pixels,
+// so that a warp's loads or stores coalesce either way.
+template <int ROWS, int COLS, class F>
+__device__ __forceinline__ void for_each_in_tile(bool channels_fast, F&& f) {
   if (channels_fast) {
-    for (int i = threadIdx.x; i < BK * BM; i += NT) stage(i % BK, i / BK);
+    for (int i = threadIdx.x; i < ROWS * COLS; i += NT) f(i % ROWS, i / ROWS);
   } else {
-    for (int i = threadIdx.x; i < BK * BM; i += NT) stage(i / BM, i % BM);
+    for (int i = threadIdx.x; i < ROWS * COLS; i += NT) f(i / COLS, i % COLS);
   }
 }
 
@@ -195,11 +195,13 @@ template <class T>
 struct OutAct {
   Act<T> a;
   __device__ __forceinline__ void operator()(int c, int n, int h, int w, int, float v) const { a.store(n, c, h, w, v); }
+  __device__ __forceinline__ bool channels_contiguous() const { return a.sc == 1; }
 };
 struct OutPlane {
   float* d;
   int64_t P;
   __device__ __forceinline__ void operator()(int c, int, int, int, int p, float v) const { d[c * P + p] = v; }
+  __device__ __forceinline__ bool channels_contiguous() const { return false; }
 };
 
 // ---------------------------------------------------------------- pixel-tile GEMM
@@ -245,7 +247,7 @@ __global__ void __launch_bounds__(NT) pix_gemm_kernel(ALoad A, const float* __re
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
   for (int k0 = 0; k0 < kdim; k0 += BK) {
-    stage_tile(channels_fast, [&](int kk, int pp) {
+    for_each_in_tile<BK, BM>(channels_fast, [&](int kk, int pp) {
       const int k = k0 + kk;
       As[kk][pp] = (k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f;
     });
@@ -316,7 +318,25 @@ struct EpiGate {  // out = gate * (acc + bias)
       }
     }
   }
+  // The same from the MMA kernels' shared accumulator tile (cs[row * ldc + pixel]), in the order
+  // that coalesces the output (see WholeTileEpilogue).
+  __device__ __forceinline__ void tile(const float* cs, int ldc, int p0, int r0, const int* sn, const int* sh,
+                                       const int* sw) const {
+    for_each_in_tile<BN, BM>(out.channels_contiguous(), [&](int rr, int pp) {
+      const int r = r0 + rr;
+      if (r >= rows || sn[pp] < 0) return;
+      out(r, sn[pp], sh[pp], sw[pp], p0 + pp, gate.load(sn[pp], r, sh[pp], sw[pp]) * (cs[rr * ldc + pp] + bias[r]));
+    });
+  }
 };
+
+// Epilogues with a tile() method take the MMA kernels' whole accumulator tile from shared memory
+// and may walk it channels-fast: the per-thread 4 x 4 layout puts a warp's 32 stores on 16 pixels,
+// 16 sectors apart in channels_last.  Epilogues that reduce across lanes keep that layout.
+template <class E, class = void>
+struct WholeTileEpilogue : std::false_type {};
+template <class E>
+struct WholeTileEpilogue<E, std::void_t<decltype(&E::tile)>> : std::true_type {};
 
 // ---------------------------------------------------------------- weight-gradient GEMM (split over pixels)
 
@@ -483,7 +503,7 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_pix_gemm_kernel(ALoad 
   tile.zero();
 
   for (int k0 = 0; k0 < kdim; k0 += BK) {
-    stage_tile(channels_fast, [&](int kk, int pp) {
+    for_each_in_tile<BK, BM>(channels_fast, [&](int kk, int pp) {
       const int k = k0 + kk;
       As[kk][pp] = Op::cvt((k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f);
     });
@@ -497,13 +517,17 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_pix_gemm_kernel(ALoad 
   }
   tile.store(&Cs[wr][wp], BM + MMA_ACC_PAD);
   __syncthreads();
-  const int tx = tid & 15, ty = tid >> 4;
-  float acc[4][4];
+  if constexpr (WholeTileEpilogue<Epi>::value) {
+    epi.tile(&Cs[0][0], BM + MMA_ACC_PAD, p0, r0, s_n, s_h, s_w);
+  } else {
+    const int tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty * 4 + j][tx + 16 * i];
-  epi(acc, tx, ty, p0, r0, s_n, s_h, s_w);
+      for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty * 4 + j][tx + 16 * i];
+    epi(acc, tx, ty, p0, r0, s_n, s_h, s_w);
+  }
 #else
   __trap();  // never launched: the launchers pick Mma::FP32 below compute capability 8.0
 #endif

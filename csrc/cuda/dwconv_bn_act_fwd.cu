@@ -48,6 +48,27 @@ struct EpiDwApply {
       }
     }
   }
+  // The same from the MMA kernels' shared accumulator tile, channels-fast for channels_last y.
+  __device__ __forceinline__ void tile(const float* cs, int ldc, int p0, int r0, const int* sn, const int* sh,
+                                       const int* sw) const {
+    __shared__ float s_scale[BN], s_shift[BN];
+    const int t = threadIdx.x, r = r0 + t;
+    if (t < BN && r < rows) {
+      s_scale[t] = gamma[r] * rsqrtf(var[r] + eps);
+      s_shift[t] = (b_pw[r] - mean[r]) * s_scale[t] + beta[r];
+      if (mean_copy && p0 == 0) {
+        mean_copy[r] = mean[r];
+        var_copy[r] = var[r];
+      }
+    }
+    __syncthreads();
+    for_each_in_tile<BN, BM>(y.sc == 1, [&](int rr, int pp) {
+      if (r0 + rr >= rows || sn[pp] < 0) return;
+      float v = fmaf(cs[rr * ldc + pp], s_scale[rr], s_shift[rr]);
+      if (relu) v = fmaxf(v, 0.f);
+      y.store(sn[pp], r0 + rr, sh[pp], sw[pp], v);
+    });
+  }
 };
 
 struct EpiDwStats {  // part_mean/part_m2[tile][row]: the tile's statistics of z = acc + b_pw
