@@ -483,8 +483,9 @@ struct WarpTile {
 // pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of the
 // tile; the accumulators go through shared memory into the SIMT kernel's per-thread layout.
 template <Mma M, class ALoad, class Epi>
-__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs,
-                                                          int64_t w_ks, int rows, int kdim, Geo g, Epi epi) {
+__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
+    mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs, int64_t w_ks, int rows, int kdim, Geo g,
+                        Epi epi) {
 #if DLK_MMA
   using Op = MmaOperand<M>;
   using S = typename Op::Storage;
@@ -538,8 +539,8 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_pix_gemm_kernel(ALoad 
 // Column `sum_col` (or none when negative) has B = 1 everywhere: a bias gradient, i.e. the row sums
 // of A.  Those are taken in float32 from A before rounding, as exact as eager's separate reduction.
 template <Mma M, class ALoad, class BLoad>
-__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS) mma_wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int sum_col,
-                                                            int chunk, Geo g, float* __restrict__ part) {
+__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
+    mma_wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int sum_col, int chunk, Geo g, float* __restrict__ part) {
 #if DLK_MMA
   using Op = MmaOperand<M>;
   using S = typename Op::Storage;
