@@ -7,25 +7,10 @@ import torch
 
 from dlkunet import ops
 from dlkunet.ops import availability, reference
-from dlkunet_testing import BUDGET, dwconv_inputs, lka_inputs, rel_err
+from dlkunet_testing import BUDGET, dwconv_inputs, graphed, lka_inputs, rel_err
 
 ok, why = availability("triton", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"triton backend unavailable on CUDA: {why}")]
-
-
-def _graphed(fn, static_x):
-    """fn captured in a CUDA graph on static_x (after a warm-up on a side stream, as PyTorch's docs
-    prescribe: the first calls compile kernels and read the plan table)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_x)
-    return graph, static_out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -42,7 +27,7 @@ def test_eval_dwconv_bn_act_replays_in_a_cuda_graph(plan, dtype):
         return ops.dwconv_bn_act(inp, *conv, *bn, training=False)
     static_x = x.to("cuda", dtype).contiguous(memory_format=fmt)
     with ops.use_backend("triton"), plans.forced(plan), torch.no_grad():
-        graph, static_out = _graphed(fn, static_x)
+        graph, static_out = graphed(fn, static_x)
         for seed in (1, 2):
             fresh = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
             static_x.copy_(fresh)
@@ -68,7 +53,7 @@ def test_lka_gate_replays_in_a_cuda_graph(plan, dtype):
         return ops.lka_gate(inp, *weights, dilation=3)
     static_x = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
     with ops.use_backend("triton"), plans.forced(plan), torch.no_grad():
-        graph, static_out = _graphed(fn, static_x)
+        graph, static_out = graphed(fn, static_x)
         for seed in (3, 4):
             static_x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype))
             graph.replay()

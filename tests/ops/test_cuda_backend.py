@@ -9,7 +9,7 @@ import torch
 
 from dlkunet import ops
 from dlkunet.ops import availability, reference
-from dlkunet_testing import dwconv_inputs, eager_tf32_dwconv, eager_tf32_lka, lka_inputs, rel_err
+from dlkunet_testing import dwconv_inputs, eager_tf32_dwconv, eager_tf32_lka, graphed, lka_inputs, rel_err
 
 ok, why = availability("cuda", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"cuda backend unavailable on CUDA: {why}")]
@@ -83,20 +83,6 @@ def test_eval_forward_launches_at_most_three_kernels(cout):
     assert 1 <= len(lka) <= MAX_EVAL_LAUNCHES, lka
 
 
-def _graphed(fn, static_x):
-    """fn captured in a CUDA graph on static_x, after warm-up calls on a side stream (PyTorch's recipe)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_x)
-    return graph, static_out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", ["dwconv_bn_act-24", "dwconv_bn_act-80", "lka_gate"])
 def test_eval_forward_replays_in_a_cuda_graph(op, dtype):
@@ -115,7 +101,7 @@ def test_eval_forward_replays_in_a_cuda_graph(op, dtype):
             return _dwconv_eval(inp, params)
     static_x = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
     with ops.use_backend("cuda"), torch.no_grad():
-        graph, static_out = _graphed(fn, static_x)
+        graph, static_out = graphed(fn, static_x)
         for seed in (1, 2):
             static_x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype))
             graph.replay()
