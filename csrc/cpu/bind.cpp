@@ -20,6 +20,7 @@ std::vector<Tensor> lka_gate_backward(const Tensor& grad_out, const Tensor& x, c
                                       const Tensor& ws, const Tensor& bs, const Tensor& w1, const Tensor& b1,
                                       int64_t dilation);
 Tensor upsample_concat_forward(const Tensor& deep, const Tensor& skip, const Tensor& w, const Tensor& b);
+Tensor max_pool2x2_forward(const Tensor& x);
 }  // namespace cpu
 
 namespace {
@@ -65,6 +66,8 @@ void bind_cpu(pybind11::module_& m) {
         "bytes of scratch the cpu kernels keep for the calling thread between calls");
   m.def("cpu_cached_output_bytes", &cpu::cached_output_bytes,
         "bytes of freed output blocks the cpu kernels keep for their next outputs (all threads)");
+  m.def("cpu_output_cache_limit", &cpu::output_cache_limit,
+        "the most bytes of freed output blocks the cache keeps (DLKUNET_CPU_CACHE_MB, else 1/4 of physical memory)");
   m.def("cpu_release_scratch", &cpu::release_scratch,
         "frees the calling thread's cpu-kernel scratch and the cached output blocks; returns the bytes freed");
   // The kernels run without the GIL: they touch no Python objects.
@@ -89,6 +92,8 @@ void bind_cpu(pybind11::module_& m) {
         "(deep, skip, w, b) -> cat([skip, pad(conv_transpose2d(deep, w, b, stride=2))], 1), channels_last; "
         "float32/float64, skip at least twice deep's size", py::arg("deep"), py::arg("skip"), py::arg("w"),
         py::arg("b"));
+  m.def("cpu_max_pool2x2_forward", &cpu::max_pool2x2_forward, nogil,
+        "(x) -> max_pool2d(x, 2): window and stride 2, floor mode, no indices; x's layout", py::arg("x"));
   m.def("cpu_lka_gate_backward", &cpu::lka_gate_backward, nogil,
         "(grad_out, x, w0, b0, ws, bs, w1, b1, dilation) -> 7 gradients", py::arg("grad_out"), py::arg("x"),
         py::arg("w0"), py::arg("b0"), py::arg("ws"), py::arg("bs"), py::arg("w1"), py::arg("b1"),

@@ -84,6 +84,7 @@ Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& opts,
 // The same for an output with x's sizes, dtype and strides (x dense), as at::empty_like.
 Tensor output_like(const Tensor& x);
 int64_t cached_output_bytes();  // free blocks the output cache holds (all threads)
+int64_t output_cache_limit();   // the most it keeps (DLKUNET_CPU_CACHE_MB, else a share of physical memory)
 
 // float -> float: the vectorised 8x8-block version of transpose_block (primitives.cpp).
 void transpose_f32(const float* src, float* dst, int64_t R, int64_t P, int64_t r0, int64_t r1, int64_t p0,

@@ -9,7 +9,10 @@
 // fifth faster with glibc told to keep freed blocks: 283 -> 226 ms, 300 -> 202 ms), so outputs of
 // a megabyte or more come from a process-wide cache of freed blocks, as ONNX Runtime's arena does.
 // A block goes back to the cache when its tensor is freed; the cache keeps at most
-// DLKUNET_CPU_CACHE_MB (default 1024) of free blocks and release_scratch() empties it.
+// DLKUNET_CPU_CACHE_MB of free blocks (default: a quarter of physical memory) and release_scratch()
+// empties it.  The limit must hold what one forward frees: about 130 MiB per image at 224 x 224
+// (1.03-1.14 GiB for DLKUNet-S/M/L at batch 8), and a forward whose blocks do not fit pays the page
+// faults again on every call.
 #include "common.h"
 
 #include <array>
@@ -18,13 +21,18 @@
 #include <mutex>
 #include <unordered_map>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 namespace dlkunet {
 namespace cpu {
 
 namespace {
 constexpr int64_t kMaxCachedBytes = int64_t(512) << 20;  // larger buffers are allocated per call
 constexpr int64_t kMinCachedOutput = int64_t(1) << 20;    // smaller outputs: malloc keeps those itself
-constexpr int64_t kDefaultCacheMb = 1024;
+constexpr int64_t kFallbackCacheMb = 1024;  // where physical memory cannot be read
+constexpr int64_t kPhysicalMemoryShare = 4;  // the default limit: 1/4 of physical memory
 constexpr size_t kAlignment = 64;
 
 // Free output blocks by exact size.  Never destroyed: tensors may be freed during interpreter exit.
@@ -32,7 +40,7 @@ class OutputCache {
  public:
   OutputCache() {
     const char* env = std::getenv("DLKUNET_CPU_CACHE_MB");
-    limit_ = (env ? std::max<int64_t>(0, std::atoll(env)) : kDefaultCacheMb) << 20;
+    limit_ = env ? std::max<int64_t>(0, std::atoll(env)) << 20 : default_limit();
   }
   void* take(size_t bytes) {
     {
@@ -64,6 +72,7 @@ class OutputCache {
     std::lock_guard<std::mutex> lock(mutex_);
     return held_;
   }
+  int64_t limit() const { return limit_; }
   int64_t clear() {  // returns the bytes freed
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& kv : free_) std::free(kv.second);
@@ -74,6 +83,14 @@ class OutputCache {
   }
 
  private:
+  static int64_t default_limit() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0) return static_cast<int64_t>(pages) * page / kPhysicalMemoryShare;
+#endif
+    return kFallbackCacheMb << 20;
+  }
+
   std::mutex mutex_;
   std::unordered_multimap<size_t, void*> free_;
   int64_t held_ = 0, limit_ = 0;
@@ -143,6 +160,8 @@ Tensor output_like(const Tensor& x) {
 }
 
 int64_t cached_output_bytes() { return output_cache().held(); }
+
+int64_t output_cache_limit() { return output_cache().limit(); }
 
 int64_t scratch_bytes() {
   int64_t total = 0;

@@ -425,6 +425,43 @@ def test_freed_outputs_are_reused_and_released():
     assert release_cpu_scratch() >= 2 * nbytes and _C.cpu_cached_output_bytes() == 0
 
 
+_CACHE_LIMIT_SCRIPT = """
+import os, torch
+from dlkunet.ops import extension
+C, why = extension.load_extension()
+assert C is not None, why
+x = torch.randn(1, 64, 96, 96).to(memory_format=torch.channels_last)  # 2.4 MB output
+w = [torch.randn(64, 1, 5, 5), torch.randn(64), torch.randn(64, 1, 7, 7), torch.randn(64),
+     torch.randn(64, 64, 1, 1), torch.randn(64)]
+out = C.cpu_lka_gate_forward(x, *w, 3)
+del out
+print(C.cpu_output_cache_limit(), C.cpu_cached_output_bytes())
+"""
+
+
+@pytest.mark.parametrize("limit_mb", [None, "1"], ids=["default", "1MiB"])
+def test_output_cache_limit(limit_mb, tmp_path):
+    """The default keeps a quarter of physical memory (a batch-8 forward frees over 1 GiB that the
+    next one reuses); DLKUNET_CPU_CACHE_MB overrides it, and a block over the limit is freed."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("DLKUNET_CPU_CACHE_MB", None)
+    if limit_mb is not None:
+        env["DLKUNET_CPU_CACHE_MB"] = limit_mb
+    done = subprocess.run([sys.executable, "-c", _CACHE_LIMIT_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    limit, cached = map(int, done.stdout.split())
+    if limit_mb is None:
+        assert limit == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGESIZE") // 4
+        assert cached == 64 * 96 * 96 * 4
+    else:
+        assert limit == 1 << 20 and cached == 0
+
+
 def test_concurrent_callers_have_their_own_scratch(two_threads):
     """The kernels release the GIL: two Python threads run them at once, each on its own buffers."""
     import threading
