@@ -55,7 +55,7 @@ def model_bytes(model: nn.Module, x: torch.Tensor, train: bool, optimizer_state_
     gradient, and the optimizer (SGD with momentum reads p, grad, buffer; writes p, buffer).
     """
     import dlkunet.ops as ops
-    from dlkunet.models.blocks import LKA, DWConvBNAct, Up
+    from dlkunet.models.blocks import LKA, Down, DWConvBNAct, Up
 
     units = (DWConvBNAct, LKA)
     totals = {"fwd": 0, "bwd": 0}
@@ -73,6 +73,13 @@ def model_bytes(model: nn.Module, x: torch.Tensor, train: bool, optimizer_state_
         totals["fwd"] += 2 * size
         totals["bwd"] += 2 * size
 
+    def pool_hook(module, inputs):  # Down's max_pool2x2, as unit_hook counts a module
+        x = inputs[0]
+        n, c, h, w = x.shape
+        din, dout = _nbytes([x]), n * c * (h // 2) * (w // 2) * x.element_size()
+        totals["fwd"] += din + dout
+        totals["bwd"] += dout + din + (din if x.requires_grad else 0)
+
     def inside_unit(name: str) -> bool:
         return any(name.startswith(u + ".") for u in unit_names)
 
@@ -82,7 +89,9 @@ def model_bytes(model: nn.Module, x: torch.Tensor, train: bool, optimizer_state_
             handles.append(m.register_forward_hook(unit_hook))
         elif isinstance(m, Up):
             handles.append(m.block.register_forward_pre_hook(cat_hook))
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d)) and not inside_unit(name):
+        elif isinstance(m, Down):
+            handles.append(m.register_forward_pre_hook(pool_hook))
+        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and not inside_unit(name):
             handles.append(m.register_forward_hook(unit_hook))
     try:
         with torch.set_grad_enabled(train), ops.use_backend("torch"):

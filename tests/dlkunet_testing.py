@@ -72,6 +72,26 @@ def poisoned_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = prev_fill
 
 
+@contextlib.contextmanager
+def backends_run(op: str):
+    """Records the backend of each call of ``dlkunet.ops.library.<op>`` (a custom op taking the
+    backend's name last) made inside the block: a list, filled as the calls happen."""
+    from dlkunet.ops import library
+
+    ran = []
+    real = getattr(library, op)
+
+    def spy(*args):
+        ran.append(args[-1])
+        return real(*args)
+
+    setattr(library, op, spy)
+    try:
+        yield ran
+    finally:
+        setattr(library, op, real)
+
+
 def load_benchmark_module(name: str):
     """benchmarks/<name>.py, imported by path under a private name (benchmarks/ is not a package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

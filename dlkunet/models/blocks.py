@@ -76,11 +76,10 @@ class Block(nn.Module):
 
 
 class Down(nn.Module):
-    """MaxPool2d(2) then a Block."""
+    """MaxPool2d(2) (``ops.max_pool2x2``) then a Block."""
 
     def __init__(self, cin: int, cout: int, **block_kwargs):
         super().__init__()
-        self.pool = nn.MaxPool2d(2)
         self.block = Block(cin, cout, **block_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,7 +88,7 @@ class Down(nn.Module):
             # The reference cannot pool a map below 2x2 (tiny inputs at deep levels); replicate it up
             # to 2 so it pools to 1.  Sizes the reference accepts are untouched.
             x = F.pad(x, [0, max(0, 2 - w), 0, max(0, 2 - h)], mode="replicate")
-        return self.block(self.pool(x))
+        return self.block(ops.max_pool2x2(x))
 
 
 class Up(nn.Module):

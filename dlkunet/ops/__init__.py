@@ -3,6 +3,7 @@
 ``dwconv_bn_act``  depthwise conv -> pointwise conv -> BatchNorm -> ReLU
 ``lka_gate``       large-kernel attention with the Hadamard gate
 ``upsample_concat`` the decoder's 2x2 transposed convolution joined to the skip connection
+``max_pool2x2``    the encoder's 2x2 max pooling
 
 The formulas are in ``dlkunet.ops.reference``; backends in ``dlkunet.ops.backends``.
 """
@@ -19,8 +20,8 @@ from . import sync_bn
 from .validation import (check_backend, check_batch_statistics, check_depthwise, check_dilation, check_eps,
                          check_input, check_pointwise, check_skip, check_tensor, check_transposed)
 
-__all__ = ["dwconv_bn_act", "lka_gate", "upsample_concat", "BACKENDS", "BackendUnavailableError", "availability",
-           "get_backend", "set_backend", "use_backend", "resolve", "reference", "release_cpu_scratch"]
+__all__ = ["dwconv_bn_act", "lka_gate", "upsample_concat", "max_pool2x2", "BACKENDS", "BackendUnavailableError",
+           "availability", "get_backend", "set_backend", "use_backend", "resolve", "reference", "release_cpu_scratch"]
 
 
 def _autocast(device_type: str, *tensors: Tensor):
@@ -145,3 +146,20 @@ def upsample_concat(deep: Tensor, skip: Tensor, weight: Tensor, bias: Tensor) ->
     if backend == "cpu" and library.upsample_concat_runs_on_cpu(deep, skip, weight):
         return library.upsample_concat_forward(deep, skip, weight, bias, backend)
     return reference.upsample_concat(deep, skip, weight, bias)
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    """``max_pool2d(x, 2)``: the encoder's pooling, window and stride 2, floor mode (``nn.MaxPool2d(2)``).
+
+    x (N, C, H, W) with H and W at least 2; the output keeps x's layout.  The ``cpu`` backend runs
+    the forward without argmax indices (its backward recomputes them, so ``auto`` takes it for
+    inference only); everything else runs the reference (``dlkunet.ops.reference.max_pool2x2``).
+    """
+    op = "max_pool2x2"
+    check_input(op, x)
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"{op}: x must be at least 2x2 to pool, got shape {tuple(x.shape)}")
+    backend = resolve(x.device.type, op, _mode(x))
+    if backend == "cpu":
+        return library.max_pool2x2_forward(x, backend)
+    return reference.max_pool2x2(x)

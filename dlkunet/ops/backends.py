@@ -55,8 +55,12 @@ AUTO_PREFERENCE: Dict[Tuple[str, str, str], Tuple[str, ...]] = {
     ("cuda", "upsample_concat", "training"): ("torch",),
     ("cpu", "upsample_concat", "inference"): ("cpu",),
     ("cpu", "upsample_concat", "training"): ("cpu",),
+    ("cuda", "max_pool2x2", "inference"): ("torch",),
+    ("cuda", "max_pool2x2", "training"): ("torch",),
+    ("cpu", "max_pool2x2", "inference"): ("cpu",),
+    ("cpu", "max_pool2x2", "training"): ("torch",),
 }
-OPERATORS = ("dwconv_bn_act", "lka_gate", "upsample_concat")
+OPERATORS = ("dwconv_bn_act", "lka_gate", "upsample_concat", "max_pool2x2")
 MODES = ("inference", "training")
 
 # Which device types each backend's kernels accept.

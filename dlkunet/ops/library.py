@@ -143,3 +143,32 @@ def _upsample_backward(ctx, grad):
 
 
 upsample_concat_forward.register_autograd(_upsample_backward, setup_context=_upsample_setup)
+
+
+@torch.library.custom_op("dlkunet::max_pool2x2_forward", mutates_args=())
+def max_pool2x2_forward(x: Tensor, backend: str) -> Tensor:
+    return implementation(backend).max_pool2x2_forward(x)
+
+
+@max_pool2x2_forward.register_fake
+def _(x, backend):
+    n, c, h, w = x.shape
+    return x.new_empty((n, c, h // 2, w // 2)).contiguous(memory_format=_memory_format(x))
+
+
+_POOL_ARGS = ([2, 2], [2, 2], [0, 0], [1, 1], False)  # kernel, stride, padding, dilation, ceil_mode
+
+
+def _pool_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _pool_backward(ctx, grad):
+    # The forward kept no argmax (it runs for inference); ATen's pooling recomputes it, with ATen's
+    # own rule for ties and NaN, and its backward scatters the gradient.
+    (x,) = ctx.saved_tensors
+    _, indices = torch.ops.aten.max_pool2d_with_indices(x, *_POOL_ARGS)
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *_POOL_ARGS, indices), None
+
+
+max_pool2x2_forward.register_autograd(_pool_backward, setup_context=_pool_setup)

@@ -30,6 +30,10 @@ grad_ws, grad_bs, grad_w1, grad_b1)``
     ``out = cat([skip, up], dim=1)``.  Its backward is autograd's (one transposed convolution's
     gradient and two slices), whatever backend ran the forward.
 
+``max_pool2x2(x) -> out``
+    The encoder's pooling: ``max_pool2d(x, 2)`` (window and stride 2, floor mode; a NaN in a window
+    gives NaN).  Its backward is ATen's, from argmax indices recomputed from x.
+
 Gradients come back in the dtype of the tensor they belong to.  Computation happens in the input
 dtype (PyTorch's convolutions accumulate in float32 for half types).
 """
@@ -163,3 +167,7 @@ def upsample_concat(deep: Tensor, skip: Tensor, weight: Tensor, bias: Tensor) ->
     if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or top or bottom or left or right:
         up = F.pad(up, [left, right, top, bottom])
     return torch.cat([skip, up], dim=1)
+
+
+def max_pool2x2(x: Tensor) -> Tensor:
+    return F.max_pool2d(x, 2)

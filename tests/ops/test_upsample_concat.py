@@ -10,7 +10,7 @@ from torch import nn
 
 from dlkunet import ops
 from dlkunet.ops import library, reference
-from dlkunet_testing import BUDGET, rel_err
+from dlkunet_testing import BUDGET, backends_run, rel_err
 
 CL = torch.channels_last
 HAS_CPU = ops.availability("cpu", "cpu")[0]
@@ -58,19 +58,8 @@ def test_cpu_kernel_matches_float64_reference(case, dtype):
     g = torch.Generator().manual_seed(sum(case))
     inputs = _inputs(case, dtype, g)
     leaves = [t.detach().requires_grad_() for t in inputs]
-    ran = []
-    real = library.upsample_concat_forward
-
-    def spy(*args):
-        ran.append(args[-1])
-        return real(*args)
-
-    library.upsample_concat_forward = spy
-    try:
-        with ops.use_backend("cpu"):
-            out = ops.upsample_concat(*leaves)
-    finally:
-        library.upsample_concat_forward = real
+    with backends_run("upsample_concat_forward") as ran, ops.use_backend("cpu"):
+        out = ops.upsample_concat(*leaves)
     assert ran == ["cpu"], "the cpu kernel should have run"
     ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
     ref = reference.upsample_concat(*ref_leaves)
