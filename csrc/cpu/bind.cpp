@@ -26,15 +26,19 @@ Tensor max_pool2x2_forward(const Tensor& x);
 namespace {
 // The tiles' GEMM on whole tensors, for its tests: a (M x K) times b (K x N), or times b^T when b is
 // given as (N x K) with b_transposed.
-at::Tensor tile_gemm_for_tests(const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
+at::Tensor tile_gemm_for_tests(const at::Tensor& a, const at::Tensor& b, bool b_transposed, bool all_threads) {
   TORCH_CHECK(cpu::tile_gemm_available(), "cpu_tile_gemm: not used on this machine (see cpu_tile_gemm_available)");
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
               "cpu_tile_gemm takes 2-D float32 tensors");
   const at::Tensor A = a.contiguous(), B = b.contiguous();
   const int64_t M = A.size(0), K = A.size(1), N = b_transposed ? B.size(0) : B.size(1);
   TORCH_CHECK((b_transposed ? B.size(1) : B.size(0)) == K, "cpu_tile_gemm: inner sizes differ");
-  const cpu::PackedB packed(B.data_ptr<float>(), B.size(1), b_transposed, N, K);
   at::Tensor C = at::empty({M, N}, A.options());
+  if (all_threads) {
+    cpu::weight_gemm<float>(A.data_ptr<float>(), K, B.data_ptr<float>(), b_transposed, C.data_ptr<float>(), N, M, N, K);
+    return C;
+  }
+  const cpu::PackedB packed(B.data_ptr<float>(), B.size(1), b_transposed, N, K);
   cpu::tile_gemm(A.data_ptr<float>(), K, packed, C.data_ptr<float>(), N, M);
   return C;
 }
@@ -60,8 +64,10 @@ void bind_cpu(pybind11::module_& m) {
         "the instruction set of the blocked depthwise kernels picked at load time (avx512, avx2, generic)");
   m.def("cpu_tile_gemm_available", &cpu::tile_gemm_available,
         "whether the tiles' pointwise GEMMs run dlkunet's AVX2 kernel here (else at::mm)");
-  m.def("cpu_tile_gemm", &tile_gemm_for_tests, "(a, b, b_transposed) -> a @ b (or a @ b.T): the tile GEMM, for tests",
-        py::arg("a"), py::arg("b"), py::arg("b_transposed"));
+  m.def("cpu_tile_gemm", &tile_gemm_for_tests,
+        "(a, b, b_transposed, all_threads) -> a @ b (or a @ b.T): the tile GEMM on the calling thread, or the "
+        "whole-batch GEMM (weight packing included) on all threads; for tests and benchmarks",
+        py::arg("a"), py::arg("b"), py::arg("b_transposed"), py::arg("all_threads") = false);
   m.def("cpu_scratch_bytes", &cpu::scratch_bytes,
         "bytes of scratch the cpu kernels keep for the calling thread between calls");
   m.def("cpu_cached_output_bytes", &cpu::cached_output_bytes,

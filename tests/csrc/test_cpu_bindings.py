@@ -556,16 +556,18 @@ def test_each_instruction_set_matches_float64(isa, gemm, tmp_path):
 @pytest.mark.skipif(_C is None or not _C.cpu_tile_gemm_available(),
                     reason="the tile GEMM runs only on AVX2 machines without AVX-512 (elsewhere at::mm)")
 @pytest.mark.parametrize("m,k,n", [(448, 96, 96), (7, 300, 40), (13, 513, 17), (1, 5, 3), (100, 1536, 33),
-                                   (6, 128, 16)])
+                                   (6, 128, 16), (403, 200, 150)])
 @pytest.mark.parametrize("transposed", [True, False], ids=["weight", "plain"])
-def test_tile_gemm_matches_float64(m, k, n, transposed):
+@pytest.mark.parametrize("all_threads", [False, True], ids=["tile", "whole_batch"])
+def test_tile_gemm_matches_float64(m, k, n, transposed, all_threads, two_threads):
     """Row blocks of 6 and their remainders, panels of 16 columns and a partial last one, K blocks of
-    128 (added into C) and a tail: no worse than at::mm's own float32 error, against float64."""
+    128 (added into C) and a tail: no worse than at::mm's own float32 error, against float64.  The
+    whole-batch GEMM splits rows into blocks of up to 198 and columns into groups of 8 panels."""
     g = torch.Generator().manual_seed(m * k + n)
     a = torch.randn(m, k, generator=g)
     b = torch.randn(n, k, generator=g) if transposed else torch.randn(k, n, generator=g)
     exact = a.double() @ (b.double().t() if transposed else b.double())
-    ours = _C.cpu_tile_gemm(a, b, transposed)
+    ours = _C.cpu_tile_gemm(a, b, transposed, all_threads)
     theirs = a @ (b.t() if transposed else b)
     assert ours.shape == (m, n)
     assert (ours.double() - exact).abs().max() <= 2 * max((theirs.double() - exact).abs().max(), 1e-6)
