@@ -211,7 +211,7 @@ Tensor block_bias(const Tensor& b) {
 
 void dw_rows_blocked(const float* img, int64_t H, int64_t W, int64_t C, int64_t r0, int64_t r1, int64_t cb0,
                      int64_t cb1, const float* wtb, const float* bb, int64_t k, int64_t dil, float* out, int64_t ldo) {
-  thread_local std::vector<float> scratch;  // kept between calls, as scratch.cpp's buffers
+  thread_local AlignedVector<float> scratch;  // kept between calls, as scratch.cpp's buffers
   const int64_t pad = dil * (k - 1) / 2, Wp = W + 2 * pad;
   const int64_t lo = std::max<int64_t>(0, r0 - pad), hi = std::min(H, r1 + pad), n = hi - lo;
   if (static_cast<int64_t>(scratch.size()) < n * Wp * kBlock) scratch.resize(n * Wp * kBlock);

@@ -68,7 +68,7 @@ void pointwise_gate_tile(bool cl, const T* a2, int64_t lda, const TileWeight<T>&
 class LkaStream {
  public:
   LkaStream(const float* img, const Shapes& s, int64_t cb0, int64_t cb1, const float* w0b, const float* b0b,
-            const float* wsb, const float* bsb, std::vector<float>& buf)
+            const float* wsb, const float* bsb, AlignedVector<float>& buf)
       : img_(img), s_(s), cb0_(cb0), nb_(cb1 - cb0), p0_((s.k0 - 1) / 2), ps_(s.dil * (s.ks - 1) / 2),
         rx_(2 * p0_ + 1), ra_(2 * ps_ + 1), wx_((s.W + 2 * p0_) * kBlock), wa_((s.W + 2 * ps_) * kBlock),
         w0b_(w0b), b0b_(b0b), wsb_(wsb), bsb_(bsb), next_x_(nb_), next_a_(nb_) {
@@ -126,8 +126,8 @@ class LkaStream {
 };
 
 // Thread-local buffers of the streamed forward, kept between calls (as scratch.cpp's).
-std::vector<float>& stream_buffer() { thread_local std::vector<float> b; return b; }
-std::vector<float>& tile_buffer() { thread_local std::vector<float> b; return b; }
+AlignedVector<float>& stream_buffer() { thread_local AlignedVector<float> b; return b; }
+AlignedVector<float>& tile_buffer() { thread_local AlignedVector<float> b; return b; }
 
 // float32 compute (float32, float16 and bfloat16 inputs): the blocked, streamed depthwise pair.
 // Large maps: each task takes a run of rows of one image (a stream, so a1's halo is computed once
@@ -180,7 +180,7 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
   const TileWeight<float> w1t(W1p, true, C, C, cl);
   at::parallel_for(0, s.N * per_img, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
-    std::vector<float>& tb = tile_buffer();
+    AlignedVector<float>& tb = tile_buffer();
     const int64_t tile_elems = tile * s.W * Cp + (direct ? 0 : tile * s.W * C);
     if (static_cast<int64_t>(tb.size()) < tile_elems) tb.resize(tile_elems);
     float* a2 = tb.data();

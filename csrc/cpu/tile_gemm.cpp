@@ -138,7 +138,7 @@ void panels_gemm(const float* A, int64_t lda, const PackedB& B, float* C, int64_
 #if DLK_TILE_GEMM
   const int64_t last = (B.N + kPanel - 1) / kPanel - 1, edge_cols = B.N - last * kPanel;
   const bool partial = p1 > last && edge_cols < kPanel;
-  std::vector<float> edge(partial ? static_cast<size_t>(M * kPanel) : 0);  // the last panel's 16 columns
+  AlignedVector<float> edge(partial ? static_cast<size_t>(M * kPanel) : 0);  // the last panel's 16 columns
   for (int64_t k0 = 0; k0 < B.K; k0 += kDepth) {
     const int64_t kc = std::min(kDepth, B.K - k0);
     for (int64_t p = p0; p < p1; ++p) {

@@ -75,7 +75,7 @@ void run(const Geometry& g, const T* dp, const T* sp, const T* wp, const T* bp, 
   const TileWeight<T> weight(wp, false, cols, g.Cin, true);
   at::parallel_for(0, g.N * per_img, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas blas_guard;
-    std::vector<T> tile(static_cast<size_t>(rows * g.w * cols));
+    AlignedVector<T> tile(static_cast<size_t>(rows * g.w * cols));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / per_img, y0 = t % per_img * rows, y1 = std::min(g.h, y0 + rows);
       const int64_t p0 = (n * g.h + y0) * g.w, p1 = (n * g.h + y1) * g.w;
