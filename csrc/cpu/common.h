@@ -78,18 +78,20 @@ inline at::ScalarType compute_type(const Tensor& x) {
 // across two cache lines: the 7x7 row kernel ran about a quarter slower so (measured, one core).
 constexpr size_t kCacheLine = 64;
 
+// At least `bytes`, 64-byte aligned, released with std::free; throws std::bad_alloc.
+inline void* cache_line_alloc(size_t bytes) {
+  void* p = std::aligned_alloc(kCacheLine, std::max((bytes + kCacheLine - 1) / kCacheLine * kCacheLine, kCacheLine));
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
 template <typename T>
 struct CacheLineAllocator {
   using value_type = T;
   CacheLineAllocator() = default;
   template <typename U>
   CacheLineAllocator(const CacheLineAllocator<U>&) {}
-  T* allocate(size_t n) {
-    const size_t bytes = (n * sizeof(T) + kCacheLine - 1) / kCacheLine * kCacheLine;
-    void* p = std::aligned_alloc(kCacheLine, std::max(bytes, kCacheLine));
-    if (!p) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
+  T* allocate(size_t n) { return static_cast<T*>(cache_line_alloc(n * sizeof(T))); }
   void deallocate(T* p, size_t) { std::free(p); }
   template <typename U>
   bool operator==(const CacheLineAllocator<U>&) const { return true; }

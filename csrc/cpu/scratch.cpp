@@ -33,7 +33,6 @@ constexpr int64_t kMaxCachedBytes = int64_t(512) << 20;  // larger buffers are a
 constexpr int64_t kMinCachedOutput = int64_t(1) << 20;    // smaller outputs: malloc keeps those itself
 constexpr int64_t kFallbackCacheMb = 1024;  // where physical memory cannot be read
 constexpr int64_t kPhysicalMemoryShare = 4;  // the default limit: 1/4 of physical memory
-constexpr size_t kAlignment = 64;
 
 // Free output blocks by exact size.  Never destroyed: tensors may be freed during interpreter exit.
 class OutputCache {
@@ -53,9 +52,7 @@ class OutputCache {
         return p;
       }
     }
-    void* p = std::aligned_alloc(kAlignment, (bytes + kAlignment - 1) / kAlignment * kAlignment);
-    if (!p) throw std::bad_alloc();
-    return p;
+    return cache_line_alloc(bytes);
   }
   void give(void* p, size_t bytes) {
     {

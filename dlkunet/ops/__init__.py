@@ -18,7 +18,8 @@ from .backends import (BACKENDS, BackendUnavailableError, availability, get_back
 from .extension import release_cpu_scratch
 from . import sync_bn
 from .validation import (check_backend, check_batch_statistics, check_depthwise, check_dilation, check_eps,
-                         check_input, check_pointwise, check_skip, check_tensor, check_transposed)
+                         check_input, check_pointwise, check_poolable, check_skip, check_tensor,
+                         check_transposed)
 
 __all__ = ["dwconv_bn_act", "lka_gate", "upsample_concat", "max_pool2x2", "BACKENDS", "BackendUnavailableError",
            "availability", "get_backend", "set_backend", "use_backend", "resolve", "reference", "release_cpu_scratch"]
@@ -157,8 +158,7 @@ def max_pool2x2(x: Tensor) -> Tensor:
     """
     op = "max_pool2x2"
     check_input(op, x)
-    if x.shape[2] < 2 or x.shape[3] < 2:
-        raise ValueError(f"{op}: x must be at least 2x2 to pool, got shape {tuple(x.shape)}")
+    check_poolable(op, x)
     backend = resolve(x.device.type, op, _mode(x))
     if backend == "cpu":
         return library.max_pool2x2_forward(x, backend)

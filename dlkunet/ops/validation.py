@@ -92,6 +92,12 @@ def check_skip(op: str, skip: Tensor, deep: Tensor) -> None:
     check_tensor(op, "skip", skip, tuple(skip.shape), deep)
 
 
+def check_poolable(op: str, x: Tensor) -> None:
+    """A 2x2 window needs a map of at least 2x2 (the model pads smaller ones before pooling)."""
+    if x.shape[2] < 2 or x.shape[3] < 2:
+        raise ValueError(f"{op}: x must be at least 2x2 to pool, got shape {tuple(x.shape)}")
+
+
 def check_batch_statistics(op: str, x: Tensor) -> None:
     if x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"{op}: training-mode batch statistics need more than one value per channel, "
