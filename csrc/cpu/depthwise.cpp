@@ -194,18 +194,31 @@ void pack_row_blocked(const float* src, int64_t W, int64_t C, int64_t cb, int64_
   std::fill(d + W * kBlock, d + (W + pad) * kBlock, 0.f);
 }
 
+// One allocation and a loop each: these run on every call, and as chains of ATen ops (zeros,
+// narrow, copy, permute, contiguous) they cost more than the copy itself at the deep levels'
+// small maps.
 Tensor block_taps(const Tensor& w) {
   const int64_t C = w.size(0), kk = w.size(2) * w.size(3), nb = (C + kBlock - 1) / kBlock;
-  Tensor t = at::zeros({nb * kBlock, kk}, w.options().dtype(at::kFloat));
-  t.narrow(0, 0, C).copy_(w.reshape({C, kk}));
-  // (nb, 16, kk) -> (nb, kk, 16)
-  return t.reshape({nb, kBlock, kk}).permute({0, 2, 1}).contiguous();
+  const Tensor src = w.to(at::kFloat).contiguous();
+  Tensor t = at::empty({nb, kk, kBlock}, src.options());
+  const float* s = src.data_ptr<float>();
+  float* d = t.data_ptr<float>();
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t j = 0; j < kk; ++j)
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int64_t c = b * kBlock + i;
+        d[(b * kk + j) * kBlock + i] = c < C ? s[c * kk + j] : 0.f;
+      }
+  return t;
 }
 
 Tensor block_bias(const Tensor& b) {
   const int64_t C = b.size(0), nb = (C + kBlock - 1) / kBlock;
-  Tensor t = at::zeros({nb * kBlock}, b.options().dtype(at::kFloat));
-  t.narrow(0, 0, C).copy_(b);
+  const Tensor src = b.to(at::kFloat).contiguous();
+  Tensor t = at::empty({nb * kBlock}, src.options());
+  const float* s = src.data_ptr<float>();
+  float* d = t.data_ptr<float>();
+  for (int64_t c = 0; c < nb * kBlock; ++c) d[c] = c < C ? s[c] : 0.f;
   return t;
 }
 

@@ -184,14 +184,24 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Tensor& x, const Tensor& w
   };
 
   if (!training) {
-    Tensor scale = (g * at::rsqrt(running_var.to(ct) + eps)).contiguous();
-    Tensor shift = ((bp - running_mean.to(ct)) * scale + be).contiguous();
-    const T *a = scale.data_ptr<T>(), *b = shift.data_ptr<T>();
+    // BatchNorm and the pointwise bias folded into a per-channel scale and shift: one loop, not a
+    // chain of ATen ops per call.
+    const Tensor rm = running_mean.to(ct).contiguous(), rv = running_var.to(ct).contiguous();
+    const Tensor gc = g.contiguous(), bc = be.contiguous();
+    Tensor scale = at::empty({Cout}, rm.options()), shift = at::empty({Cout}, rm.options());
+    T *sp = scale.data_ptr<T>(), *hp = shift.data_ptr<T>();
+    const T *gp = gc.data_ptr<T>(), *bep = bc.data_ptr<T>(), *bpp = bp.data_ptr<T>(), *mp = rm.data_ptr<T>(),
+            *vp = rv.data_ptr<T>();
+    for (int64_t o = 0; o < Cout; ++o) {
+      sp[o] = gp[o] * (T(1) / std::sqrt(vp[o] + static_cast<T>(eps)));
+      hp[o] = (bpp[o] - mp[o]) * sp[o] + bep[o];
+    }
+    const T *a = sp, *b = hp;
     pointwise_of_depthwise<T>(X.data_ptr<T>(), s, plan, cl, dw, Wp.data_ptr<T>(),
                               zp, [&](int64_t, T* p, int64_t ld, int64_t R, int64_t Cn, bool per_col) {
                                 affine_act(p, ld, p, ld, R, Cn, a, b, per_col, relu);
                               });
-    return {finish(), running_mean.to(ct).clone(), running_var.to(ct).clone()};
+    return {finish(), rm.clone(), rv.clone()};
   }
 
   // Pass 1: z (with its bias) and per-block moments.

@@ -16,15 +16,18 @@ from torch import Tensor
 
 def channels_last_strides(t: Tensor) -> bool:
     """ATen's ``is_channels_last_strides_2d``: strides ordered C < W < H < N (size-1 dims aside)."""
-    if t.dim() != 4 or t.stride(1) == 0:
+    if t.dim() != 4:
+        return False
+    sizes, strides = t.shape, t.stride()  # one call each: this runs several times per operator call
+    if strides[1] == 0:
         return False
     smallest = 0
     for d in (1, 3, 2, 0):
-        if t.size(d) == 0 or t.stride(d) < smallest:
+        if sizes[d] == 0 or strides[d] < smallest:
             return False
-        if d == 0 and smallest == t.stride(1):  # a trivial C dimension defaults to NCHW
+        if d == 0 and smallest == strides[1]:  # a trivial C dimension defaults to NCHW
             return False
-        smallest = t.stride(d) * (t.size(d) if t.size(d) > 1 else 1)
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
     return True
 
 
