@@ -2,7 +2,9 @@
 // channels_last, written once into the concatenated buffer.
 //
 // A 2x2 stride-2 transposed convolution is one GEMM: each input pixel (h, w) gives the four output
-// pixels (2h + i, 2w + j) as (Cin) x (Cin x 4 Cout), the weight reordered to columns (i, j, co).
+// pixels (2h + i, 2w + j) as (Cin) x (Cin x 4 Cout), the weight as it is stored, (Cin, Cout, 2, 2):
+// columns (co, i, j).  Reordering it to (i, j, co) first copied the whole weight on every call
+// (19 MB for DLKUNet-L's deepest join); the scatter reads the four outputs of a channel instead.
 // Per tile of input rows the GEMM goes to an L2-sized buffer and a scatter adds the bias and
 // places each pixel's four Cout-vectors after the skip's channels of their output pixels; the
 // same task copies the skip's channels of those output rows.  Eager PyTorch instead writes the
@@ -43,13 +45,13 @@ void scatter(const Geometry& g, const T* tile, int64_t p0, int64_t p1, const T* 
   const int64_t Cout = g.Cout;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n = p / (g.h * g.w), y = p / g.w % g.h, x = p % g.w;
-    const T* src = tile + (p - p0) * 4 * Cout;
+    const T* src = tile + (p - p0) * 4 * Cout;  // (co, i, j)
     for (int64_t i = 0; i < 2; ++i)
       for (int64_t j = 0; j < 2; ++j) {
         const int64_t r = g.top + 2 * y + i, c = g.left + 2 * x + j;
         T* dst = op + ((n * g.H + r) * g.W + c) * g.Ctot + g.Cs;
-        const T* s = src + (2 * i + j) * Cout;
-        for (int64_t o = 0; o < Cout; ++o) dst[o] = s[o] + bias[o];
+        const T* s = src + 2 * i + j;
+        for (int64_t o = 0; o < Cout; ++o) dst[o] = s[4 * o] + bias[o];
       }
   }
 }
@@ -113,7 +115,7 @@ Tensor upsample_concat_forward(const Tensor& deep, const Tensor& skip, const Ten
   c10::NoGradGuard no_grad;
   const auto cl = at::MemoryFormat::ChannelsLast;
   const Tensor d = deep.contiguous(cl), s = skip.contiguous(cl), bc = b.contiguous();
-  const Tensor wt = w.permute({0, 2, 3, 1}).reshape({g.Cin, 4 * g.Cout}).contiguous();  // columns (i, j, co)
+  const Tensor wt = w.contiguous();  // (Cin, 4 Cout): columns (co, i, j)
   Tensor out = output_empty({g.N, g.Ctot, g.H, g.W}, skip.options(), cl);
   AT_DISPATCH_FLOATING_TYPES(dtype, "cpu_upsample_concat_forward", [&] {
     run<scalar_t>(g, d.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
