@@ -12,6 +12,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <cstdlib>
 #include <cstring>
@@ -392,6 +393,18 @@ void depthwise_all(const T* X, int64_t N, int64_t H, int64_t W, int64_t C, const
   });
 }
 
+// Calls fn(t) for t in [0, count) on all threads, each thread claiming the next task when it is
+// done with its last, instead of at::parallel_for's fixed split: on a shared machine one core can
+// run slower than the other for a while, and a fixed split then waits for it.  Only for tasks
+// whose results do not depend on which thread runs them (no per-thread accumulators).
+template <typename Fn>
+void for_each_task(int64_t count, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next++; t < count; t = next++) fn(t);
+  });
+}
+
 // Calls fn(chunk_index, p0, p1) for consecutive chunks of `chunk` rows of a P-row matrix, in parallel.
 template <typename Fn>
 void for_each_chunk(int64_t P, int64_t chunk, const Fn& fn) {
@@ -427,15 +440,28 @@ inline TilePlan plan_tiles(int64_t N, int64_t H, int64_t W, int64_t channels, in
 
 // Calls fn(t, n, r0, r1, scratch) for every tile t of `plan` (image n, rows [r0, r1)), in parallel.
 // Each worker allocates `scratch_elems` of T once for all its tiles and runs its GEMMs on one thread.
+// Tiles are claimed as threads free up (for_each_task), unless `fixed_split`: callers that keep
+// per-thread sums (ThreadSums) need the same tiles on the same thread every call, for
+// deterministic results.
 template <typename T, typename Fn>
-void for_each_tile(const TilePlan& plan, int64_t H, int64_t scratch_elems, const Fn& fn) {
-  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+void for_each_tile(const TilePlan& plan, int64_t H, int64_t scratch_elems, const Fn& fn, bool fixed_split = false) {
+  auto tile = [&](int64_t t, T* scratch) {
+    const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows;
+    fn(t, n, r0, std::min(H, r0 + plan.rows), scratch);
+  };
+  if (fixed_split) {
+    at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+      SingleThreadedBlas blas_guard;
+      AlignedVector<T> scratch(static_cast<size_t>(scratch_elems));
+      for (int64_t t = begin; t < end; ++t) tile(t, scratch.data());
+    });
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_guard;
     AlignedVector<T> scratch(static_cast<size_t>(scratch_elems));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / plan.per_img, r0 = (t % plan.per_img) * plan.rows;
-      fn(t, n, r0, std::min(H, r0 + plan.rows), scratch.data());
-    }
+    for (int64_t t = next++; t < plan.count; t = next++) tile(t, scratch.data());
   });
 }
 

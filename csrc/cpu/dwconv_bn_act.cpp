@@ -122,11 +122,9 @@ int64_t pointwise_of_depthwise(const T* X, const Shapes& s, const TilePlan& plan
     if (dw.blocked) {  // parallel over (image, block of rows)
       constexpr int64_t kRows = 8;
       const int64_t rb = (s.H + kRows - 1) / kRows;
-      at::parallel_for(0, s.N * rb, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t n = t / rb, r0 = t % rb * kRows, r1 = std::min(s.H, r0 + kRows);
-          depthwise_tile(X + n * HW * Cin, s, r0, r1, dw, Dp + (n * HW + r0 * s.W) * ldd, ldd);
-        }
+      for_each_task(s.N * rb, [&](int64_t t) {
+        const int64_t n = t / rb, r0 = t % rb * kRows, r1 = std::min(s.H, r0 + kRows);
+        depthwise_tile(X + n * HW * Cin, s, r0, r1, dw, Dp + (n * HW + r0 * s.W) * ldd, ldd);
       });
     } else {
       depthwise_all(X, s.N, s.H, s.W, Cin, dw.w.template data_ptr<T>(), dw.b.template data_ptr<T>(), s.k, 1, Dp);
@@ -309,9 +307,10 @@ std::vector<Tensor> backward_impl(const Tensor& grad_y, const Tensor& x, const T
     ThreadSums<double> sums(3 * Cout);
     // fn(n, r0, r1, p0, p1): a tile's image, rows and pixel range in the NHWC buffers.
     auto for_tiles = [&](const auto& fn) {
-      for_each_tile<T>(plan, s.H, 0, [&](int64_t, int64_t n, int64_t r0, int64_t r1, T*) {
-        fn(n, r0, r1, (n * s.H + r0) * W, (n * s.H + r1) * W);
-      });
+      for_each_tile<T>(
+          plan, s.H, 0,
+          [&](int64_t, int64_t n, int64_t r0, int64_t r1, T*) { fn(n, r0, r1, (n * s.H + r0) * W, (n * s.H + r1) * W); },
+          /*fixed_split=*/true);
     };
     auto finish_tile = [&](int64_t p0, int64_t p1) {
       bn_rows(p0, p1, true, sums.mine());

@@ -152,13 +152,11 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
   if (plan.whole) {
     Tensor A2 = scratch(Slot::kDepthwise2, {P, Cp}, at::kFloat), O = output_like(X);  // O may become the output
     float *A2p = A2.data_ptr<float>(), *Op = O.data_ptr<float>();
-    at::parallel_for(0, s.N * nb, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / nb, cb = t % nb;
-        LkaStream st(Xp + n * HW * C, s, cb, cb + 1, w0p, b0p, wsp, bsp, stream_buffer());
-        st.start(0);
-        for (int64_t r = 0; r < s.H; ++r) st.a2_row(cb, r, A2p + (n * HW + r * s.W) * Cp + cb * kBlock, Cp);
-      }
+    for_each_task(s.N * nb, [&](int64_t t) {
+      const int64_t n = t / nb, cb = t % nb;
+      LkaStream st(Xp + n * HW * C, s, cb, cb + 1, w0p, b0p, wsp, bsp, stream_buffer());
+      st.start(0);
+      for (int64_t r = 0; r < s.H; ++r) st.a2_row(cb, r, A2p + (n * HW + r * s.W) * Cp + cb * kBlock, Cp);
     });
     weight_gemm<float>(A2p, Cp, W1p, true, Op, C, P, C, C);
     for_each_chunk(P, kChunk, [&](int64_t, int64_t p0, int64_t p1) {
@@ -178,24 +176,22 @@ Tensor forward_blocked(const Tensor& x_in, const Tensor& w0, const Tensor& b0, c
   scalar_t* op = out.data_ptr<scalar_t>();
   constexpr bool direct = std::is_same<scalar_t, float>::value;
   const TileWeight<float> w1t(W1p, true, C, C, cl);
-  at::parallel_for(0, s.N * per_img, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tile_elems = tile * s.W * Cp + (direct ? 0 : tile * s.W * C);
+  for_each_task(s.N * per_img, [&](int64_t task) {
+    const int64_t n = task / per_img, R0 = (task % per_img) * run, R1 = std::min(s.H, R0 + run);
+    if (R0 >= R1) return;
     SingleThreadedBlas blas_guard;
     AlignedVector<float>& tb = tile_buffer();
-    const int64_t tile_elems = tile * s.W * Cp + (direct ? 0 : tile * s.W * C);
     if (static_cast<int64_t>(tb.size()) < tile_elems) tb.resize(tile_elems);
     float* a2 = tb.data();
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / per_img, R0 = (task % per_img) * run, R1 = std::min(s.H, R0 + run);
-      if (R0 >= R1) continue;
-      LkaStream st(Xp + n * HW * C, s, 0, nb, w0p, b0p, wsp, bsp, stream_buffer());
-      st.start(R0);
-      for (int64_t r0 = R0; r0 < R1; r0 += tile) {
-        const int64_t r1 = std::min(R1, r0 + tile), Pt = (r1 - r0) * s.W;
-        for (int64_t cb = 0; cb < nb; ++cb)
-          for (int64_t r = r0; r < r1; ++r) st.a2_row(cb, r, a2 + (r - r0) * s.W * Cp + cb * kBlock, Cp);
-        const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
-        pointwise_gate_tile<scalar_t, float>(cl, a2, Cp, w1t, b1p, C, Pt, HW, base, xp, op, a2 + tile * s.W * Cp);
-      }
+    LkaStream st(Xp + n * HW * C, s, 0, nb, w0p, b0p, wsp, bsp, stream_buffer());
+    st.start(R0);
+    for (int64_t r0 = R0; r0 < R1; r0 += tile) {
+      const int64_t r1 = std::min(R1, r0 + tile), Pt = (r1 - r0) * s.W;
+      for (int64_t cb = 0; cb < nb; ++cb)
+        for (int64_t r = r0; r < r1; ++r) st.a2_row(cb, r, a2 + (r - r0) * s.W * Cp + cb * kBlock, Cp);
+      const int64_t base = cl ? (n * HW + r0 * s.W) * C : n * C * HW + r0 * s.W;
+      pointwise_gate_tile<scalar_t, float>(cl, a2, Cp, w1t, b1p, C, Pt, HW, base, xp, op, a2 + tile * s.W * Cp);
     }
   });
   return out;
@@ -301,7 +297,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x, const
       gate_rows(p0, p1);
       gemm<T>(true, o, C, false, a2, C, gw1_part.mine(), C, C, C, p1 - p0, true);
       gemm<T>(false, o, C, false, W1p, C, a2, C, p1 - p0, C, C, false);
-    });
+    }, /*fixed_split=*/true);
     gw1 = gw1_part.total().reshape({C, C});
   }
   T* DA2p = A2p;

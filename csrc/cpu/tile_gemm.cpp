@@ -173,13 +173,11 @@ void parallel_gemm(const float* A, int64_t lda, const PackedB& B, float* C, int6
   const int64_t rows_per = (M + row_blocks - 1) / row_blocks;
   const int64_t block_rows = (rows_per + kRows - 1) / kRows * kRows;
   const int64_t groups = (panels + kGroupPanels - 1) / kGroupPanels;
-  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t r0 = t / groups * block_rows, g0 = t % groups * kGroupPanels;
-      if (r0 >= M) continue;
-      panels_gemm(A + r0 * lda, lda, B, C + r0 * ldc, ldc, std::min(block_rows, M - r0), g0,
-                  std::min(panels, g0 + kGroupPanels));
-    }
+  for_each_task(row_blocks * groups, [&](int64_t t) {
+    const int64_t r0 = t / groups * block_rows, g0 = t % groups * kGroupPanels;
+    if (r0 >= M) return;
+    panels_gemm(A + r0 * lda, lda, B, C + r0 * ldc, ldc, std::min(block_rows, M - r0), g0,
+                std::min(panels, g0 + kGroupPanels));
   });
 }
 

@@ -72,21 +72,19 @@ void run(const Geometry& g, const T* dp, const T* sp, const T* wp, const T* bp, 
     });
     return;
   }
-  const int64_t rows = std::max<int64_t>(1, std::min(g.h, kTileFloats / (g.w * cols)));
-  const int64_t per_img = (g.h + rows - 1) / rows;
+  TilePlan plan;
+  plan.rows = std::max<int64_t>(1, std::min(g.h, kTileFloats / (g.w * cols)));
+  plan.per_img = (g.h + plan.rows - 1) / plan.rows;
+  plan.count = g.N * plan.per_img;
+  plan.whole = false;
   const TileWeight<T> weight(wp, false, cols, g.Cin, true);
-  at::parallel_for(0, g.N * per_img, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_guard;
-    AlignedVector<T> tile(static_cast<size_t>(rows * g.w * cols));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / per_img, y0 = t % per_img * rows, y1 = std::min(g.h, y0 + rows);
-      const int64_t p0 = (n * g.h + y0) * g.w, p1 = (n * g.h + y1) * g.w;
-      weight.times(dp + p0 * g.Cin, g.Cin, tile.data(), cols, p1 - p0);
-      // This task's output rows; the first and last tasks of an image also take its padding rows.
-      const int64_t R0 = y0 == 0 ? 0 : g.top + 2 * y0, R1 = y1 == g.h ? g.H : g.top + 2 * y1;
-      skip_and_padding(g, n, R0, R1, sp, op);
-      scatter(g, tile.data(), p0, p1, bp, op);
-    }
+  for_each_tile<T>(plan, g.h, plan.rows * g.w * cols, [&](int64_t, int64_t n, int64_t y0, int64_t y1, T* tile) {
+    const int64_t p0 = (n * g.h + y0) * g.w, p1 = (n * g.h + y1) * g.w;
+    weight.times(dp + p0 * g.Cin, g.Cin, tile, cols, p1 - p0);
+    // This task's output rows; the first and last tasks of an image also take its padding rows.
+    const int64_t R0 = y0 == 0 ? 0 : g.top + 2 * y0, R1 = y1 == g.h ? g.H : g.top + 2 * y1;
+    skip_and_padding(g, n, R0, R1, sp, op);
+    scatter(g, tile, p0, p1, bp, op);
   });
 }
 
