@@ -26,7 +26,7 @@ namespace cpu {
 using at::Tensor;
 
 constexpr int64_t kMaxKernel = 63;       // bounds the on-stack tap list; far beyond any ablation size
-constexpr int64_t kMinTilePixels = 256;  // below this a tile's GEMM is dominated by weight packing
+constexpr int64_t kMinTilePixels = 192;  // below this the tiles' short GEMMs lose to one whole-batch GEMM
 constexpr int64_t kChunk = 256;          // pixels per task of the elementwise passes
 
 // ---- checks --------------------------------------------------------------------------------------

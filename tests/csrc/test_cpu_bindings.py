@@ -267,7 +267,7 @@ def test_results_agree_across_thread_counts(two_threads, op):
 # ---- the kernels' two plans: row tiles per thread, and whole-batch GEMMs ------------------------
 
 # common.h's plan_tiles: tiles of whole rows holding ~768 KiB of (Cin + Cout) channels, taken when
-# a tile has >= 256 pixels and there are >= 2 tiles per thread.  96 + 96 channels at 41 x 37 give
+# a tile has >= 192 pixels and there are >= 2 tiles per thread.  96 + 96 channels at 41 x 37 give
 # two uneven tiles per image (27 + 14 rows), four in all; 16 + 24 channels fit an image in one.
 PLANS = {"tiled": dict(n=2, cin=96, cout=96, h=41, w=37), "whole": dict(n=2, cin=16, cout=24, h=19, w=23)}
 
