@@ -393,15 +393,26 @@ void depthwise_all(const T* X, int64_t N, int64_t H, int64_t W, int64_t C, const
   });
 }
 
-// Calls fn(t) for t in [0, count) on all threads, each thread claiming the next task when it is
-// done with its last, instead of at::parallel_for's fixed split: on a shared machine one core can
-// run slower than the other for a while, and a fixed split then waits for it.  Only for tasks
-// whose results do not depend on which thread runs them (no per-thread accumulators).
+// Runs worker(next) once on every thread; next() returns the index of a task in [0, count) that no
+// thread has claimed yet, or -1.  Threads claim tasks as they free up, instead of at::parallel_for's
+// fixed split: on a shared machine one core can run slower than the other for a while, and a fixed
+// split then waits for it.  Only for tasks whose results do not depend on which thread runs them
+// (no per-thread accumulators).
+template <typename Worker>
+void claim_tasks(int64_t count, const Worker& worker) {
+  std::atomic<int64_t> claimed{0};
+  auto next = [&]() -> int64_t {
+    const int64_t t = claimed++;
+    return t < count ? t : -1;
+  };
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { worker(next); });
+}
+
+// Calls fn(t) for every t in [0, count), tasks claimed as threads free up (claim_tasks).
 template <typename Fn>
 void for_each_task(int64_t count, const Fn& fn) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t t = next++; t < count; t = next++) fn(t);
+  claim_tasks(count, [&](const auto& next) {
+    for (int64_t t = next(); t >= 0; t = next()) fn(t);
   });
 }
 
@@ -440,7 +451,7 @@ inline TilePlan plan_tiles(int64_t N, int64_t H, int64_t W, int64_t channels, in
 
 // Calls fn(t, n, r0, r1, scratch) for every tile t of `plan` (image n, rows [r0, r1)), in parallel.
 // Each worker allocates `scratch_elems` of T once for all its tiles and runs its GEMMs on one thread.
-// Tiles are claimed as threads free up (for_each_task), unless `fixed_split`: callers that keep
+// Tiles are claimed as threads free up (claim_tasks), unless `fixed_split`: callers that keep
 // per-thread sums (ThreadSums) need the same tiles on the same thread every call, for
 // deterministic results.
 template <typename T, typename Fn>
@@ -457,11 +468,10 @@ void for_each_tile(const TilePlan& plan, int64_t H, int64_t scratch_elems, const
     });
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  claim_tasks(plan.count, [&](const auto& next) {
     SingleThreadedBlas blas_guard;
     AlignedVector<T> scratch(static_cast<size_t>(scratch_elems));
-    for (int64_t t = next++; t < plan.count; t = next++) tile(t, scratch.data());
+    for (int64_t t = next(); t >= 0; t = next()) tile(t, scratch.data());
   });
 }
 

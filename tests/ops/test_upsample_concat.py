@@ -17,15 +17,25 @@ HAS_CPU = ops.availability("cpu", "cpu")[0]
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason=f"cpu backend unavailable: {ops.availability('cpu', 'cpu')[1]}")
 
 # (N, Cin, h, w, Cout, Cs, H, W): exact fits, odd skips (one row / column of padding, split as
-# the authors' auto-resize splits it), padding on both sides, a skip wider than the map, and a
-# map large enough for the tiled plan (GEMM output over the whole-batch limit).
+# the authors' auto-resize splits it), padding on both sides, a skip wider than the map, a larger
+# map, and one large enough for the tiled plan (GEMM output over the whole-batch limit, with a
+# partial 16-column panel and padding).
 CASES = [
     (2, 8, 5, 6, 4, 4, 10, 12),
     (1, 8, 5, 6, 4, 3, 11, 13),
     (3, 16, 3, 4, 8, 5, 9, 11),
     (1, 6, 1, 2, 3, 2, 2, 5),
     (1, 96, 40, 44, 48, 48, 80, 88),
+    (1, 16, 64, 64, 136, 8, 130, 129),
 ]
+WHOLE_BATCH_BYTES = 8 << 20  # csrc/cpu/upsample_concat.cpp kWholeBatchBytes: larger GEMM outputs go by tiles
+
+
+def test_cases_reach_both_plans():
+    """The kernel's two plans (one whole-batch GEMM, tiles) each get cases, in both dtypes."""
+    for itemsize in (4, 8):
+        sizes = [n * h * w * 4 * cout * itemsize for n, _, h, w, cout, *_ in CASES]
+        assert min(sizes) <= WHOLE_BATCH_BYTES < max(sizes)
 
 
 def _inputs(case, dtype, generator):
