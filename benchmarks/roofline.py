@@ -131,6 +131,14 @@ def _tiny(n: int) -> Tuple[Kernel, ...]:
     return tuple(Kernel(0.0) for _ in range(n))
 
 
+def tf32_weight_copy(dtype: str, cin: int, cout: int) -> float:
+    """Bytes of the split forward's TF32-rounded copy of the pointwise weights (read and written by
+    its depthwise kernel, so the GEMM's operands reach the tensor cores untouched).  Counted for
+    float32 in both precision modes, though tf32x3 skips it: there the GEMM's three MMAs bound
+    the time at the levels where the copy is large (C >= 768)."""
+    return 2.0 * cin * cout * FP32_BYTES if dtype == "float32" else 0.0
+
+
 def dwconv_plans(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str, pass_: str,
                  k: int = DW_KERNEL) -> List[Plan]:
     """Plans of dwconv_bn_act for one pass ('fwd' or 'bwd'); mode 'eval' or 'train'."""
@@ -147,7 +155,7 @@ def dwconv_plans(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str, pa
     if pass_ == "fwd":
         if mode == "eval":
             fused = (Kernel(x + y + weights, pw, dw * tiles),)
-            split = (Kernel(x + d, 0, dw), Kernel(d + y + weights, pw))
+            split = (Kernel(x + d + tf32_weight_copy(dtype, cin, cout), 0, dw), Kernel(d + y + weights, pw))
             current = (Kernel(x + y + weights, cur_tc, cur_fma + dw * recompute),)
         else:
             # statistics pass, then the apply pass recomputing z (no z written and re-read).
@@ -200,7 +208,7 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
         w1_bytes = weights - w0_bytes - ws_bytes
         fused = (Kernel(act + act + w0_bytes + ws_bytes, 0, dw0 * halo + dws), Kernel(3 * act + w1_bytes, pw))
         # split: a1 written, a2 written, GEMM + gate.
-        split = (Kernel(2 * act + w0_bytes, 0, dw0), Kernel(2 * act + ws_bytes, 0, dws),
+        split = (Kernel(2 * act + w0_bytes, 0, dw0), Kernel(2 * act + ws_bytes + tf32_weight_copy(dtype, c, c), 0, dws),
                  Kernel(3 * act + w1_bytes, pw))
         current = (Kernel(2 * act, 0, dw0), Kernel(3 * act + weights, cur_tc, cur_fma + dws * recompute))
         host = CURRENT_HOST_OPS[("lka_gate", "-", "fwd")]

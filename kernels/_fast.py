@@ -15,7 +15,12 @@ Three kernels, combined by ``kernels/plans.py`` into a plan per shape:
 
 Precision (``PREC``, read from ``torch.backends.cudnn.allow_tf32`` on the host per call): float32
 operands multiply as TF32 ("tf32") or at full precision ("tf32x3", three TF32 MMAs); float16 and
-bfloat16 operands run ONE MMA in their own dtype with float32 accumulation.
+bfloat16 operands run ONE MMA in their own dtype with float32 accumulation.  ``TF32_ROUNDED`` is TF32
+on operands that already hold TF32 values in memory: the split plan's depthwise kernel stores its
+output rounded and a rounded copy of the pointwise weights (``ROUND_TF32``), so the GEMM's wgmma
+reads both tiles from shared memory as they arrived, with no per-element conversion between the
+pipelined loads and the tensor cores (with it, Triton moves the A tile through registers and the B
+tile through registers and back to shared memory on every K step).
 
 Epilogues (``EPI``): ``EPI_BN`` folds eval BatchNorm and the pointwise bias in the prologue from
 gamma, beta and the running statistics (float32, on the device; the program of pixel block 0 also
@@ -30,6 +35,9 @@ import triton.language as tl
 from ._common import _INTERP, _dw_tile, _offsets
 
 EPI_BN, EPI_GATE = 0, 1
+TF32_ROUNDED = "tf32_rounded"
+# Weight rows per step of the depthwise kernel's TF32 weight copy (x its BLOCK_C columns).
+WPW_ROW_STEP = tl.constexpr(16)
 
 
 @triton.jit
@@ -48,6 +56,14 @@ def _tf32_rna(x):
     eager's TF32 error (7.7e-4 vs 2.9e-4 at every DLKUNet level, biased towards zero)."""
     return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                      pack=1)
+
+
+@triton.jit
+def _tf32(x):
+    """float32 rounded to TF32 as the GPU's own MMA operand conversion rounds it."""
+    if _INTERP:
+        return _tf32_round(x)
+    return _tf32_rna(x)
 
 
 @triton.jit
@@ -70,6 +86,8 @@ def _mma(a, b, acc, PREC: tl.constexpr):
             # The interpreter ignores input_precision; emulate the MMAs the GPU runs.
             if PREC == "tf32":
                 acc = tl.dot(_tf32_round(a), _tf32_round(b), acc)
+            # tf32_rounded: the operands hold TF32 values already (a plain product is the MMA's);
+            # not rounded here, so a kernel that failed to store them rounded shows in the tests.
             elif PREC == "tf32x3":
                 a_hi = _tf32_round(a)
                 b_hi = _tf32_round(b)
@@ -80,6 +98,8 @@ def _mma(a, b, acc, PREC: tl.constexpr):
                 acc = tl.dot(a, b, acc)
         elif PREC == "tf32":
             acc = tl.dot(_tf32_rna(a), _tf32_rna(b), acc, input_precision="tf32")
+        elif PREC == "tf32_rounded":
+            acc = tl.dot(a, b, acc, input_precision="tf32")
         else:
             acc = tl.dot(a, b, acc, input_precision=PREC)
     else:
@@ -175,10 +195,15 @@ def _fused_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, x_ptr, out_ptr,
 
 
 @triton.jit
-def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, N, H, W, C,
-               K: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr,
+def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, wpw_ptr, wpw_out_ptr, N, H, W, C, COUT, WPW_ROWS,
+               K: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr, ROUND_TF32: tl.constexpr,
                BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = depthwise K x K conv (dilation DIL, zero padding, plus bias) of t, written once."""
+    """out = depthwise K x K conv (dilation DIL, zero padding, plus bias) of t, written once.
+
+    ROUND_TF32 (float32 feeding a TF32 GEMM): out is stored rounded to TF32, and the program also
+    stores its share of the pointwise weights (COUT x C) rounded to TF32 in wpw_out: the rows
+    [pid_s * WPW_ROWS, (pid_s + 1) * WPW_ROWS) of its channel block, so one pass over the
+    weights is spread over the whole grid."""
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     n, h, w, pmask = _patch(pid_s, H, W, BH, BW)
@@ -187,8 +212,18 @@ def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, N, H, W, C,
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     d = _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W, K, DIL, CL, BH * BW, BLOCK_C)
+    if ROUND_TF32:
+        d = _tf32(d)
     tl.store(out_ptr + _offsets(n * HW + hw, n, hw, c, C, HW, CL), _to(d, out_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
+    if ROUND_TF32:
+        row_lo = pid_s * WPW_ROWS
+        row_hi = tl.minimum(row_lo + WPW_ROWS, COUT)
+        for r0 in range(row_lo, row_hi, WPW_ROW_STEP):
+            r = r0 + tl.arange(0, WPW_ROW_STEP)
+            m = (r < row_hi)[:, None] & cmask[None, :]
+            off = r[:, None] * C + c[None, :]
+            tl.store(wpw_out_ptr + off, _tf32(tl.load(wpw_ptr + off, mask=m, other=0.0)), mask=m)
 
 
 @triton.jit

@@ -173,7 +173,8 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
     if name == FUSED:
         total += max(t_bw(x_in + extra_in + y_out), t_tc(gemm) + t_fma(taps * recompute)) + _GAP
     else:
-        total += max(t_bw(2 * x_in), t_fma(taps)) + _GAP
+        weight_copy = 2.0 * cin * cout * es if prec == "tf32" else 0.0  # the GEMM's TF32-rounded weights
+        total += max(t_bw(2 * x_in + weight_copy), t_fma(taps)) + _GAP
         total += max(t_bw(x_in + extra_in + y_out), t_tc(gemm)) + _GAP
     return total
 
@@ -335,13 +336,33 @@ def _depthwise(t, w_dw, b_dw, dil, fmt, plan):
     return out
 
 
-def _launch_dw(t, w_dw, b_dw, out, dil, cl, tile):
+def _gemm_operands(t, w_dw, b_dw, w_pw, dil, fmt, plan, prec):
+    """(d, weights, precision) of the split plan's GEMM: the depthwise output d of t, and the
+    pointwise weights.  Under TF32 our depthwise kernel stores d rounded to TF32 and writes a
+    TF32-rounded copy of the weights in the same launch, so the GEMM runs ``TF32_ROUNDED`` (its
+    operands go from shared memory to the tensor cores untouched); the products are the ones the
+    in-GEMM rounding gave.  cuDNN's depthwise output (split_cudnn) is rounded in the GEMM."""
+    if prec != "tf32" or plan.name == SPLIT_CUDNN:
+        return _depthwise(t, w_dw, b_dw, dil, fmt, plan), w_pw, prec
+    n, c, h, w = t.shape
+    d = _empty(n, c, h, w, t, fmt)
+    w_rounded = torch.empty_like(w_pw)
+    _launch_dw(t, w_dw, b_dw, d, dil, fmt == torch.channels_last, plan.dw, w_pw, w_rounded)
+    return d, w_rounded, F.TF32_ROUNDED
+
+
+def _launch_dw(t, w_dw, b_dw, out, dil, cl, tile, w_pw=None, w_pw_rounded=None):
+    """Our depthwise kernel; with w_pw, also the TF32 rounding of out and of w_pw into w_pw_rounded."""
     n, c, h, w = t.shape
     bh, bw, bc, warps = tile
     k = w_dw.shape[-1]
-    grid = (n * triton.cdiv(h, bh) * triton.cdiv(w, bw), triton.cdiv(c, bc))
-    F._dw_kernel[grid](t, w_dw, b_dw, out, n, h, w, c, K=k, DIL=dil, CL=cl, BH=bh, BW=bw, BLOCK_C=bc,
-                       num_warps=warps, maxnreg=MAX_REGISTERS)
+    spatial = n * triton.cdiv(h, bh) * triton.cdiv(w, bw)
+    grid = (spatial, triton.cdiv(c, bc))
+    rounded = w_pw is not None
+    cout = w_pw.shape[0] if rounded else 0
+    F._dw_kernel[grid](t, w_dw, b_dw, out, w_pw if rounded else out, w_pw_rounded if rounded else out,
+                       n, h, w, c, cout, triton.cdiv(cout, spatial), K=k, DIL=dil, CL=cl, ROUND_TF32=rounded,
+                       BH=bh, BW=bw, BLOCK_C=bc, num_warps=warps, maxnreg=MAX_REGISTERS)
 
 
 def _launch_fused(t, w_dw, b_dw, w_pw, x, out, prm, eps, dil, epi, relu, cl, prec, tile):
@@ -420,8 +441,8 @@ def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, run
     if plan.name == FUSED:
         _launch_fused(x, w_dw, b_dw, w_pw, x, y, prm, float(eps), 1, F.EPI_BN, bool(relu), cl, prec, plan.fused)
     else:  # split, split_cudnn, and split_cublas on NCHW (whose pixels are not rows of a matrix view)
-        d = _depthwise(x, w_dw, b_dw, 1, fmt, plan)
-        _launch_gemm(d, w_pw, x, y, prm, float(eps), F.EPI_BN, bool(relu), cl, prec, plan.gemm)
+        d, w_gemm, gemm_prec = _gemm_operands(x, w_dw, b_dw, w_pw, 1, fmt, plan, prec)
+        _launch_gemm(d, w_gemm, x, y, prm, float(eps), F.EPI_BN, bool(relu), cl, gemm_prec, plan.gemm)
     return y, mean, var
 
 
@@ -441,8 +462,8 @@ def lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation: int):
     if plan.name == FUSED:
         _launch_fused(a1, ws, bs, w1, x, out, prm, 0.0, dil, F.EPI_GATE, False, cl, prec, plan.fused)
     else:
-        a2 = _depthwise(a1, ws, bs, dil, fmt, plan)
-        _launch_gemm(a2, w1, x, out, prm, 0.0, F.EPI_GATE, False, cl, prec, plan.gemm)
+        a2, w_gemm, gemm_prec = _gemm_operands(a1, ws, bs, w1, dil, fmt, plan, prec)
+        _launch_gemm(a2, w_gemm, x, out, prm, 0.0, F.EPI_GATE, False, cl, gemm_prec, plan.gemm)
     return out
 
 

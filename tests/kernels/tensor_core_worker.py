@@ -29,13 +29,18 @@ DIVISIBLE = {"CIN", "COUT", "C", "HW"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Instructions that run on tensor cores.
 PTX_TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.[\w.]+")
+# A wgmma's A operand: a shared-memory descriptor (a 64-bit register) or a fragment in registers.
+WGMMA_A = re.compile(r"wgmma\.mma_async\S* \{[^}]*\}, (%rd\d+|\{)")
 SASS_TC = re.compile(r"\b(HGMMA|HMMA)\.[\w.]+")
 
 
-def _prec(dtype, tf32):
+def _precs(dtype):
+    """The GEMM kernel's precisions per dtype: float32 TF32 on pre-rounded operands (the split
+    plan), TF32 rounding in the kernel (split_cudnn, and the fused kernel's only TF32 mode) and
+    tf32x3; 16-bit one mode."""
     if dtype != torch.float32:
-        return "ieee"
-    return "tf32" if tf32 else "tf32x3"
+        return ["ieee"]
+    return [F.TF32_ROUNDED, "tf32", "tf32x3"]
 
 
 def specialisations(kernels):
@@ -48,25 +53,29 @@ def specialisations(kernels):
             continue
         dtypes = [torch.float32] if family == torch.float32 else [torch.bfloat16, torch.float16]
         for dtype in dtypes:
-            precs = [True, False] if dtype == torch.float32 else [True]
-            for tf32 in precs:
-                for cl in (False, True):
-                    if kind == "fused":
-                        bh, bw, bco, bci, warps, stages = tile
+            for cl in (False, True):
+                if kind == "fused":
+                    bh, bw, bco, bci, warps, stages = tile
+                    for prec in _precs(dtype):
+                        if prec == F.TF32_ROUNDED:
+                            continue  # the fused kernel computes its operand: it rounds it itself
                         for epi, k, dil, relu in ((F.EPI_BN, 3, 1, True), (F.EPI_GATE, 7, 3, False)):
-                            consts = dict(K=k, DIL=dil, EPI=epi, RELU=relu, CL=cl, PREC=_prec(dtype, tf32),
+                            consts = dict(K=k, DIL=dil, EPI=epi, RELU=relu, CL=cl, PREC=prec,
                                           BH=bh, BW=bw, BLOCK_CO=bco, BLOCK_CI=bci)
                             out.append(("fused", F._fused_kernel, dtype, consts, warps, stages))
-                    elif kind == "gemm":
-                        bm, bn, bk, warps, stages = tile
+                elif kind == "gemm":
+                    bm, bn, bk, warps, stages = tile
+                    for prec in _precs(dtype):
                         for epi, relu in ((F.EPI_BN, True), (F.EPI_GATE, False)):
-                            consts = dict(EPI=epi, RELU=relu, CL=cl, PREC=_prec(dtype, tf32), BLOCK_M=bm,
-                                          BLOCK_N=bn, BLOCK_K=bk)
+                            consts = dict(EPI=epi, RELU=relu, CL=cl, PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
+                                          BLOCK_K=bk)
                             out.append(("gemm", F._gemm_kernel, dtype, consts, warps, stages))
-                    elif kind == "dw" and tf32:
-                        bh, bw, bc, warps = tile
-                        for k, dil in ((3, 1), (5, 1), (7, 3)):
-                            consts = dict(K=k, DIL=dil, CL=cl, BH=bh, BW=bw, BLOCK_C=bc)
+                elif kind == "dw":
+                    bh, bw, bc, warps = tile
+                    for k, dil in ((3, 1), (5, 1), (7, 3)):
+                        # float32 also with the TF32 rounding of its output and the weight copy
+                        for rounded in ((False, True) if dtype == torch.float32 else (False,)):
+                            consts = dict(K=k, DIL=dil, CL=cl, ROUND_TF32=rounded, BH=bh, BW=bw, BLOCK_C=bc)
                             out.append(("dw", F._dw_kernel, dtype, consts, warps, 1))
     if "fold" in kernels:  # split_cublas's BN folding (no MMA; checked for spills)
         bco, bci = P.FOLD_TILE
@@ -91,6 +100,8 @@ def ci_subset(specs):
               and c["BW"] == 32 and c["BLOCK_CO"] in (16, 256)):
             keep.append(spec)
         elif name == "dw" and c["K"] == 7 and not c["CL"] and dtype == torch.bfloat16 and c["BW"] == 32:
+            keep.append(spec)
+        elif name == "dw" and c["ROUND_TF32"] and c["K"] == 7 and c["BW"] == 32:
             keep.append(spec)
         elif name == "fold" and dtype == torch.float32:
             keep.append(spec)
@@ -124,7 +135,11 @@ def compile_one(fn, consts, dtype, arch, num_warps, num_stages):
     return dict(CW.resources(kernel),
                 ptx_tc=sorted(set(m.group(0) for m in PTX_TC.finditer(ptx))),
                 sass_tc=sorted(set(m.group(0) for m in SASS_TC.finditer(sass))),
-                sass_tc_count=len(SASS_TC.findall(sass)), mma_work=mma_work(sass, consts, num_warps)), ptx, sass
+                sass_tc_count=len(SASS_TC.findall(sass)), mma_work=mma_work(sass, consts, num_warps),
+                # per-element TF32 conversions, and where the wgmma's A operand comes from
+                tf32_cvt=ptx.count("cvt.rna.tf32.f32"),
+                wgmma_a=sorted({"shared" if a.startswith("%rd") else "registers" for a in WGMMA_A.findall(ptx)})
+                ), ptx, sass
 
 
 def main():

@@ -134,3 +134,58 @@ def test_lka_gate_precision_follows_the_cudnn_tf32_flag(plan, tf32_flag):
     assert errs[False] <= 1e-5, errs
     assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)
     assert errs[True] > 10 * errs[False], errs
+
+
+def _tf32_ulp_rounded(t: torch.Tensor) -> bool:
+    """Every value of float32 t holds a TF32 number (the low 13 mantissa bits zero)."""
+    return bool(((t.contiguous().view(torch.int32) & 0x1FFF) == 0).all())
+
+
+@pytest.mark.parametrize("op", ["dwconv_bn_act", "lka_gate"])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_split_gemm_reads_operands_rounded_once_to_tf32(op, layout, tf32_flag):
+    """Under TF32 the split plan's depthwise kernel stores its output rounded to TF32 and a rounded
+    copy of the pointwise weights, and the GEMM multiplies them as they are: the same products as
+    the GEMM rounding both operands itself, bit for bit."""
+    from dlkunet.kernels import _fast, plans
+    tf32_flag(True)
+    g = torch.Generator().manual_seed(13)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    if op == "dwconv_bn_act":
+        x, p = _dwconv_inputs(2, 40, 24, 5, 6, 3, 0.0, g)
+        x = dev(x).contiguous(memory_format=fmt)
+        w_dw, b_dw, w_pw, b_pw = map(dev, p[:4])
+        stats = [dev(t) for t in p[4:]] + [torch.empty(24, device=DEVICE) for _ in range(2)]
+        t, dil, epi, relu, eps, prm = x, 1, _fast.EPI_BN, True, 1e-5, (b_pw, *stats)
+    else:
+        x, p = _lka_inputs(1, 24, 5, 6, 5, 7, g)
+        x = dev(x).contiguous(memory_format=fmt)
+        w0, b0, w_dw, b_dw, w_pw, b1 = map(dev, p)
+        dil, epi, relu, eps, prm = 3, _fast.EPI_GATE, False, 0.0, (b1,) * 7
+    plan = plans.tiles(plans.SPLIT, x.shape[1], w_pw.shape[0], x.shape[3], torch.float32)
+    if op == "lka_gate":
+        t = plans._depthwise(x, w0, b0, 1, fmt, plan)  # a1, as the op computes it
+    n, cin, h, w = t.shape
+    d, w_rounded, prec = plans._gemm_operands(t, w_dw, b_dw, w_pw, dil, fmt, plan, "tf32")
+    assert prec == _fast.TF32_ROUNDED
+    d_exact = plans._depthwise(t, w_dw, b_dw, dil, fmt, plan)
+    for rounded, exact in ((d, d_exact), (w_rounded, w_pw)):
+        assert _tf32_ulp_rounded(rounded)
+        # to nearest: within half a TF32 ulp (2^-11 relative), and not simply the exact values
+        assert ((rounded - exact).abs() <= exact.abs() * 2.0 ** -11).all()
+        assert not torch.equal(rounded, exact)
+    cl = layout == "cl"
+    outs = []
+    for a, b, pr in ((d, w_rounded, prec), (d_exact, w_pw, "tf32")):
+        out = torch.empty(n, w_pw.shape[0], h, w, device=DEVICE).contiguous(memory_format=fmt)
+        plans._launch_gemm(a, b, x, out, prm, eps, epi, relu, cl, pr, plan.gemm)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    # and the op's own split plan is that GEMM
+    with plans.forced(plans.SPLIT):
+        if op == "dwconv_bn_act":
+            y = _kernels().dwconv_bn_act_forward(x, *map(dev, p), False, eps, relu)[0]
+        else:
+            y = _kernels().lka_gate_forward(x, *map(dev, p), dil)
+    assert torch.equal(y, outs[0])
