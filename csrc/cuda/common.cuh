@@ -482,6 +482,9 @@ struct WarpTile {
 
 // pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of the
 // tile; the accumulators go through shared memory into the SIMT kernel's per-thread layout.
+// Double-buffered: each thread fetches (loads or computes) its share of the next K step into
+// registers before the MMAs of the current one and stores it into the other buffer after them, so
+// the operand loads' latency overlaps the tensor cores and a step needs one barrier, not two.
 template <Mma M, class ALoad, class Epi>
 __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
     mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs, int64_t w_ks, int rows, int kdim, Geo g,
@@ -490,8 +493,10 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
   using Op = MmaOperand<M>;
   using S = typename Op::Storage;
   constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
-  __shared__ __align__(32) S As[BK][BM + PAD];  // operand (k, pixel): the MMA's B
-  __shared__ __align__(32) S Bs[BN][BK + PAD];  // weights (row, k): the MMA's A
+  constexpr int A_PER_THREAD = BK * BM / NT, B_PER_THREAD = BK * BN / NT;
+  static_assert(A_PER_THREAD * NT == BK * BM && B_PER_THREAD * NT == BK * BN, "whole tiles per thread");
+  __shared__ __align__(32) S As[2][BK][BM + PAD];  // operand (k, pixel): the MMA's B
+  __shared__ __align__(32) S Bs[2][BN][BK + PAD];  // weights (row, k): the MMA's A
   __shared__ __align__(32) float Cs[BN][BM + MMA_ACC_PAD];
   __shared__ int s_n[BM], s_h[BM], s_w[BM];
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -503,18 +508,54 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
   WarpTile<M, nvcuda::wmma::row_major> tile;
   tile.zero();
 
-  for (int k0 = 0; k0 < kdim; k0 += BK) {
-    for_each_in_tile<BK, BM>(channels_fast, [&](int kk, int pp) {
+  // Element j of this thread's share: consecutive threads on consecutive channels where A's
+  // channels are contiguous, else on consecutive pixels (for_each_in_tile's rule); weights k-fast.
+  auto a_at = [&](int j, int& kk, int& pp) {
+    const int i = tid + j * NT;
+    kk = channels_fast ? i % BK : i / BM;
+    pp = channels_fast ? i / BK : i % BM;
+  };
+  float a_next[A_PER_THREAD], b_next[B_PER_THREAD];
+  auto fetch = [&](int k0) {
+#pragma unroll
+    for (int j = 0; j < A_PER_THREAD; ++j) {
+      int kk, pp;
+      a_at(j, kk, pp);
       const int k = k0 + kk;
-      As[kk][pp] = Op::cvt((k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f);
-    });
-    for (int i = tid; i < BK * BN; i += NT) {
-      const int kk = i % BK, rr = i / BK, k = k0 + kk, r = r0 + rr;
-      Bs[rr][kk] = Op::cvt((r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f);
+      a_next[j] = (k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f;
     }
+#pragma unroll
+    for (int j = 0; j < B_PER_THREAD; ++j) {
+      const int i = tid + j * NT, k = k0 + i % BK, r = r0 + i / BK;
+      b_next[j] = (r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f;
+    }
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int j = 0; j < A_PER_THREAD; ++j) {
+      int kk, pp;
+      a_at(j, kk, pp);
+      As[buf][kk][pp] = Op::cvt(a_next[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < B_PER_THREAD; ++j) {
+      const int i = tid + j * NT;
+      Bs[buf][i / BK][i % BK] = Op::cvt(b_next[j]);
+    }
+  };
+
+  fetch(0);
+  stash(0);
+  __syncthreads();
+  int buf = 0;
+  for (int k0 = 0; k0 < kdim; k0 += BK) {
+    const bool more = k0 + BK < kdim;
+    if (more) fetch(k0 + BK);
+    tile.step(&Bs[buf][wr][0], BK + PAD, &As[buf][0][wp], BM + PAD);
+    // The other buffer was last read in the previous step, which the barrier below it closed.
+    if (more) stash(buf ^ 1);
     __syncthreads();
-    tile.step(&Bs[wr][0], BK + PAD, &As[0][wp], BM + PAD);
-    __syncthreads();
+    buf ^= 1;
   }
   tile.store(&Cs[wr][wp], BM + MMA_ACC_PAD);
   __syncthreads();
@@ -538,6 +579,9 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
 // column-major order; warp w owns rows 16*(w/2) and columns 32*(w%2) .. +31.
 // Column `sum_col` (or none when negative) has B = 1 everywhere: a bias gradient, i.e. the row sums
 // of A.  Those are taken in float32 from A before rounding, as exact as eager's separate reduction.
+// Double-buffered as mma_pix_gemm_kernel.  The pixels' coordinates change every step, so they are
+// computed two steps ahead into a third pair of buffers: the step after next's into the buffer
+// whose pixels the next step's fetch no longer needs, published by the same one barrier per step.
 template <Mma M, class ALoad, class BLoad>
 __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
     mma_wgrad_gemm_kernel(ALoad A, BLoad B, int R, int Ccols, int sum_col, int chunk, Geo g, float* __restrict__ part) {
@@ -545,10 +589,12 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
   using Op = MmaOperand<M>;
   using S = typename Op::Storage;
   constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
-  __shared__ __align__(32) S As[BK][BN + PAD];  // [pixel][row]
-  __shared__ __align__(32) S Bs[BK][BN + PAD];  // [pixel][col]
+  constexpr int PER_THREAD = BK * BN / NT;  // elements of each operand a thread stages per step
+  static_assert(PER_THREAD * NT == BK * BN, "whole tiles per thread");
+  __shared__ __align__(32) S As[2][BK][BN + PAD];  // [pixel][row]
+  __shared__ __align__(32) S Bs[2][BK][BN + PAD];  // [pixel][col]
   __shared__ __align__(32) float Cs[BN][BN + MMA_ACC_PAD];
-  __shared__ int s_n[BK], s_h[BK], s_w[BK];
+  __shared__ int s_n[2][BK], s_h[2][BK], s_w[2][BK];
   const int tid = threadIdx.x, warp = tid >> 5;
   const int c0 = blockIdx.x * BN, r0 = blockIdx.y * BN, s = blockIdx.z;
   const int wr = (warp >> 1) * MMA_FRAG, wc = (warp & 1) * 2 * MMA_FRAG;
@@ -559,26 +605,61 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
   // Thread t stages rows t/BK + j*(NT/BK) of every step: their unrounded sums (for sum_col).  So A
   // is staged pixel-fast in every layout; B follows its layout.
   const bool b_channels_fast = B.channels_contiguous();
-  constexpr int ROWS_PER_THREAD = BK * BN / NT;
-  float row_sum[ROWS_PER_THREAD] = {};
+  float row_sum[PER_THREAD] = {};
 
-  for (int q0 = pbeg; q0 < pend; q0 += BK) {
-    tile_pixels(q0, BK, g, pend, s_n, s_h, s_w);
-    __syncthreads();
+  float a_next[PER_THREAD], b_next[PER_THREAD];
+  auto b_at = [&](int j, int& kk, int& cc) {
+    const int i = tid + j * NT;
+    cc = b_channels_fast ? i % BN : i / BK;
+    kk = b_channels_fast ? i / BN : i % BK;
+  };
+  auto fetch = [&](int q0, int cb) {
 #pragma unroll
-    for (int j = 0; j < ROWS_PER_THREAD; ++j) {
-      const int i = tid + j * NT, kk = i % BK, rr = i / BK, r = r0 + rr;
-      const float a = (s_n[kk] >= 0 && r < R) ? A(r, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f;
-      row_sum[j] += a;
-      As[kk][rr] = Op::cvt(a);
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int i = tid + j * NT, kk = i % BK, r = r0 + i / BK;
+      const int n = s_n[cb][kk];
+      a_next[j] = (n >= 0 && r < R) ? A(r, n, s_h[cb][kk], s_w[cb][kk], q0 + kk) : 0.f;
+      row_sum[j] += a_next[j];
     }
-    for (int i = tid; i < BK * BN; i += NT) {
-      const int cc = b_channels_fast ? i % BN : i / BK, kk = b_channels_fast ? i / BN : i % BK, c = c0 + cc;
-      Bs[kk][cc] = Op::cvt((s_n[kk] >= 0 && c < Ccols) ? B(c, s_n[kk], s_h[kk], s_w[kk], q0 + kk) : 0.f);
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      int kk, cc;
+      b_at(j, kk, cc);
+      const int n = s_n[cb][kk], c = c0 + cc;
+      b_next[j] = (n >= 0 && c < Ccols) ? B(c, n, s_h[cb][kk], s_w[cb][kk], q0 + kk) : 0.f;
     }
+  };
+  auto stash = [&](int buf) {
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int i = tid + j * NT;
+      As[buf][i % BK][i / BK] = Op::cvt(a_next[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      int kk, cc;
+      b_at(j, kk, cc);
+      Bs[buf][kk][cc] = Op::cvt(b_next[j]);
+    }
+  };
+
+  tile_pixels(pbeg, BK, g, pend, s_n[0], s_h[0], s_w[0]);
+  tile_pixels(pbeg + BK, BK, g, pend, s_n[1], s_h[1], s_w[1]);
+  __syncthreads();
+  fetch(pbeg, 0);
+  stash(0);
+  __syncthreads();
+  int buf = 0;
+  for (int q0 = pbeg; q0 < pend; q0 += BK) {
+    const bool more = q0 + BK < pend;
+    if (more) fetch(q0 + BK, buf ^ 1);
+    tile.step(&As[buf][0][wr], BN + PAD, &Bs[buf][0][wc], BN + PAD);
+    // The other operand buffers were last read in the previous step, which the barrier below it
+    // closed; this step's pixels were last read by the fetch before it.
+    if (more) stash(buf ^ 1);
+    tile_pixels(q0 + 2 * BK, BK, g, pend, s_n[buf], s_h[buf], s_w[buf]);
     __syncthreads();
-    tile.step(&As[0][wr], BN + PAD, &Bs[0][wc], BN + PAD);
-    __syncthreads();
+    buf ^= 1;
   }
   tile.store(&Cs[wr][wc], BN + MMA_ACC_PAD);
   __syncthreads();
@@ -586,7 +667,7 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
   static_assert(BK == 16, "row sums reduce over 16 lanes");
   const bool has_sum_col = sum_col >= c0 && sum_col < c0 + BN;
 #pragma unroll
-  for (int j = 0; j < ROWS_PER_THREAD; ++j) {
+  for (int j = 0; j < PER_THREAD; ++j) {
     const float total = sum16(row_sum[j]);
     if (has_sum_col && tid % BK == 0) Cs[(tid + j * NT) / BK][sum_col - c0] = total;
   }
