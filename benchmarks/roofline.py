@@ -160,7 +160,10 @@ def dwconv_plans(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str, pa
         else:
             # statistics pass, then the apply pass recomputing z (no z written and re-read).
             fused = (Kernel(x + weights, pw, dw * tiles), Kernel(x + y + weights, pw, dw * tiles))
-            split = (Kernel(x + d, 0, dw), Kernel(d + weights, pw), Kernel(d + y + weights, pw))
+            # split (as built, kernels/plans.py dwconv_bn_act_train): d written once, the statistics
+            # GEMM, the merge of its per-program moments (a launch, bytes negligible), the apply GEMM.
+            split = (Kernel(x + d + tf32_weight_copy(dtype, cin, cout), 0, dw), Kernel(d + weights, pw), Kernel(0.0),
+                     Kernel(d + y + weights, pw))
             current = (Kernel(x + weights, cur_tc, cur_fma + dw * recompute),
                        Kernel(x + y + weights, cur_tc, cur_fma + dw * recompute))
         host = CURRENT_HOST_OPS[("dwconv_bn_act", mode, "fwd")]
@@ -206,9 +209,11 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
         # fused: a1 on chip with its halo, a2 written once, then the GEMM with the gate epilogue.
         w0_bytes, ws_bytes = (c * k0 * k0 + c) * es, (c * ks * ks + c) * es
         w1_bytes = weights - w0_bytes - ws_bytes
-        fused = (Kernel(act + act + w0_bytes + ws_bytes, 0, dw0 * halo + dws), Kernel(3 * act + w1_bytes, pw))
+        # (both write a2 for a GEMM, so both make its TF32 weight copy)
+        copy = tf32_weight_copy(dtype, c, c)
+        fused = (Kernel(act + act + w0_bytes + ws_bytes + copy, 0, dw0 * halo + dws), Kernel(3 * act + w1_bytes, pw))
         # split: a1 written, a2 written, GEMM + gate.
-        split = (Kernel(2 * act + w0_bytes, 0, dw0), Kernel(2 * act + ws_bytes + tf32_weight_copy(dtype, c, c), 0, dws),
+        split = (Kernel(2 * act + w0_bytes, 0, dw0), Kernel(2 * act + ws_bytes + copy, 0, dws),
                  Kernel(3 * act + w1_bytes, pw))
         current = (Kernel(2 * act, 0, dw0), Kernel(3 * act + weights, cur_tc, cur_fma + dws * recompute))
         host = CURRENT_HOST_OPS[("lka_gate", "-", "fwd")]

@@ -1,19 +1,19 @@
-"""Building blocks shared by both fused operators: five Triton kernels and their launchers.
+"""The Triton kernels of both operators' backward passes: five kernels and their launchers (the
+forward paths are the planned kernels of ``_fast`` and ``plans``).
 
 Every activation tensor is (N, C, H, W), NCHW-contiguous or channels_last (the ``CL`` constexpr), and
 is tiled as (BLOCK_P pixels of the flattened N*H*W) x (a block of channels).  Depthwise taps are
 gathered loads (neighbouring pixels of a tile hit L1/L2), accumulated in float32 registers.
 
 - ``_dw_pw_kernel``   depthwise conv of t, fed block by block over input channels to ``tl.dot`` with
-  the pointwise weights; the epilogue (``MODE``) turns the pointwise result into the op's output,
-  BatchNorm statistics, or backward quantities, so neither the depthwise nor the pointwise result
-  is ever written.
+  the pointwise weights; the epilogue (``MODE``) turns the pointwise result into the backward
+  quantities, so neither the depthwise nor the pointwise result is ever written.
 - ``_pw_bwd_data_kernel``  gd = gz @ W_pw (the gradient reaching the depthwise output), with the
   depthwise weight/bias gradients reduced from gd and the recomputed taps of t.
 - ``_pw_bwd_weight_kernel``  grad W_pw = gz^T @ dw(t) (dw recomputed), grad b_pw = sum gz.
 - ``_dw_bwd_kernel``  transposed depthwise conv (the input gradient), optionally plus another
   tensor, optionally with the weight gradients of a *preceding* depthwise conv.
-- ``_dw_fwd_kernel``  a plain depthwise conv (LKA's first conv, written once).
+- ``_dw_fwd_kernel``  a plain depthwise conv (LKA's first conv, recomputed once by its backward).
 
 Reductions over pixels never use atomics: each program walks a fixed set of pixel blocks
 (grid-stride over ``NUM_GROUPS`` groups) and writes one partial row; the host sums the rows in
@@ -31,8 +31,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _INTERP = tl.constexpr(INTERPRET)
 
-# Epilogues of _dw_pw_kernel.
-AFFINE, STATS, GATE, BN_BWD_STATS, BN_BWD_GZ, GATE_BWD = 0, 1, 2, 3, 4, 5
+# Epilogues of _dw_pw_kernel, all of the backward passes (the kernel compares the numbers).
+BN_BWD_STATS, BN_BWD_GZ, GATE_BWD = 3, 4, 5
 # Rows of the float32 parameter matrix the epilogues read.
 N_PRM = 8
 
@@ -178,7 +178,6 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
     comask = co < COUT
     ci_range = tl.arange(0, BLOCK_CI)
     # Per-channel reductions carried over this program's pixel blocks.
-    r_cnt = tl.zeros([BLOCK_CO], dtype=tl.float32)
     r_a = tl.zeros([BLOCK_CO], dtype=tl.float32)
     r_b = tl.zeros([BLOCK_CO], dtype=tl.float32)
     for pb in range(pid_g, n_pb, _groups(NUM_GROUPS, n_pb)):
@@ -210,27 +209,7 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
         prm6 = tl.load(prm_ptr + 6 * COUT + co, mask=comask, other=0.0)[None, :]
         off = _offsets(p, n, hw, co, COUT, HW, CL)
         omask = pmask[:, None] & comask[None, :]
-        if MODE == 0:  # AFFINE: BN (batch or running statistics) and both biases folded into prm0/1
-            y = acc * prm0 + prm1
-            if RELU:
-                y = tl.maximum(y, 0.0)
-            tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=omask)
-        elif MODE == 1:  # STATS: centred per-block moments, merged (Chan et al.) into the running ones
-            z = acc  # z - b_pw: the host adds b_pw in float64, so a large bias costs no precision
-            cnt = tl.sum(pmask.to(tl.float32), axis=0)
-            mb = tl.sum(tl.where(omask, z, 0.0), axis=0) / tl.maximum(cnt, 1.0)
-            dev = tl.where(omask, z - mb[None, :], 0.0)
-            m2b = tl.sum(dev * dev, axis=0)
-            tot = r_cnt + cnt
-            frac = cnt / tl.maximum(tot, 1.0)
-            delta = mb - r_a
-            r_a = r_a + delta * frac
-            r_b = r_b + m2b + delta * delta * r_cnt * frac
-            r_cnt = tot
-        elif MODE == 2:  # GATE: out = x * (pointwise + b1)
-            xv = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + off, (xv * (acc + prm0)).to(out_ptr.dtype.element_ty), mask=omask)
-        elif MODE == 5:  # GATE_BWD: grad of the pointwise output (g*x) and x's direct share (g*u)
+        if MODE == 5:  # GATE_BWD: grad of the pointwise output (g*x) and x's direct share (g*u)
             g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
             xv = tl.load(aux2_ptr + off, mask=omask, other=0.0).to(tl.float32)
             tl.store(out_ptr + off, (g * xv).to(out_ptr.dtype.element_ty), mask=omask)
@@ -245,11 +224,10 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
             if MODE == 4:
                 gz = prm4 * (g - prm5 - zhat * prm6)
                 tl.store(out_ptr + off, gz.to(out_ptr.dtype.element_ty), mask=omask)
-    if MODE == 1 or MODE == 3 or MODE == 4:
-        row = part_ptr + pid_g * (3 * COUT) + co
+    if MODE == 3 or MODE == 4:
+        row = part_ptr + pid_g * (2 * COUT) + co
         tl.store(row, r_a, mask=comask)
         tl.store(row + COUT, r_b, mask=comask)
-        tl.store(row + 2 * COUT, r_cnt, mask=comask)
 
 
 @triton.autotune(configs=PW_BWD_DATA_CONFIGS, key=_KEY)
@@ -490,11 +468,11 @@ def params(rows, cout: int, device) -> torch.Tensor:
 
 def dw_pw(mode, t, w_dw, b_dw, w_pw, prm, dilation, cl, relu=False, out=None, out2=None, aux=None,
           aux2=None, groups=0):
-    """Launch _dw_pw_kernel; returns the partial-row matrix (groups, 3, Cout) when it makes one."""
+    """Launch _dw_pw_kernel; returns the partial-row matrix (groups, 2, Cout) when it makes one."""
     n, cin, h, w = t.shape
     cout = w_pw.shape[0]
     k = _ksize(w_dw)
-    part = torch.empty((max(groups, 1), 3, cout), dtype=torch.float32, device=t.device) if groups else prm
+    part = torch.empty((max(groups, 1), 2, cout), dtype=torch.float32, device=t.device) if groups else prm
     dummy = t
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) *
                          (groups or triton.cdiv(n * h * w, meta["BLOCK_P"])),)

@@ -12,6 +12,10 @@ Three kernels, combined by ``kernels/plans.py`` into a plan per shape:
 - ``_gemm_kernel``   a large-tile tensor-core GEMM of the depthwise output with the pointwise
   weights, pipelined over K (``num_stages``), with the op's epilogue.  NCHW tiles are pixel runs
   inside one image (contiguous), channels_last tiles are flattened pixels (contiguous along C).
+- ``_gemm_stats_kernel`` and ``_bn_batch_stats_kernel``  the training forward of dwconv_bn_act:
+  the same GEMM reduced to BatchNorm's batch moments (z never written), merged on the device in a
+  fixed order into the batch statistics and the epilogue's scale and shift; ``_gemm_kernel`` then
+  recomputes z (the same tiles, the same bits) and applies them (``EPI_AFFINE``).
 
 Precision (``PREC``, read from ``torch.backends.cudnn.allow_tf32`` on the host per call): float32
 operands multiply as TF32 ("tf32") or at full precision ("tf32x3", three TF32 MMAs); float16 and
@@ -25,7 +29,8 @@ tile through registers and back to shared memory on every K step).
 Epilogues (``EPI``): ``EPI_BN`` folds eval BatchNorm and the pointwise bias in the prologue from
 gamma, beta and the running statistics (float32, on the device; the program of pixel block 0 also
 writes the returned copies of the statistics), then ReLU; ``EPI_GATE`` is lka's
-``x * (pointwise + b1)``.  The host runs no torch op besides allocating the outputs.
+``x * (pointwise + b1)``; ``EPI_AFFINE`` a per-channel scale and shift from a buffer (training),
+then ReLU.  The host runs no torch op besides allocating the outputs.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import triton.language as tl
 
 from ._common import _INTERP, _dw_tile, _offsets
 
-EPI_BN, EPI_GATE = 0, 1
+EPI_BN, EPI_GATE, EPI_AFFINE = 0, 1, 2
 TF32_ROUNDED = "tf32_rounded"
 # Weight rows per step of the depthwise kernel's TF32 weight copy (x its BLOCK_C columns).
 WPW_ROW_STEP = tl.constexpr(16)
@@ -129,11 +134,14 @@ def _patch(pid, H, W, BH: tl.constexpr, BW: tl.constexpr):
 @triton.jit
 def _prologue(co, comask, stat_lim, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr, eps,
               EPI: tl.constexpr):
-    """Per-channel epilogue parameters (p0, p1): BN's folded scale and shift (b_pw included), or
-    the gate's bias b1.  Channels below ``stat_lim`` (COUT in the first pixel block's programs, else
+    """Per-channel epilogue parameters (p0, p1): BN's folded scale and shift (b_pw included), the
+    gate's bias b1, or (EPI_AFFINE) a scale and shift computed before the launch, read from b_ptr
+    and g_ptr.  EPI_BN: channels below ``stat_lim`` (COUT in the first pixel block's programs, else
     0) also get the returned copies of the statistics written."""
     p0 = tl.load(b_ptr + co, mask=comask, other=0.0).to(tl.float32)
     p1 = p0
+    if EPI == 2:
+        p1 = tl.load(g_ptr + co, mask=comask, other=0.0)
     if EPI == 0:
         gamma = tl.load(g_ptr + co, mask=comask, other=0.0).to(tl.float32)
         beta = tl.load(be_ptr + co, mask=comask, other=0.0).to(tl.float32)
@@ -150,13 +158,13 @@ def _prologue(co, comask, stat_lim, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_p
 
 @triton.jit
 def _epilogue(acc, p0, p1, off, omask, out_ptr, x_ptr, EPI: tl.constexpr, RELU: tl.constexpr):
-    if EPI == 0:
+    if EPI == 1:
+        xv = tl.load(x_ptr + off, mask=omask, other=0.0).to(tl.float32)
+        y = xv * (acc + p0[None, :])
+    else:
         y = acc * p0[None, :] + p1[None, :]
         if RELU:
             y = tl.maximum(y, 0.0)
-    else:
-        xv = tl.load(x_ptr + off, mask=omask, other=0.0).to(tl.float32)
-        y = xv * (acc + p0[None, :])
     tl.store(out_ptr + off, _to(y, out_ptr.dtype.element_ty), mask=omask)
 
 
@@ -227,28 +235,34 @@ def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, wpw_ptr, wpw_out_ptr, N, H, W, C, C
 
 
 @triton.jit
-def _gemm_kernel(a_ptr, w_ptr, x_ptr, out_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr,
-                 eps, N, HW, CIN, COUT,
-                 EPI: tl.constexpr, RELU: tl.constexpr, CL: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = epilogue(a @ W^T): a is (N, CIN, H, W) activations, W is (COUT, CIN)."""
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(COUT, BLOCK_N)
-    pid_n = pid % n_tiles  # the output-channel tiles of one pixel block run together: a stays in L2
-    pid_m = pid // n_tiles
+def _m_tile(pid_m, N, HW, CL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Pixels of GEMM row tile pid_m: p = n*HW + hw, n, hw and their mask.  NCHW tiles are runs
+    inside one image (contiguous), channels_last tiles flattened pixels."""
     if CL:
         p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         pmask = p < N * HW
         n = p // HW
         hw = p % HW
     else:
-        m_tiles = tl.cdiv(HW, BLOCK_M)
-        n = pid_m // m_tiles
-        hw = (pid_m % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        per_image = tl.cdiv(HW, BLOCK_M)
+        n = pid_m // per_image
+        hw = (pid_m % per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
         pmask = hw < HW
         p = n * HW + hw
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    comask = co < COUT
+    return p, n, hw, pmask
+
+
+@triton.jit
+def _m_tiles(N, HW, CL: tl.constexpr, BLOCK_M: tl.constexpr):
+    if CL:
+        return tl.cdiv(N * HW, BLOCK_M)
+    return N * tl.cdiv(HW, BLOCK_M)
+
+
+@triton.jit
+def _gemm_tile(a_ptr, w_ptr, p, n, hw, pmask, co, comask, HW, CIN, CL: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 accumulator of a[p, :] @ W[co, :]^T over K = CIN, pipelined over K."""
     k_range = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, CIN, BLOCK_K):
@@ -259,10 +273,110 @@ def _gemm_kernel(a_ptr, w_ptr, x_ptr, out_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_
         b = tl.load(w_ptr + co[None, :] * CIN + ci[:, None], mask=cimask[:, None] & comask[None, :],
                     other=0.0)
         acc = _mma(a, b.to(a.dtype), acc, PREC)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, w_ptr, x_ptr, out_ptr, b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr, mean_ptr, var_ptr,
+                 eps, N, HW, CIN, COUT,
+                 EPI: tl.constexpr, RELU: tl.constexpr, CL: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = epilogue(a @ W^T): a is (N, CIN, H, W) activations, W is (COUT, CIN)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(COUT, BLOCK_N)
+    pid_n = pid % n_tiles  # the output-channel tiles of one pixel block run together: a stays in L2
+    pid_m = pid // n_tiles
+    p, n, hw, pmask = _m_tile(pid_m, N, HW, CL, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < COUT
+    acc = _gemm_tile(a_ptr, w_ptr, p, n, hw, pmask, co, comask, HW, CIN, CL, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     p0, p1 = _prologue(co, comask, COUT * (1 - tl.minimum(pid_m, 1)), b_ptr, g_ptr, be_ptr, rm_ptr, rv_ptr,
                        mean_ptr, var_ptr, eps, EPI)
     off = _offsets(p, n, hw, co, COUT, HW, CL)
     _epilogue(acc, p0, p1, off, pmask[:, None] & comask[None, :], out_ptr, x_ptr, EPI, RELU)
+
+
+@triton.jit
+def _gemm_stats_kernel(a_ptr, w_ptr, part_ptr, N, HW, CIN, COUT, GROUPS,
+                       CL: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """BatchNorm's batch moments of z = a @ W^T (b_pw left out: it moves the mean only), z never
+    stored.  Program (g, channel tile) walks the row tiles g, g + GROUPS, ... in order, centres
+    each tile's moments on the tile's own mean and merges them into its running (mean, M2, count)
+    by Chan's formula, then writes them as part[g] = (mean, M2, count) x COUT: GROUPS rows that
+    ``_bn_batch_stats_kernel`` merges, in a fixed order (no atomics: the same bits every run)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(COUT, BLOCK_N)
+    pid_n = pid % n_tiles
+    pid_g = pid // n_tiles
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < COUT
+    run_mean = tl.zeros([BLOCK_N], dtype=tl.float32)
+    run_m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    run_cnt = 0.0
+    for pid_m in range(pid_g, _m_tiles(N, HW, CL, BLOCK_M), GROUPS):
+        p, n, hw, pmask = _m_tile(pid_m, N, HW, CL, BLOCK_M)
+        acc = _gemm_tile(a_ptr, w_ptr, p, n, hw, pmask, co, comask, HW, CIN, CL, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        cnt = tl.sum(pmask.to(tl.float32), axis=0)
+        mean = tl.sum(tl.where(pmask[:, None], acc, 0.0), axis=0) / cnt
+        dev = tl.where(pmask[:, None], acc - mean[None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=0)
+        total = run_cnt + cnt
+        delta = mean - run_mean
+        run_mean += delta * (cnt / total)
+        run_m2 += m2 + delta * delta * (run_cnt * cnt / total)
+        run_cnt = total
+    row = part_ptr + pid_g * 3 * COUT + co
+    tl.store(row, run_mean, mask=comask)
+    tl.store(row + COUT, run_m2, mask=comask)
+    tl.store(row + 2 * COUT, tl.zeros([BLOCK_N], dtype=tl.float32) + run_cnt, mask=comask)
+
+
+@triton.jit
+def _stats_rows(part_ptr, g, c, cmask, GROUPS, COUT):
+    """Rows g of ``_gemm_stats_kernel``'s output, channels c: (mean, M2, count) in float64, zero
+    past GROUPS and COUT."""
+    m = (g < GROUPS)[:, None] & cmask[None, :]
+    row = part_ptr + g[:, None] * 3 * COUT + c[None, :]
+    mean_i = tl.load(row, mask=m, other=0.0).to(tl.float64)
+    m2_i = tl.load(row + COUT, mask=m, other=0.0).to(tl.float64)
+    cnt_i = tl.load(row + 2 * COUT, mask=m, other=0.0).to(tl.float64)
+    return mean_i, m2_i, cnt_i
+
+
+@triton.jit
+def _bn_batch_stats_kernel(part_ptr, b_ptr, g_ptr, be_ptr, mean_ptr, var_ptr, scale_ptr, shift_ptr, eps, GROUPS, COUT,
+                           BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The GROUPS rows of ``_gemm_stats_kernel`` merged in float64 (Chan's formula, a fixed order):
+    the batch mean (b_pw added back) and biased variance of z as float32 (the op's returned
+    statistics), and the training epilogue's scale = gamma /
+    sqrt(var + eps), shift = beta - (mean - b_pw) * scale, formed in float64 so that a large b_pw
+    cancels exactly.  Two passes over the rows: the count-weighted mean, then the centred M2."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < COUT
+    g_range = tl.arange(0, BLOCK_G)
+    total = tl.zeros([BLOCK_C], dtype=tl.float64)
+    weighted = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        mean_i, m2_i, cnt_i = _stats_rows(part_ptr, g0 + g_range, c, cmask, GROUPS, COUT)
+        total += tl.sum(cnt_i, axis=0)
+        weighted += tl.sum(cnt_i * mean_i, axis=0)
+    total = tl.where(cmask, total, 1.0)  # channels past COUT: no 0/0
+    mean = weighted / total
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        mean_i, m2_i, cnt_i = _stats_rows(part_ptr, g0 + g_range, c, cmask, GROUPS, COUT)
+        d = mean_i - mean[None, :]
+        m2 += tl.sum(m2_i + cnt_i * d * d, axis=0)
+    var = m2 / total
+    b_pw = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+    gamma = tl.load(g_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+    beta = tl.load(be_ptr + c, mask=cmask, other=0.0).to(tl.float64)
+    scale = gamma / tl.sqrt(var + eps)
+    tl.store(mean_ptr + c, (mean + b_pw).to(tl.float32), mask=cmask)
+    tl.store(var_ptr + c, var.to(tl.float32), mask=cmask)
+    tl.store(scale_ptr + c, scale.to(tl.float32), mask=cmask)
+    tl.store(shift_ptr + c, (beta - mean * scale).to(tl.float32), mask=cmask)
 
 
 @triton.jit

@@ -1,11 +1,12 @@
-"""dwconv_bn_act on the Triton kernels of ``_common``: forward and backward (see
-``dlkunet.ops.reference`` for the contract).
+"""dwconv_bn_act on the Triton kernels: forward and backward (see ``dlkunet.ops.reference`` for the
+contract).
 
-Forward, eval: one pass (BN and b_pw folded into a per-channel scale/shift of the pointwise result).
-Forward, training: a statistics pass (centred per-block moments, merged in float64: no
-E[z^2]-E[z]^2 cancellation), then the eval pass with the batch statistics.
-Backward: z is recomputed from x; gz (the gradient at z) is the one full intermediate written,
-plus gd (the gradient at the depthwise output) for the transposed depthwise conv.
+Forward (``plans``, the tensor-core kernels of ``_fast``): eval folds BN and b_pw into the GEMM's
+epilogue (1-2 launches); training reduces the batch moments of z in a statistics GEMM, merges them
+on the device (float64, a fixed order: no E[z^2]-E[z]^2 cancellation, no atomics), and recomputes z
+with the batch-statistics affine (4 launches).
+Backward (``_common``): z is recomputed from x; gz (the gradient at z) is the one full intermediate
+written, plus gd (the gradient at the depthwise output) for the transposed depthwise conv.
 """
 from __future__ import annotations
 
@@ -13,17 +14,6 @@ import torch
 
 from . import _common as C
 from . import plans as P
-
-
-def _merge_stats(part: torch.Tensor):
-    """Chan's merge of per-program (mean, M2, count) rows into the biased batch mean and variance
-    (float64: the epilogue's shift b_pw - mean is formed before rounding to float32)."""
-    part = part.double()
-    mean_i, m2_i, cnt_i = part[:, 0], part[:, 1], part[:, 2]
-    total = cnt_i.sum(0)
-    mean = (cnt_i * mean_i).sum(0) / total
-    m2 = (m2_i + cnt_i * (mean_i - mean) ** 2).sum(0)
-    return mean, m2 / total
 
 
 def _check(x, w_dw, w_pw):
@@ -41,27 +31,9 @@ def _check(x, w_dw, w_pw):
 
 def dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
                           training: bool, eps: float, relu: bool):
-    if not training:  # the planned tensor-core path: 1-2 launches, BN folded on the device
-        return P.dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var,
-                                    eps, relu)
-    x, fmt, cl, k, wd, wp = _check(x, w_dw, w_pw)
-    n, cin, h, w = x.shape
-    cout = wp.shape[0]
-    dev = x.device
-    bd = b_dw.to(x.dtype).contiguous()
     if training:
-        groups = C.num_groups(n * h * w, triton_cdiv(cout, 64))
-        part = C.dw_pw(C.STATS, x, wd, bd, wp, C.params([], cout, dev), 1, cl, groups=groups)
-        mean, var = _merge_stats(part)
-        mean = mean + b_pw.double()
-    else:
-        mean, var = running_mean.double(), running_var.double()
-    scale = torch.rsqrt(var + eps) * gamma.double()
-    shift = (b_pw.double() - mean) * scale + beta.double()
-    y = C.like(x, cout, fmt)
-    C.dw_pw(C.AFFINE, x, wd, bd, wp, C.params([scale.float(), shift.float()], cout, dev), 1, cl, relu=relu, out=y)
-    # float() copies: the statistics never alias the running buffers.
-    return y, mean.float(), var.float()
+        return P.dwconv_bn_act_train(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, eps, relu)
+    return P.dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps, relu)
 
 
 def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var,

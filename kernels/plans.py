@@ -446,6 +446,65 @@ def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, run
     return y, mean, var
 
 
+# Programs of the statistics GEMM per SM (each walks several row tiles): its partial rows are few
+# enough for one merging program per channel block.  Rows per step of that merge.
+STATS_PROGRAMS_PER_SM = 4
+STATS_MERGE_ROWS = 64
+STATS_MERGE_CHANNELS = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_type: str, index: Optional[int]) -> int:
+    if device_type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                                ).multi_processor_count
+    return 1  # the interpreter: a couple of programs, each walking several tiles
+
+
+def stats_groups(m_tiles: int, n_tiles: int, device: torch.device) -> int:
+    """Programs along the pixels of the statistics GEMM: enough for STATS_PROGRAMS_PER_SM per SM
+    together with the channel tiles, at most one per row tile."""
+    programs = STATS_PROGRAMS_PER_SM * _multiprocessors(device.type, device.index)
+    return max(1, min(m_tiles, triton.cdiv(programs, n_tiles)))
+
+
+def dwconv_bn_act_train(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, eps: float, relu: bool):
+    """Training forward of dwconv_bn_act on the split plan's kernels: (y, batch mean, biased batch
+    variance), float32 statistics.  4 launches: the depthwise kernel writes d once (under TF32
+    rounded, with the weight copy), the statistics GEMM reduces z's moments (z never stored), one
+    program per channel block merges them in float64, and the GEMM recomputes z with the same tile
+    (the same bits the statistics saw) and applies the batch-statistics affine and ReLU.  Recomputing
+    z costs a second GEMM; storing it would cost writing and re-reading the output, which at the
+    shallow, memory-bound levels is the larger of the two.  No host torch op but allocations."""
+    x, fmt, cl = _layout(x)
+    n, cin, h, w = x.shape
+    cout = w_pw.shape[0]
+    w_dw, w_pw = _dense(w_dw), _dense(w_pw)
+    b_dw, b_pw, gamma, beta = _dense(b_dw), _dense(b_pw), _dense(gamma), _dense(beta)
+    prec = precision(x.dtype)
+    plan = tiles(SPLIT, cin, cout, w, x.dtype)
+    d, w_gemm, gemm_prec = _gemm_operands(x, w_dw, b_dw, w_pw, 1, fmt, plan, prec)
+    bm, bn, bk, warps, stages = plan.gemm
+    m_tiles = triton.cdiv(n * h * w, bm) if cl else n * triton.cdiv(h * w, bm)
+    n_tiles = triton.cdiv(cout, bn)
+    groups = stats_groups(m_tiles, n_tiles, x.device)
+    part = torch.empty((groups, 3, cout), dtype=torch.float32, device=x.device)
+    F._gemm_stats_kernel[(groups * n_tiles,)](d, w_gemm, part, n, h * w, cin, cout, groups, CL=cl, PREC=gemm_prec,
+                                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                              num_stages=stages, maxnreg=MAX_REGISTERS)
+    mean = torch.empty(cout, dtype=torch.float32, device=x.device)
+    var = torch.empty(cout, dtype=torch.float32, device=x.device)
+    scale = torch.empty(cout, dtype=torch.float32, device=x.device)
+    shift = torch.empty(cout, dtype=torch.float32, device=x.device)
+    F._bn_batch_stats_kernel[(triton.cdiv(cout, STATS_MERGE_CHANNELS),)](
+        part, b_pw, gamma, beta, mean, var, scale, shift, float(eps), groups, cout, BLOCK_G=STATS_MERGE_ROWS,
+        BLOCK_C=STATS_MERGE_CHANNELS)
+    y = _empty(n, cout, h, w, x, fmt)
+    prm = (scale, shift, scale, scale, scale, scale, scale)  # EPI_AFFINE reads the first two
+    _launch_gemm(d, w_gemm, x, y, prm, 0.0, F.EPI_AFFINE, bool(relu), cl, gemm_prec, plan.gemm)
+    return y, mean, var
+
+
 def lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation: int):
     """lka_gate forward: a1 = dw_k0(x) written once, then fused (dilated dw + GEMM + gate) or split
     (a2 written once, then the GEMM with the gate).  2 or 3 launches."""

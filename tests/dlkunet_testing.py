@@ -151,14 +151,17 @@ def tf32_round(t):
     return ((b + 0xFFF + ((b >> 13) & 1)) & -8192).view(torch.float32)
 
 
-def eager_tf32_dwconv(x, p, eps):
-    """Eager eval dwconv_bn_act in float32 with TF32 on, against which TF32 kernels are judged: the
-    pointwise conv's operands rounded to TF32 (as cuDNN converts them), float32 elsewhere.  Emulated
-    on every device: on a GPU cuDNN picks a non-TF32 algorithm for shapes this small (measured on an
-    H200: error 1.2e-7, float32's), which would judge TF32 kernels by float32's budget."""
+def eager_tf32_dwconv(x, p, eps, training=False):
+    """Eager dwconv_bn_act in float32 with TF32 on, against which TF32 kernels are judged: the
+    pointwise conv's operands rounded to TF32 (as cuDNN converts them), float32 elsewhere (training:
+    BatchNorm with the batch statistics of that z).  Emulated on every device: on a GPU cuDNN picks a
+    non-TF32 algorithm for shapes this small (measured on an H200: error 1.2e-7, float32's), which
+    would judge TF32 kernels by float32's budget."""
     w_dw, b_dw, w_pw, b_pw, gamma, beta, rm, rv = [t.float() for t in p]
     d = _reference.depthwise_conv(x.float(), w_dw, b_dw)
     z = torch.nn.functional.conv2d(tf32_round(d), tf32_round(w_pw), b_pw)
+    if training:
+        rv, rm = torch.var_mean(z, dim=(0, 2, 3), correction=0)
     y = (z - rm.view(1, -1, 1, 1)) * torch.rsqrt(rv + eps).view(1, -1, 1, 1) * gamma.view(1, -1, 1, 1)
     return torch.relu(y + beta.view(1, -1, 1, 1))
 

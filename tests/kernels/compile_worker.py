@@ -51,11 +51,10 @@ def _kkp(k):
 def _specialisations(name):
     """Every constexpr combination the launchers in kernels/dwconv_bn_act.py and lka_gate.py pass."""
     if name == "dw_pw":
-        dw = [dict(K=k, DIL=1, MODE=C.STATS, RELU=False) for k in DW_SIZES]
-        dw += [dict(K=k, DIL=1, MODE=m, RELU=r) for k in DW_SIZES
-               for m in (C.AFFINE, C.BN_BWD_STATS, C.BN_BWD_GZ) for r in (True, False)]
+        dw = [dict(K=k, DIL=1, MODE=m, RELU=r) for k in DW_SIZES
+              for m in (C.BN_BWD_STATS, C.BN_BWD_GZ) for r in (True, False)]
         ks = sorted({(ks, d) for _, ks, d in LKA_SIZES})
-        lka = [dict(K=k, DIL=d, MODE=m, RELU=False) for k, d in ks for m in (C.GATE, C.GATE_BWD)]
+        lka = [dict(K=k, DIL=d, MODE=C.GATE_BWD, RELU=False) for k, d in ks]
         base = dw + lka
     elif name in ("pw_bwd_data", "pw_bwd_weight"):
         kd = [(k, 1) for k in DW_SIZES] + sorted({(ks, d) for _, ks, d in LKA_SIZES})

@@ -23,7 +23,8 @@ from dlkunet.kernels import _fast as F  # noqa: E402
 from dlkunet.kernels import plans as P  # noqa: E402
 
 # Per-channel parameter pointers and the statistics copies are float32; eps is a float.
-FP32_PTRS = {"b_ptr", "g_ptr", "be_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr"}
+FP32_PTRS = {"b_ptr", "g_ptr", "be_ptr", "rm_ptr", "rv_ptr", "mean_ptr", "var_ptr", "part_ptr", "scale_ptr",
+             "shift_ptr"}
 # Channel counts of the real shapes are multiples of 16 (Triton specialises such ints at run time).
 DIVISIBLE = {"CIN", "COUT", "C", "HW"}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -45,7 +46,8 @@ def _precs(dtype):
 
 def specialisations(kernels):
     """(kernel name, dtype, precision, constexprs, num_warps, num_stages) of every shipped tile and
-    launch combination: eval dwconv (EPI_BN, RELU, k=3) and the lka gate (EPI_GATE, ks=7, d=3);
+    launch combination: eval dwconv (EPI_BN, RELU, k=3), the lka gate (EPI_GATE, ks=7, d=3), the
+    training forward (the statistics GEMM, its merge, EPI_AFFINE);
     both layouts; float32 with TF32 and with tf32x3, bfloat16 and float16."""
     out = []
     for kind, family, tile in P.shipped_configs():
@@ -66,10 +68,13 @@ def specialisations(kernels):
                 elif kind == "gemm":
                     bm, bn, bk, warps, stages = tile
                     for prec in _precs(dtype):
-                        for epi, relu in ((F.EPI_BN, True), (F.EPI_GATE, False)):
+                        for epi, relu in ((F.EPI_BN, True), (F.EPI_GATE, False), (F.EPI_AFFINE, True)):
                             consts = dict(EPI=epi, RELU=relu, CL=cl, PREC=prec, BLOCK_M=bm, BLOCK_N=bn,
                                           BLOCK_K=bk)
                             out.append(("gemm", F._gemm_kernel, dtype, consts, warps, stages))
+                        # the training forward's statistics pass, on the same tile
+                        consts = dict(CL=cl, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                        out.append(("stats", F._gemm_stats_kernel, dtype, consts, warps, stages))
                 elif kind == "dw":
                     bh, bw, bc, warps = tile
                     for k, dil in ((3, 1), (5, 1), (7, 3)):
@@ -81,6 +86,9 @@ def specialisations(kernels):
         bco, bci = P.FOLD_TILE
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             out.append(("fold", F._fold_bn_kernel, dtype, dict(BLOCK_CO=bco, BLOCK_CI=bci), P.FOLD_WARPS, 3))
+    if "merge" in kernels:  # the training forward's float64 merge of the statistics (no MMA)
+        consts = dict(BLOCK_G=P.STATS_MERGE_ROWS, BLOCK_C=P.STATS_MERGE_CHANNELS)
+        out.append(("merge", F._bn_batch_stats_kernel, torch.float32, consts, 4, 1))
     return out
 
 
@@ -92,7 +100,7 @@ def ci_subset(specs):
     keep = []
     for spec in specs:
         name, _, dtype, c, warps, _ = spec
-        if name == "gemm" and c["EPI"] == F.EPI_BN:
+        if name in ("gemm", "stats") and c.get("EPI", F.EPI_BN) == F.EPI_BN:
             keep.append(spec)
         elif name == "fused" and c["EPI"] == F.EPI_BN and c["BLOCK_CO"] == 256 and c["BW"] == 32:
             keep.append(spec)
@@ -103,7 +111,7 @@ def ci_subset(specs):
             keep.append(spec)
         elif name == "dw" and c["ROUND_TF32"] and c["K"] == 7 and c["BW"] == 32:
             keep.append(spec)
-        elif name == "fold" and dtype == torch.float32:
+        elif name in ("fold", "merge") and dtype == torch.float32:
             keep.append(spec)
     return keep
 
@@ -145,7 +153,7 @@ def compile_one(fn, consts, dtype, arch, num_warps, num_stages):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("arch", type=int)
-    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw", "fold"])
+    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw", "fold", "merge"])
     ap.add_argument("--dump", default=None)
     ap.add_argument("--all", action="store_true", help="every shipped specialisation, not the CI subset")
     args = ap.parse_args()

@@ -1,5 +1,6 @@
-"""The planned Triton forward paths inside a CUDA graph (issue 13): captured once, replayed on new
-inputs, they give what a direct call gives.  Needs a GPU (the interpreter has no graphs)."""
+"""The planned Triton forward paths (eval and training) inside a CUDA graph (issue 13): captured
+once, replayed on new inputs, they give what a direct call gives.  Needs a GPU (the interpreter has
+no graphs)."""
 from __future__ import annotations
 
 import pytest
@@ -39,6 +40,27 @@ def test_eval_dwconv_bn_act_replays_in_a_cuda_graph(plan, dtype):
                 assert rel_err(static_out, want) <= BUDGET[dtype], (plan, dtype, seed)
             else:  # our kernels are deterministic: the replay is the direct call, bit for bit
                 assert torch.equal(static_out, fn(static_x)), (plan, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_dwconv_bn_act_forward_replays_in_a_cuda_graph(dtype):
+    """The training forward (statistics merged on the device, no host sync) captured and replayed:
+    the output and the batch statistics of a direct call, bit for bit."""
+    from dlkunet import kernels
+    g = torch.Generator().manual_seed(5)
+    x, p = dwconv_inputs(4, 32, 48, 20, 24, 3, 0.0, g)
+    params = [t.to("cuda", dtype) for t in p[:4]] + [t.float().cuda() for t in p[4:]]
+
+    def fn(inp):
+        return kernels.dwconv_bn_act_forward(inp, *params, True, 1e-5, True)
+    static_x = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    graph, static_out = graphed(fn, static_x)
+    for seed in (7, 8):
+        static_x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(static_out, fn(static_x)):
+            assert torch.equal(got, want), (dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -175,6 +175,24 @@ def test_eval_forward_host_overhead(plan):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_training_forward_host_overhead(tf32, tf32_flag):
+    """Training dwconv_bn_act forward: the depthwise kernel, the statistics GEMM, the on-device
+    merge and the GEMM with the batch-statistics affine, in that order; no torch op but the
+    allocations of d, the partial moments, the two statistics, scale, shift and y (and under TF32
+    the rounded weight copy).  The statistics merge used to be ~10 host torch ops in float64."""
+    kernels, _ = _modules()
+    tf32_flag(tf32)
+    g = torch.Generator().manual_seed(8)
+    x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
+    xf, pf = x.float(), [t.float() for t in p]
+    kernels.dwconv_bn_act_forward(xf, *pf, True, 1e-5, True)
+    launches, ops = _count_host_work(lambda: kernels.dwconv_bn_act_forward(xf, *pf, True, 1e-5, True))
+    assert launches == ["_dw_kernel", "_gemm_stats_kernel", "_bn_batch_stats_kernel", "_gemm_kernel"], launches
+    assert set(ops) <= {"aten::empty", "aten::empty_like"} and len(ops) == 7 + int(tf32), ops
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
 def test_split_cublas_host_work():
     """Eval dwconv_bn_act on split_cublas: 2 Triton launches (depthwise, BN folding) and one library
     GEMM with its bias+ReLU epilogue on views of d and y: 3 launches in all, no copy."""

@@ -26,7 +26,9 @@ import pytest
 pytest.importorskip("triton")
 
 # Kernels without a GEMM (checked for spills and shared memory only).
-NO_GEMM = ("dw", "fold")
+NO_GEMM = ("dw", "fold", "merge")
+# The GEMM kernels and their precision modes.
+GEMMS = ("fused", "gemm", "stats")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensor_core_worker.py")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 PTX_OP = {90: "wgmma.mma_async", 80: "mma.sync"}
@@ -62,7 +64,7 @@ def test_no_spills_and_shared_memory_within_limits(compiled):
         elif r["shared"] > SHARED_LIMIT[arch]:
             bad.append(f"{_what(r)}: {r['shared']} bytes of shared memory")
     assert not bad, "\n".join(bad)
-    assert {r["kernel"] for r in results} == {"fused", "gemm", "dw", "fold"}
+    assert {r["kernel"] for r in results} == set(GEMMS + NO_GEMM)
 
 
 @pytest.mark.slow
@@ -78,8 +80,8 @@ def test_gemms_run_on_tensor_cores_in_every_dtype_and_mode(compiled):
         assert ptx_ok, f"{_what(r)}: no {PTX_OP[arch]} {PTX_TYPE[r['dtype']]} in the PTX: {r['ptx_tc']}"
         assert r["ptx_tc"] == ptx_ok, f"{_what(r)}: other MMA types too: {r['ptx_tc']}"
         assert any(i.startswith(SASS_OP[arch]) for i in r["sass_tc"]), f"{_what(r)}: SASS {r['sass_tc']}"
-    assert seen == ({(k, m) for k in ("fused", "gemm") for m in ("tf32", "tf32x3", "bf16", "fp16")}
-                    | {("gemm", "tf32_rounded")}), seen
+    assert seen == ({(k, m) for k in GEMMS for m in ("tf32", "tf32x3", "bf16", "fp16")}
+                    | {("gemm", "tf32_rounded"), ("stats", "tf32_rounded")}), seen
 
     # MMA work per K tile, in multiples of the tile's products (tensor_core_worker.mma_work): one
     # MMA per product for TF32 and for 16-bit (the old kernels ran two for 16-bit: hi + lo), at least
@@ -92,22 +94,23 @@ def test_gemms_run_on_tensor_cores_in_every_dtype_and_mode(compiled):
         if r["kernel"] not in NO_GEMM and r["ok"]:
             mode = r["consts"]["PREC"] if r["dtype"] == "fp32" else r["dtype"]
             by_mode.setdefault((r["kernel"], mode), set()).add(work(r))
-    for kernel in ("fused", "gemm"):
+    for kernel in GEMMS:
         one = by_mode[(kernel, "tf32")]
         assert len(one) == 1 and one == by_mode[(kernel, "bf16")] == by_mode[(kernel, "fp16")], (kernel, by_mode)
         assert min(by_mode[(kernel, "tf32x3")]) >= 3 * max(one), (kernel, by_mode)
-    assert by_mode[("gemm", "tf32_rounded")] == by_mode[("gemm", "tf32")], by_mode
+    for kernel in ("gemm", "stats"):
+        assert by_mode[(kernel, "tf32_rounded")] == by_mode[(kernel, "tf32")], by_mode
 
 
 @pytest.mark.slow
 def test_gemm_operands_reach_the_tensor_cores_untouched(compiled):
-    """The split plan's GEMM under TF32 reads operands its depthwise kernel stored rounded: no
+    """The split plan's GEMMs under TF32 read operands its depthwise kernel stored rounded: no
     per-element conversion in it, and on sm_90 the wgmma takes both tiles from shared memory as the
     pipelined loads left them (A as a descriptor, like the 16-bit GEMMs).  Rounding in the kernel
     (the ``tf32`` mode) moves A through registers: the H200 measured that GEMM at 2.0-2.5x cuBLAS's
     time, the 16-bit one (operands untouched) at 1.6x."""
     arch, results = compiled
-    gemms = [r for r in results if r["kernel"] == "gemm" and r["ok"]]
+    gemms = [r for r in results if r["kernel"] in ("gemm", "stats") and r["ok"]]
     untouched = [r for r in gemms if r["dtype"] != "fp32" or r["consts"]["PREC"] == "tf32_rounded"]
     assert {r["dtype"] for r in untouched} == {"fp32", "bf16", "fp16"}
     for r in untouched:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dlkunet.ops import availability, reference
+from dlkunet_testing import BUDGET
 from dlkunet_testing import dwconv_inputs as _dwconv_inputs
 from dlkunet_testing import eager_tf32_dwconv, eager_tf32_lka
 from dlkunet_testing import lka_inputs as _lka_inputs
@@ -189,3 +190,53 @@ def test_split_gemm_reads_operands_rounded_once_to_tf32(op, layout, tf32_flag):
         else:
             y = _kernels().lka_gate_forward(x, *map(dev, p), dil)
     assert torch.equal(y, outs[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The training forward of dwconv_bn_act on the planned kernels (kernels/plans.py
+# dwconv_bn_act_train): depthwise kernel, statistics GEMM, on-device merge, GEMM with the affine.
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_statistics_merge_many_row_tiles_per_program(layout, dtype):
+    """Programs of the statistics GEMM that walk several row tiles (and channel tiles beyond the
+    first) merge their moments into the batch statistics of z within float32's budget."""
+    from dlkunet.kernels import plans
+    g = torch.Generator().manual_seed(17)
+    n, cin, cout, h, w = 2, 8, 40, 12, 13
+    x, p = _dwconv_inputs(n, cin, cout, h, w, 3, 0.0, g)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    bm, bn = plans.tiles(plans.SPLIT, cin, cout, w, dtype).gemm[:2]
+    m_tiles = -(-n * h * w // bm) if layout == "cl" else n * -(-h * w // bm)
+    n_tiles = -(-cout // bn)
+    groups = plans.stats_groups(m_tiles, n_tiles, torch.device(DEVICE))
+    assert n_tiles > 1 and m_tiles > groups, (m_tiles, n_tiles, groups)  # the case this test is for
+    dev = lambda t: t.to(DEVICE, dtype)  # noqa: E731
+    params = [dev(t) for t in p[:4]] + [t.float().to(DEVICE) for t in p[4:]]
+    xd = dev(x).contiguous(memory_format=fmt)
+    y, mean, var = _kernels().dwconv_bn_act_forward(xd, *params, True, 1e-5, True)
+    # The reference on the inputs as the kernels see them (16-bit: rounded), in float64.
+    y_ref, mean_ref, var_ref = reference.dwconv_bn_act_forward(xd.double(), *[t.double() for t in params],
+                                                              True, 1e-5, True)
+    assert mean.dtype == var.dtype == torch.float32
+    assert rel_err(mean, mean_ref) <= BUDGET[dtype] and rel_err(var, var_ref) <= BUDGET[dtype], (mean, var)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    assert rel_err(y, y_ref) <= BUDGET[dtype]
+
+
+def test_training_forward_precision_follows_the_cudnn_tf32_flag(tf32_flag):
+    g = torch.Generator().manual_seed(19)
+    x, p = _dwconv_inputs(2, 40, 24, 5, 6, 3, 0.0, g)
+    y_ref, _, var_ref = reference.dwconv_bn_act_forward(x, *p, True, 1e-5, True)
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    errs = {}
+    for on in (False, True):
+        tf32_flag(on)
+        y, _, var = _kernels().dwconv_bn_act_forward(dev(x).contiguous(memory_format=torch.channels_last),
+                                                     *map(dev, p), True, 1e-5, True)
+        errs[on] = rel_err(y, y_ref)
+    eager_tf32 = rel_err(eager_tf32_dwconv(x, p, 1e-5, training=True), y_ref)
+    assert errs[False] <= 1e-5, errs
+    assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)
+    assert errs[True] > 10 * errs[False], errs  # TF32 really ran
