@@ -14,9 +14,11 @@ design, not a measurement: the measured tables are benchmarks/results/.
 
 Plans (the Triton/CUDA issue's vocabulary):
 
-``current``  what the kernels shipped today do: the depthwise taps recomputed for every
-             ``CURRENT_BLOCK_CO``-wide block of output channels, the float32 GEMM on FMA units at
-             IEEE precision, 16-bit inputs as two MMAs (hi + lo parts), plus the host-side torch ops.
+``current``  the kernels the H200 measured on 2026-11-26, the baseline the plans replace: the
+             depthwise taps recomputed for every ``CURRENT_BLOCK_CO``-wide block of output
+             channels, the float32 GEMM on FMA units at IEEE precision, 16-bit inputs as two MMAs
+             (hi + lo parts), plus the host-side torch ops.  (The backward passes still run those
+             kernels' tiling, with their GEMMs since on tensor cores.)
 ``fused``    one kernel per pass whose tile holds all output channels: each depthwise tap is
              computed once per pass, the depthwise result never leaves the chip, the GEMM runs on
              tensor cores.  For lka_gate the 5x5 result a1 stays in shared memory with its halo, so

@@ -15,6 +15,10 @@ gathered loads (neighbouring pixels of a tile hit L1/L2), accumulated in float32
   tensor, optionally with the weight gradients of a *preceding* depthwise conv.
 - ``_dw_fwd_kernel``  a plain depthwise conv (LKA's first conv, recomputed once by its backward).
 
+Products run on tensor cores in the precision mode the caller passes (``PREC``, PyTorch's
+convolution rule as in the forward: ``plans.precision``); operands in 16-bit inputs are rounded to
+their dtype as the forward rounds them.
+
 Reductions over pixels never use atomics: each program walks a fixed set of pixel blocks
 (grid-stride over ``NUM_GROUPS`` groups) and writes one partial row; the host sums the rows in
 float64.  That keeps results deterministic and every kernel safe to re-run while autotuning.
@@ -22,14 +26,13 @@ float64.  That keeps results deterministic and every kernel safe to re-run while
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_INTERP = tl.constexpr(INTERPRET)
+from ._precision import INTERPRET, _mma, _to
+
 
 # Epilogues of _dw_pw_kernel, all of the backward passes (the kernel compares the numbers).
 BN_BWD_STATS, BN_BWD_GZ, GATE_BWD = 3, 4, 5
@@ -76,7 +79,7 @@ else:
         _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
     ]
 
-_KEY = ["N", "H", "W", "CIN", "COUT", "K", "DIL", "MODE", "CL"]
+_KEY = ["N", "H", "W", "CIN", "COUT", "K", "DIL", "MODE", "CL", "PREC"]
 _DW_KEY = ["N", "H", "W", "C", "K", "DIL", "K2", "ADD", "CL"]
 
 
@@ -131,18 +134,6 @@ def _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W,
 
 
 @triton.jit
-def _dot(a, b, acc):
-    """acc + a @ b in float32; IEEE float32 products (no TF32) when a and b are float32."""
-    if _INTERP:
-        if a.dtype == tl.bfloat16:
-            # Triton 3.9's interpreter multiplies the raw bits of bfloat16 operands; bf16 -> fp32
-            # is exact, so upcasting gives what the tensor cores compute.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-@triton.jit
 def _pixels(pb, P, HW, W, BLOCK_P: tl.constexpr):
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     n = p // HW
@@ -165,7 +156,7 @@ def _groups(NUM_GROUPS, n_pb):
 def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, aux_ptr, aux2_ptr,
                   part_ptr, N, H, W, CIN, COUT, NUM_GROUPS,
                   K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, RELU: tl.constexpr,
-                  CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
+                  CL: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
                   BLOCK_CI: tl.constexpr):
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
@@ -190,15 +181,9 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
                          K, DIL, CL, BLOCK_P, BLOCK_CI)
             wp = tl.load(wpw_ptr + co[None, :] * CIN + ci[:, None],
                          mask=cimask[:, None] & comask[None, :], other=0.0)
-            if wp.dtype == tl.float32:
-                acc = _dot(d, wp, acc)
-            else:
-                # d as a sum of two half-precision parts: z then carries ~16 mantissa bits of d, not
-                # 8 (bfloat16), so the ReLU mask and BN statistics match the exact ones; the
-                # second MMA is free in this memory-bound kernel.
-                d_hi = d.to(wp.dtype)
-                acc = _dot(d_hi, wp, acc)
-                acc = _dot((d - d_hi.to(tl.float32)).to(wp.dtype), wp, acc)
+            # d rounded to the input dtype, as the forward's depthwise stage stores it: the z
+            # recomputed here is the forward's (its ReLU mask and statistics), up to summation order.
+            acc = _mma(_to(d, wp.dtype), wp, acc, PREC)
         # Loaded here, not before the loops: kept live across them they cost ~100 registers.
         prm0 = tl.load(prm_ptr + co, mask=comask, other=0.0)[None, :]
         prm1 = tl.load(prm_ptr + COUT + co, mask=comask, other=0.0)[None, :]
@@ -234,7 +219,7 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
 @triton.jit
 def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, COUT, NUM_GROUPS,
                         K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr,
-                        KKP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        PREC: tl.constexpr, KKP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
                         BLOCK_CO: tl.constexpr):
     """gd = gz @ W_pw; partial rows of grad w_dw[c, tap] = sum gd * t(tap) and grad b_dw = sum gd."""
     PAD: tl.constexpr = DIL * (K - 1) // 2
@@ -261,7 +246,7 @@ def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, 
                          mask=pmask[:, None] & comask[None, :], other=0.0)
             wp = tl.load(wpw_ptr + co[:, None] * CIN + ci[None, :],
                          mask=comask[:, None] & cimask[None, :], other=0.0)
-            acc = _dot(gz, wp.to(gz.dtype), acc)
+            acc = _mma(gz, wp.to(gz.dtype), acc, PREC)
         tl.store(gd_ptr + _offsets(p, n, hw, ci, CIN, HW, CL), acc.to(gd_ptr.dtype.element_ty),
                  mask=pmask[:, None] & cimask[None, :])
         bacc += tl.sum(acc, axis=0)
@@ -289,7 +274,7 @@ def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, 
 def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, wpart_ptr, bpart_ptr,
                           N, H, W, CIN, COUT, NUM_GROUPS,
                           K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr,
-                          BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+                          PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
     """Partial rows of grad W_pw = gz^T @ dw(t) (dw recomputed) and of grad b_pw = sum gz."""
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
@@ -312,7 +297,7 @@ def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, wpart_ptr, bpart_ptr,
                      mask=pmask[:, None] & comask[None, :], other=0.0)
         d = _dw_tile(t_ptr, wdw_ptr, bdw_ptr, n, h, w, pmask, ci, cimask, CIN, H, W,
                      K, DIL, CL, BLOCK_P, BLOCK_CI)
-        acc = _dot(tl.trans(gz), d.to(gz.dtype), acc)
+        acc = _mma(tl.trans(gz), _to(d, gz.dtype), acc, PREC)
         bacc += tl.sum(gz.to(tl.float32), axis=0)
     tl.store(wpart_ptr + pid_g * (COUT * CIN) + co[:, None] * CIN + ci[None, :], acc,
              mask=comask[:, None] & cimask[None, :])
@@ -466,9 +451,10 @@ def params(rows, cout: int, device) -> torch.Tensor:
     return prm
 
 
-def dw_pw(mode, t, w_dw, b_dw, w_pw, prm, dilation, cl, relu=False, out=None, out2=None, aux=None,
+def dw_pw(mode, t, w_dw, b_dw, w_pw, prm, dilation, cl, prec, relu=False, out=None, out2=None, aux=None,
           aux2=None, groups=0):
-    """Launch _dw_pw_kernel; returns the partial-row matrix (groups, 2, Cout) when it makes one."""
+    """Launch _dw_pw_kernel (products in precision mode ``prec``, ``_precision._mma``); returns the
+    partial-row matrix (groups, 2, Cout) when it makes one."""
     n, cin, h, w = t.shape
     cout = w_pw.shape[0]
     k = _ksize(w_dw)
@@ -479,11 +465,11 @@ def dw_pw(mode, t, w_dw, b_dw, w_pw, prm, dilation, cl, relu=False, out=None, ou
     _dw_pw_kernel[grid](t, w_dw, b_dw, w_pw, prm, out if out is not None else dummy,
                         out2 if out2 is not None else dummy, aux if aux is not None else dummy,
                         aux2 if aux2 is not None else dummy, part, n, h, w, cin, cout, groups,
-                        K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl)
+                        K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl, PREC=prec)
     return part if groups else None
 
 
-def pw_bwd_data(gz, w_pw, t, k, dilation, cl, gd):
+def pw_bwd_data(gz, w_pw, t, k, dilation, cl, prec, gd):
     """gd = gz @ W_pw, and the (k*k + 1, Cin) float32 gradient of the depthwise weights and bias."""
     n, cin, h, w = t.shape
     cout = w_pw.shape[0]
@@ -491,11 +477,12 @@ def pw_bwd_data(gz, w_pw, t, k, dilation, cl, gd):
     part = torch.empty((groups, k * k + 1, cin), dtype=torch.float32, device=t.device)
     grid = lambda meta: (triton.cdiv(cin, meta["BLOCK_CI"]) * groups,)
     _pw_bwd_data_kernel[grid](gz, w_pw, t, gd, part, n, h, w, cin, cout, groups,
-                              K=k, DIL=dilation, MODE=0, CL=cl, KKP=triton.next_power_of_2(k * k))
+                              K=k, DIL=dilation, MODE=0, CL=cl, PREC=prec,
+                              KKP=triton.next_power_of_2(k * k))
     return part.double().sum(0).float()
 
 
-def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl):
+def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl, prec):
     """grad W_pw (Cout, Cin) and grad b_pw (Cout,), float32."""
     n, cin, h, w = t.shape
     cout = gz.shape[1]
@@ -504,7 +491,7 @@ def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl):
     bpart = torch.empty((groups, cout), dtype=torch.float32, device=t.device)
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) * triton.cdiv(cin, meta["BLOCK_CI"]) * groups,)
     _pw_bwd_weight_kernel[grid](gz, t, w_dw, b_dw, wpart, bpart, n, h, w, cin, cout, groups,
-                                K=_ksize(w_dw), DIL=dilation, MODE=0, CL=cl)
+                                K=_ksize(w_dw), DIL=dilation, MODE=0, CL=cl, PREC=prec)
     return wpart.double().sum(0).float(), bpart.double().sum(0).float()
 
 

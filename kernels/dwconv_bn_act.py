@@ -45,6 +45,7 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
     dev = x.device
     assert tuple(grad_y.shape) == (n, cout, h, w), "grad_y: the output's shape"
     gy = grad_y.to(x.dtype).contiguous(memory_format=fmt)
+    prec = P.precision(x.dtype)
     bd = b_dw.to(x.dtype).contiguous()
     rstd = torch.rsqrt(var.float() + eps)
     g_ = gamma.float()
@@ -53,21 +54,21 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
     gz = C.like(x, cout, fmt)
     if training:
         # grad_z = gamma*rstd*(g - mean(g) - zhat*mean(g*zhat)): the two means need a pass of their own.
-        part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, relu=relu,
+        part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, prec, relu=relu,
                        aux=gy, groups=groups)
         sums = part[:, :2].double().sum(0)
         m = float(n * h * w)
         rows += [(sums[0] / m).float(), (sums[1] / m).float()]
-        C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, relu=relu, out=gz, aux=gy,
+        C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, prec, relu=relu, out=gz, aux=gy,
                 groups=groups)
     else:
-        part = C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, relu=relu, out=gz,
+        part = C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, prec, relu=relu, out=gz,
                        aux=gy, groups=groups)
         sums = part[:, :2].double().sum(0)
     grad_beta, grad_gamma = sums[0].float(), sums[1].float()
     gd = C.like(x, cin, fmt)
-    dwp = C.pw_bwd_data(gz, wp, x, k, 1, cl, gd)
-    grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl)
+    dwp = C.pw_bwd_data(gz, wp, x, k, 1, cl, prec, gd)
+    grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl, prec)
     grad_x = C.like(x, cin, fmt)
     C.dw_bwd(gd, wd, 1, cl, grad_x)
     grad_wdw, grad_bdw = dwp[:k * k].t().reshape(cin, 1, k, k), dwp[k * k].clone()  # returns never alias

@@ -42,15 +42,16 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     c = x.shape[1]
     g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
     bs_ = bs.to(x.dtype).contiguous()
+    prec = P.precision(x.dtype)
     a1 = C.dw_fwd(x, w0_, b0.to(x.dtype).contiguous(), 1, cl, C.like(x, c, fmt))
     gu = C.like(x, c, fmt)
     gx_direct = C.like(x, c, fmt, torch.float32)
-    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.params([b1.float()], c, x.device), dil, cl,
+    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.params([b1.float()], c, x.device), dil, cl, prec,
             out=gu, out2=gx_direct, aux=g, aux2=x)
     # float32 intermediates: in bf16 their rounding alone put grad_b0 at the 1e-2 budget.
     ga2 = C.like(x, c, fmt, torch.float32)
-    dws = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, ga2)
-    grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl)
+    dws = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, prec, ga2)
+    grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl, prec)
     ga1 = C.like(x, c, fmt, torch.float32)
     dw0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
     grad_x = C.like(x, c, fmt)

@@ -48,7 +48,8 @@ import triton
 from . import _fast as F
 # Every launch states the register limit: without it ptxas aims at an occupancy step (e.g. 128 or 40
 # registers on sm_80) and spilled; with it, it allocates what the kernel needs (as _common does).
-from ._common import INTERPRET, MAX_REGISTERS
+from ._common import MAX_REGISTERS
+from ._precision import INTERPRET
 
 FUSED, SPLIT, SPLIT_CUDNN, SPLIT_CUBLAS = "fused", "split", "split_cudnn", "split_cublas"
 # The cost model's plans.  The measured table may also name two it cannot predict: split_cudnn (the

@@ -171,3 +171,58 @@ def eager_tf32_lka(x, p, dil):
     w0, b0, ws, bs, w1, b1 = [t.float() for t in p]
     a2 = _reference.depthwise_conv(_reference.depthwise_conv(x.float(), w0, b0), ws, bs, dil)
     return x.float() * torch.nn.functional.conv2d(tf32_round(a2), tf32_round(w1), b1)
+
+
+# Eager PyTorch in a tensor-core precision (TF32 for float32, the input dtype for 16-bit), forward
+# and backward: the yardstick of MMA kernels' gradients.
+
+def mma_rounding(dtype):
+    """How a tensor-core MMA of the mode sees a float operand (float64 in, float64 out)."""
+    if dtype == torch.float32:  # TF32: 10 mantissa bits, round to nearest (cuDNN's and our conversion)
+        return lambda t: tf32_round(t).double()
+    return lambda t: t.to(dtype).double()
+
+
+class RoundedPointwise(torch.autograd.Function):
+    """A 1x1 conv whose forward product and both backward products see their operands rounded by
+    `rnd` (float64 arithmetic otherwise): eager's pointwise conv in that precision."""
+
+    @staticmethod
+    def forward(ctx, a, w, rnd):
+        ctx.save_for_backward(a, w)
+        ctx.rnd = rnd
+        return torch.nn.functional.conv2d(rnd(a), rnd(w))
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w = ctx.saved_tensors
+        rnd, gr = ctx.rnd, ctx.rnd(g)
+        grad_a = torch.nn.functional.conv_transpose2d(gr, rnd(w))
+        grad_w = torch.einsum("nohw,nchw->oc", gr, rnd(a)).view_as(w)
+        return grad_a, grad_w, None
+
+
+def _leaves(ts):
+    return [t.detach().double().clone().requires_grad_() for t in ts]
+
+
+def eager_mma_dwconv(d, rm, rv, training, eps, relu, gy, dtype):
+    """Emulated eager dwconv_bn_act in the MMA precision of `dtype`: (y, grads), float64."""
+    rnd, out = mma_rounding(dtype), (lambda t: t.to(dtype).double())
+    x, w_dw, b_dw, w_pw, b_pw, gamma, beta = _leaves(d)
+    z = RoundedPointwise.apply(_reference.depthwise_conv(x, w_dw, b_dw), w_pw, rnd) + b_pw.view(1, -1, 1, 1)
+    y = torch.nn.functional.batch_norm(z, rm.double().clone(), rv.double().clone(), gamma, beta, training, 0.0, eps)
+    y = torch.nn.functional.relu(y) if relu else y
+    y.backward(gy.double())
+    mean, var = (z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), unbiased=False)) if training else (None, None)
+    return out(y.detach()), mean, var, [out(x.grad)] + [t.grad for t in (w_dw, b_dw, w_pw, b_pw, gamma, beta)]
+
+
+def eager_mma_lka(d, dil, go, dtype):
+    """Emulated eager lka_gate in the MMA precision of `dtype`: (out, grads), float64."""
+    rnd, out = mma_rounding(dtype), (lambda t: t.to(dtype).double())
+    x, w0, b0, wsd, bs, w1, b1 = _leaves(d)
+    a2 = _reference.depthwise_conv(_reference.depthwise_conv(x, w0, b0), wsd, bs, dil)
+    o = x * (RoundedPointwise.apply(a2, w1, rnd) + b1.view(1, -1, 1, 1))
+    o.backward(go.double())
+    return out(o.detach()), [out(x.grad)] + [t.grad for t in (w0, b0, wsd, bs, w1, b1)]

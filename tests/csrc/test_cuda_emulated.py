@@ -25,10 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import torch.nn.functional as F
 
 from dlkunet.ops import reference as R
-from dlkunet_testing import tf32_round
+from dlkunet_testing import eager_mma_dwconv, eager_mma_lka
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -146,58 +145,6 @@ def _check(name, got, ref, tol):
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
 
 
-def _rounding(dtype):
-    """How a tensor-core MMA of the mode sees a float operand (float64 in, float64 out)."""
-    if dtype == torch.float32:  # TF32: 10 mantissa bits, round to nearest (cuDNN's and our conversion)
-        return lambda t: tf32_round(t).double()
-    return lambda t: t.to(dtype).double()
-
-
-class _RoundedPointwise(torch.autograd.Function):
-    """A 1x1 conv whose forward product and both backward products see their operands rounded by
-    `rnd` (float64 arithmetic otherwise): eager's pointwise conv in that precision."""
-
-    @staticmethod
-    def forward(ctx, a, w, rnd):
-        ctx.save_for_backward(a, w)
-        ctx.rnd = rnd
-        return F.conv2d(rnd(a), rnd(w))
-
-    @staticmethod
-    def backward(ctx, g):
-        a, w = ctx.saved_tensors
-        rnd, gr = ctx.rnd, ctx.rnd(g)
-        grad_a = F.conv_transpose2d(gr, rnd(w))
-        grad_w = torch.einsum("nohw,nchw->oc", gr, rnd(a)).view_as(w)
-        return grad_a, grad_w, None
-
-
-def _leaves(ts):
-    return [t.detach().double().clone().requires_grad_() for t in ts]
-
-
-def _eager_dwconv(d, rm, rv, training, eps, relu, gy, dtype):
-    """Emulated eager dwconv_bn_act in the MMA precision of `dtype`: (y, grads), float64."""
-    rnd, out = _rounding(dtype), (lambda t: t.to(dtype).double())
-    x, w_dw, b_dw, w_pw, b_pw, gamma, beta = _leaves(d)
-    z = _RoundedPointwise.apply(R.depthwise_conv(x, w_dw, b_dw), w_pw, rnd) + b_pw.view(1, -1, 1, 1)
-    y = F.batch_norm(z, rm.double().clone(), rv.double().clone(), gamma, beta, training, 0.0, eps)
-    y = F.relu(y) if relu else y
-    y.backward(gy.double())
-    mean, var = (z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), unbiased=False)) if training else (None, None)
-    return out(y.detach()), mean, var, [out(x.grad)] + [t.grad for t in (w_dw, b_dw, w_pw, b_pw, gamma, beta)]
-
-
-def _eager_lka(d, dil, go, dtype):
-    """Emulated eager lka_gate in the MMA precision of `dtype`: (out, grads), float64."""
-    rnd, out = _rounding(dtype), (lambda t: t.to(dtype).double())
-    x, w0, b0, wsd, bs, w1, b1 = _leaves(d)
-    a2 = R.depthwise_conv(R.depthwise_conv(x, w0, b0), wsd, bs, dil)
-    o = x * (_RoundedPointwise.apply(a2, w1, rnd) + b1.view(1, -1, 1, 1))
-    o.backward(go.double())
-    return out(o.detach()), [out(x.grad)] + [t.grad for t in (w0, b0, wsd, bs, w1, b1)]
-
-
 def _judge(name, got, ref, tol, eager=None, floor_above=None):
     """exact mode: the design's budget; mma mode: no worse than 2x emulated eager's error, or than
     float32's budget where the MMA's rounding does not reach the value (e.g. grad_beta)."""
@@ -251,7 +198,7 @@ def test_dwconv_bn_act_emulated(lib, case, mode):
     assert lib.emu_dwconv_fwd(*dims, _p(x), _s(x), _arr(prm), _p(rm), _p(rv), int(training), ctypes.c_float(eps),
                               int(relu), _p(y), _s(y), _p(mean), _p(var), _p(ws)) == 0
     gy = _act(g, (N, Cout, H, W), dtype, cl)
-    eager = _eager_dwconv(d, rm, rv, training, eps, relu, gy, dtype) if mma else None
+    eager = eager_mma_dwconv(d, rm, rv, training, eps, relu, gy, dtype) if mma else None
     # TF32 must show its 10-bit operands: well above float32's error
     above = TOL[torch.float32] if mma and dtype == torch.float32 else None
     _judge("y", y, ref_y, tol, eager[0] if eager else None, above)
@@ -313,7 +260,7 @@ def test_lka_gate_emulated(lib, case, mode):
     ws = _nan((lib.emu_lka_fwd_ws(*dims),))
     assert lib.emu_lka_fwd(*dims, _p(x), _s(x), _arr(prm), _p(out), _s(out), _p(ws)) == 0
     go = _act(g, (N, C, H, W), dtype, cl)
-    eager = _eager_lka(d, dil, go, dtype) if mma else None
+    eager = eager_mma_lka(d, dil, go, dtype) if mma else None
     above = TOL[torch.float32] if mma and dtype == torch.float32 else None
     _judge("out", out, R.lka_gate_forward(*d, dil), tol, eager[0] if eager else None, above)
 

@@ -28,6 +28,18 @@ FP32_ARGS = {"prm_ptr", "part_ptr", "wpart_ptr", "bpart_ptr", "out2_ptr", "add_p
 DIVISIBLE_INTS = {"CIN", "COUT", "C"}
 DTYPES = ("fp32", "bf16", "fp16")
 
+# The backward GEMM kernels multiply in a precision mode (PREC, kernels/_precision.py): float32 in
+# TF32 or tf32x3 by the TF32 flag, 16-bit in its own dtype (PREC unused).
+GEMM_KERNELS = ("dw_pw", "pw_bwd_data", "pw_bwd_weight")
+SASS_TC = re.compile(r"\b(HGMMA|HMMA)\.[\w.]+")
+
+
+def _precs(name, dtype):
+    if name not in GEMM_KERNELS:
+        return [None]
+    return ["tf32", "tf32x3"] if dtype == "fp32" else ["ieee"]
+
+
 KERNELS = {
     "dw_pw": (C._dw_pw_kernel, C.DW_PW_CONFIGS),
     "pw_bwd_data": (C._pw_bwd_data_kernel, C.PW_BWD_DATA_CONFIGS),
@@ -137,8 +149,14 @@ def resources(kernel) -> dict:
                 shared=kernel.metadata.shared)
 
 
+def tensor_core_instructions(kernel) -> int:
+    """How many tensor-core instructions (HMMA on sm_80, HGMMA or HMMA on sm_90) the SASS holds."""
+    return len(SASS_TC.findall(cuobjdump(kernel, "-sass").stdout))
+
+
 def compile_one(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None):
-    return resources(compile_kernel(fn, consts, dtype, arch, num_warps, num_stages, maxnreg))
+    kernel = compile_kernel(fn, consts, dtype, arch, num_warps, num_stages, maxnreg)
+    return dict(resources(kernel), sass_tc=tensor_core_instructions(kernel))
 
 
 def main(name, arch):
@@ -147,15 +165,18 @@ def main(name, arch):
     for cfg in configs:
         for spec in _specialisations(name):
             for dtype in DTYPES:
-                consts = dict(spec, **cfg.kwargs)
-                try:
-                    res = compile_one(fn, consts, dtype, arch, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
-                except Exception as exc:  # reported, and failed, by the test
-                    res = dict(ok=False, log=f"{type(exc).__name__}: {exc}"[-2000:], regs=None, spill_bytes=None,
-                               shared=None)
-                res.update(kernel=name, arch=arch, dtype=dtype, consts=consts, num_warps=cfg.num_warps,
-                           num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
-                print(json.dumps(res), flush=True)
+                for prec in _precs(name, dtype):
+                    consts = dict(spec, **cfg.kwargs)
+                    if prec is not None:
+                        consts["PREC"] = prec
+                    try:
+                        res = compile_one(fn, consts, dtype, arch, cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+                    except Exception as exc:  # reported, and failed, by the test
+                        res = dict(ok=False, log=f"{type(exc).__name__}: {exc}"[-2000:], regs=None,
+                                   spill_bytes=None, shared=None, sass_tc=None)
+                    res.update(kernel=name, arch=arch, dtype=dtype, consts=consts, num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+                    print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

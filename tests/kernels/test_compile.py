@@ -1,5 +1,6 @@
 """Every Triton kernel, at every shipped block configuration, compiles ahead of time for sm_80 and
-sm_90 (no GPU needed) without register spills and within the chip's shared memory.
+sm_90 (no GPU needed) without register spills and within the chip's shared memory, and the GEMM
+kernels' SASS holds tensor-core instructions in every dtype and precision mode.
 
 The interpreter cannot see these failures, and a spilling configuration is slow rather than wrong,
 so nothing else would catch it.  The compiles run in a subprocess (compile_worker.py) because under
@@ -26,6 +27,7 @@ pytest.importorskip("triton")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
 KERNELS = ["dw_pw", "pw_bwd_data", "pw_bwd_weight", "dw_bwd", "dw_fwd"]
+GEMM_KERNELS = ("dw_pw", "pw_bwd_data", "pw_bwd_weight")  # every dtype and precision on tensor cores
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # dynamic shared memory per block: A100, H100/H200
 
 
@@ -52,6 +54,8 @@ def _check(results, arch):
             bad.append(f"{what}: {r['spill_bytes']} bytes of spilled registers on the stack ({r['regs']} registers)")
         elif r["shared"] > SHARED_LIMIT[arch]:
             bad.append(f"{what}: {r['shared']} bytes of shared memory > {SHARED_LIMIT[arch]}")
+        elif r["kernel"] in GEMM_KERNELS and not r["sass_tc"]:
+            bad.append(f"{what}: no tensor-core instruction (HMMA/HGMMA) in the SASS")
     assert not bad, "\n".join(bad)
 
 

@@ -10,7 +10,7 @@ import torch
 from dlkunet.ops import availability, reference
 from dlkunet_testing import BUDGET
 from dlkunet_testing import dwconv_inputs as _dwconv_inputs
-from dlkunet_testing import eager_tf32_dwconv, eager_tf32_lka
+from dlkunet_testing import eager_mma_dwconv, eager_mma_lka, eager_tf32_dwconv, eager_tf32_lka
 from dlkunet_testing import lka_inputs as _lka_inputs
 from dlkunet_testing import rel_err
 
@@ -240,3 +240,69 @@ def test_training_forward_precision_follows_the_cudnn_tf32_flag(tf32_flag):
     assert errs[False] <= 1e-5, errs
     assert errs[True] <= 2 * eager_tf32, (errs, eager_tf32)
     assert errs[True] > 10 * errs[False], errs  # TF32 really ran
+
+
+# The backward passes follow the same rule (kernels/_common.py: every GEMM through _precision._mma).
+# Eager's TF32 backward is emulated with every product's operands rounded (eager_mma_*); a gradient
+# whose error does not come from a product (e.g. grad_beta) is held to float32's budget instead.
+DW_GRADS = ("grad_x", "grad_w_dw", "grad_b_dw", "grad_w_pw", "grad_b_pw", "grad_gamma", "grad_beta")
+LKA_GRADS = ("grad_x", "grad_w0", "grad_b0", "grad_ws", "grad_bs", "grad_w1", "grad_b1")
+# The gradients that carry a GEMM's rounding directly, where TF32 must show: grad_gamma that of the
+# recomputed z (sum g * zhat), the others that of the backward's own GEMMs.
+TF32_VISIBLE = ("grad_x", "grad_w_pw", "grad_gamma", "grad_w1")
+
+
+def _judge_tf32_gradients(names, errs, eager_errs):
+    f32 = BUDGET[torch.float32]
+    for i, name in enumerate(names):
+        if errs[False][i] is None:  # exactly zero in both modes (checked by the caller)
+            continue
+        assert errs[False][i] <= f32, (name, errs[False][i])  # full precision: the float32 budget
+        bound = max(2 * eager_errs[i], f32)
+        assert errs[True][i] <= bound, (name, errs[True][i], eager_errs[i])
+        if name in TF32_VISIBLE:  # TF32 really ran in this gradient's GEMM
+            assert errs[True][i] > 10 * errs[False][i], (name, errs[True][i], errs[False][i])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dwconv_backward_precision_follows_the_cudnn_tf32_flag(training, tf32_flag):
+    g = torch.Generator().manual_seed(23)
+    x, p = _dwconv_inputs(2, 40, 24, 5, 6, 3, 0.0, g)
+    x, p = x.float().double(), [t.float().double() for t in p]  # the float32 values the kernels see
+    gy = torch.randn(2, 24, 5, 6, dtype=torch.float64, generator=g).float().double()
+    _, mean, var = reference.dwconv_bn_act_forward(x, *p, training, 1e-5, True)
+    refs = reference.dwconv_bn_act_backward(gy, x, *p[:6], mean, var, training, 1e-5, True)
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    errs = {}
+    for on in (False, True):
+        tf32_flag(on)
+        # the exact statistics: the errors are the backward's own, not its forward's
+        grads = _kernels().dwconv_bn_act_backward(dev(gy), dev(x), *map(dev, p[:6]), dev(mean), dev(var), training,
+                                                  1e-5, True)
+        errs[on] = []
+        for name, got, ref in zip(DW_GRADS, grads, refs):
+            if training and name in ("grad_b_dw", "grad_b_pw"):  # BatchNorm cancels them exactly
+                assert torch.equal(got, torch.zeros_like(got)), name
+                errs[on].append(None)
+            else:
+                errs[on].append(rel_err(got, ref))
+    eager = eager_mma_dwconv([x, *p[:6]], p[6], p[7], training, 1e-5, True, gy, torch.float32)[3]
+    _judge_tf32_gradients(DW_GRADS, errs, [rel_err(e, r) for e, r in zip(eager, refs)])
+
+
+def test_lka_backward_precision_follows_the_cudnn_tf32_flag(tf32_flag):
+    g = torch.Generator().manual_seed(29)
+    dil = 3
+    x, p = _lka_inputs(1, 24, 5, 6, 5, 7, g)
+    x, p = x.float().double(), [t.float().double() for t in p]
+    go = torch.randn(1, 24, 5, 6, dtype=torch.float64, generator=g).float().double()
+    refs = reference.lka_gate_backward(go, x, *p, dil)
+    dev = lambda t: t.float().to(DEVICE)  # noqa: E731
+    errs = {}
+    for on in (False, True):
+        tf32_flag(on)
+        grads = _kernels().lka_gate_backward(dev(go), dev(x), *map(dev, p), dil)
+        errs[on] = [rel_err(got, ref) for got, ref in zip(grads, refs)]
+    eager = eager_mma_lka([x, *p], dil, go, torch.float32)[1]
+    _judge_tf32_gradients(LKA_GRADS, errs, [rel_err(e, r) for e, r in zip(eager, refs)])
+
