@@ -1,4 +1,4 @@
-"""The Triton kernels of both operators' backward passes: five kernels and their launchers (the
+"""The Triton kernels of both operators' backward passes: six kernels and their launchers (the
 forward paths are the planned kernels of ``_fast`` and ``plans``).
 
 Every activation tensor is (N, C, H, W), NCHW-contiguous or channels_last (the ``CL`` constexpr), and
@@ -14,14 +14,16 @@ gathered loads (neighbouring pixels of a tile hit L1/L2), accumulated in float32
 - ``_dw_bwd_kernel``  transposed depthwise conv (the input gradient), optionally plus another
   tensor, optionally with the weight gradients of a *preceding* depthwise conv.
 - ``_dw_fwd_kernel``  a plain depthwise conv (LKA's first conv, recomputed once by its backward).
+- ``_sum_groups_kernel``  the other kernels' partial rows summed over programs (float64).
 
 Products run on tensor cores in the precision mode the caller passes (``PREC``, PyTorch's
 convolution rule as in the forward: ``plans.precision``); operands in 16-bit inputs are rounded to
 their dtype as the forward rounds them.
 
 Reductions over pixels never use atomics: each program walks a fixed set of pixel blocks
-(grid-stride over ``NUM_GROUPS`` groups) and writes one partial row; the host sums the rows in
-float64.  That keeps results deterministic and every kernel safe to re-run while autotuning.
+(grid-stride over ``NUM_GROUPS`` groups) and writes one partial row; ``_sum_groups_kernel`` sums
+the rows in float64, in a fixed order, on the device.  That keeps results deterministic and every
+kernel safe to re-run while autotuning, and the host runs no torch op but allocations and views.
 """
 from __future__ import annotations
 
@@ -34,10 +36,13 @@ import triton.language as tl
 from ._precision import INTERPRET, _mma, _to
 
 
-# Epilogues of _dw_pw_kernel, all of the backward passes (the kernel compares the numbers).
-BN_BWD_STATS, BN_BWD_GZ, GATE_BWD = 3, 4, 5
-# Rows of the float32 parameter matrix the epilogues read.
-N_PRM = 8
+# Epilogues of _dw_pw_kernel, all of the backward passes (the kernel compares the numbers):
+# BatchNorm's per-channel sums of g and g * zhat; gz in eval (and those sums); lka's gate; gz in
+# training (the batch means of those sums subtracted).
+BN_BWD_STATS, BN_BWD_GZ, GATE_BWD, BN_BWD_GZ_CENTRED = 3, 4, 5, 6
+# Partial rows summed per step of _sum_groups_kernel, and the columns of one of its programs.
+SUM_GROUP_STEP = 32
+SUM_BLOCK = 128
 
 
 # Every configuration states the hardware's register limit.  Without a .maxnreg, ptxas (run by Triton
@@ -153,8 +158,8 @@ def _groups(NUM_GROUPS, n_pb):
 
 @triton.autotune(configs=DW_PW_CONFIGS, key=_KEY)
 @triton.jit
-def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, aux_ptr, aux2_ptr,
-                  part_ptr, N, H, W, CIN, COUT, NUM_GROUPS,
+def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr, mean_ptr, var_ptr, c_ptr,
+                  out_ptr, out2_ptr, aux_ptr, aux2_ptr, part_ptr, eps, N, H, W, CIN, COUT, NUM_GROUPS,
                   K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, RELU: tl.constexpr,
                   CL: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
                   BLOCK_CI: tl.constexpr):
@@ -185,30 +190,34 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, prm_ptr, out_ptr, out2_ptr, 
             # recomputed here is the forward's (its ReLU mask and statistics), up to summation order.
             acc = _mma(_to(d, wp.dtype), wp, acc, PREC)
         # Loaded here, not before the loops: kept live across them they cost ~100 registers.
-        prm0 = tl.load(prm_ptr + co, mask=comask, other=0.0)[None, :]
-        prm1 = tl.load(prm_ptr + COUT + co, mask=comask, other=0.0)[None, :]
-        prm2 = tl.load(prm_ptr + 2 * COUT + co, mask=comask, other=0.0)[None, :]
-        prm3 = tl.load(prm_ptr + 3 * COUT + co, mask=comask, other=0.0)[None, :]
-        prm4 = tl.load(prm_ptr + 4 * COUT + co, mask=comask, other=0.0)[None, :]
-        prm5 = tl.load(prm_ptr + 5 * COUT + co, mask=comask, other=0.0)[None, :]
-        prm6 = tl.load(prm_ptr + 6 * COUT + co, mask=comask, other=0.0)[None, :]
         off = _offsets(p, n, hw, co, COUT, HW, CL)
         omask = pmask[:, None] & comask[None, :]
+        b = tl.load(b_ptr + co, mask=comask, other=0.0).to(tl.float32)[None, :]  # b1, or b_pw
         if MODE == 5:  # GATE_BWD: grad of the pointwise output (g*x) and x's direct share (g*u)
             g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
             xv = tl.load(aux2_ptr + off, mask=omask, other=0.0).to(tl.float32)
             tl.store(out_ptr + off, (g * xv).to(out_ptr.dtype.element_ty), mask=omask)
-            tl.store(out2_ptr + off, (g * (acc + prm0)).to(out2_ptr.dtype.element_ty), mask=omask)
-        else:  # BN_BWD_STATS / BN_BWD_GZ; prm: rstd, (b_pw-mean)*rstd, gamma, beta, gamma*rstd, c1, c2
-            zhat = acc * prm0 + prm1
+            tl.store(out2_ptr + off, (g * (acc + b)).to(out2_ptr.dtype.element_ty), mask=omask)
+        else:  # BatchNorm's backward with the statistics the forward normalised with
+            var = tl.load(var_ptr + co, mask=comask, other=1.0).to(tl.float32)[None, :]
+            rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+            mean = tl.load(mean_ptr + co, mask=comask, other=0.0).to(tl.float32)[None, :]
+            gamma = tl.load(g_ptr + co, mask=comask, other=0.0).to(tl.float32)[None, :]
+            beta = tl.load(be_ptr + co, mask=comask, other=0.0).to(tl.float32)[None, :]
+            zhat = acc * rstd + (b - mean) * rstd
             g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
             if RELU:
-                g = tl.where(zhat * prm2 + prm3 > 0.0, g, 0.0)
-            r_a += tl.sum(g, axis=0)
-            r_b += tl.sum(g * zhat, axis=0)
-            if MODE == 4:
-                gz = prm4 * (g - prm5 - zhat * prm6)
+                g = tl.where(zhat * gamma + beta > 0.0, g, 0.0)
+            if MODE == 6:  # training: minus the batch means of g and g * zhat (c_ptr's two rows)
+                c1 = tl.load(c_ptr + co, mask=comask, other=0.0)[None, :]
+                c2 = tl.load(c_ptr + COUT + co, mask=comask, other=0.0)[None, :]
+                gz = gamma * rstd * (g - c1 - zhat * c2)
                 tl.store(out_ptr + off, gz.to(out_ptr.dtype.element_ty), mask=omask)
+            else:
+                r_a += tl.sum(g, axis=0)
+                r_b += tl.sum(g * zhat, axis=0)
+                if MODE == 4:
+                    tl.store(out_ptr + off, (gamma * rstd * g).to(out_ptr.dtype.element_ty), mask=omask)
     if MODE == 3 or MODE == 4:
         row = part_ptr + pid_g * (2 * COUT) + co
         tl.store(row, r_a, mask=comask)
@@ -391,6 +400,39 @@ def _dw_fwd_kernel(t_ptr, w_ptr, b_ptr, out_ptr, N, H, W, C,
              mask=pmask[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _sum_groups_kernel(part_ptr, out_ptr, last_ptr, divisor, GROUPS, ROWS, COLS,
+                       TRANSPOSE: tl.constexpr, SPLIT_LAST: tl.constexpr,
+                       BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+    """The reducing kernels' partial rows summed on the device: part is (GROUPS, ROWS, COLS),
+    summed over GROUPS in float64 in a fixed order (deterministic), divided by ``divisor`` and
+    stored as float32.  out is (ROWS, COLS), or (COLS, ROWS) with TRANSPOSE; with SPLIT_LAST the
+    last row goes to last_ptr (COLS,) and out holds the other ROWS - 1 (a weight's gradient and its
+    bias's from one partial matrix)."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    jmask = j < ROWS * COLS
+    g_range = tl.arange(0, BLOCK_G)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        g = g0 + g_range
+        v = tl.load(part_ptr + g[:, None] * (ROWS * COLS) + j[None, :], mask=(g < GROUPS)[:, None] & jmask[None, :],
+                    other=0.0)
+        acc += tl.sum(v.to(tl.float64), axis=0)
+    total = (acc / divisor).to(tl.float32)
+    r = j // COLS
+    c = j % COLS
+    if SPLIT_LAST:
+        out_rows = ROWS - 1
+        tl.store(last_ptr + c, total, mask=jmask & (r == out_rows))
+    else:
+        out_rows = ROWS
+    if TRANSPOSE:
+        dst = c * out_rows + r
+    else:
+        dst = j
+    tl.store(out_ptr + dst, total, mask=jmask & (r < out_rows))
+
+
 # ----------------------------------------------------------------------------------------------
 # host side
 
@@ -425,10 +467,19 @@ def prepare(op: str, x: torch.Tensor):
 def as_input(grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A gradient in its input's dtype and strides, as the custom op's fake kernel promises
     (``torch.empty_like(t)``); a weight gradient assembled from a transposed buffer is copied."""
-    grad = grad.to(t.dtype)
+    if grad.dtype != t.dtype:
+        grad = grad.to(t.dtype)
     if grad.stride() == t.stride():
         return grad
     return torch.empty_like(t).copy_(grad)
+
+
+def dense(t: torch.Tensor, dtype=None, fmt=torch.contiguous_format) -> torch.Tensor:
+    """t itself when already of ``dtype`` and dense in fmt (no torch op: a no-op ``.to`` still
+    costs a dispatch per call), else a converted dense copy."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
 def like(x: torch.Tensor, channels: int, fmt, dtype=None) -> torch.Tensor:
@@ -443,34 +494,39 @@ def num_groups(pixels: int, tiles: int) -> int:
     return max(1, min(triton.cdiv(pixels, 128), max(1, 1024 // max(tiles, 1))))
 
 
-def params(rows, cout: int, device) -> torch.Tensor:
-    """The (N_PRM, Cout) float32 matrix of per-channel epilogue parameters."""
-    prm = torch.zeros((N_PRM, cout), dtype=torch.float32, device=device)
-    for i, r in enumerate(rows):
-        prm[i] = r
-    return prm
+def sum_groups(part, out, last=None, divisor: int = 1, transpose: bool = False):
+    """Launch _sum_groups_kernel: out (and last) = the float64 sum over part's first dimension."""
+    groups, rows, cols = part.shape
+    _sum_groups_kernel[(triton.cdiv(rows * cols, SUM_BLOCK),)](
+        part, out, last if last is not None else out, divisor, groups, rows, cols, TRANSPOSE=transpose,
+        SPLIT_LAST=last is not None, BLOCK_G=SUM_GROUP_STEP, BLOCK=SUM_BLOCK)
 
 
-def dw_pw(mode, t, w_dw, b_dw, w_pw, prm, dilation, cl, prec, relu=False, out=None, out2=None, aux=None,
-          aux2=None, groups=0):
-    """Launch _dw_pw_kernel (products in precision mode ``prec``, ``_precision._mma``); returns the
-    partial-row matrix (groups, 2, Cout) when it makes one."""
+def dw_pw(mode, t, w_dw, b_dw, w_pw, bias, dilation, cl, prec, relu=False, bn=None, eps=0.0, centred=None,
+          out=None, out2=None, aux=None, aux2=None, groups=0):
+    """Launch _dw_pw_kernel (products in precision mode ``prec``, ``_precision._mma``).  ``bias``:
+    the pointwise bias; ``bn``: (gamma, beta, mean, var) for the BatchNorm modes, ``centred`` the
+    (2, Cout) batch means of BN_BWD_STATS's sums for BN_BWD_GZ_CENTRED.  Returns the partial-row
+    matrix (groups, 2, Cout) of the modes that make one."""
     n, cin, h, w = t.shape
     cout = w_pw.shape[0]
     k = _ksize(w_dw)
-    part = torch.empty((max(groups, 1), 2, cout), dtype=torch.float32, device=t.device) if groups else prm
+    sums = mode in (BN_BWD_STATS, BN_BWD_GZ)
+    part = torch.empty((groups, 2, cout), dtype=torch.float32, device=t.device) if sums else bias
+    gamma, beta, mean, var = bn if bn is not None else (bias,) * 4
     dummy = t
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) *
                          (groups or triton.cdiv(n * h * w, meta["BLOCK_P"])),)
-    _dw_pw_kernel[grid](t, w_dw, b_dw, w_pw, prm, out if out is not None else dummy,
+    _dw_pw_kernel[grid](t, w_dw, b_dw, w_pw, bias, gamma, beta, mean, var,
+                        centred if centred is not None else bias, out if out is not None else dummy,
                         out2 if out2 is not None else dummy, aux if aux is not None else dummy,
-                        aux2 if aux2 is not None else dummy, part, n, h, w, cin, cout, groups,
+                        aux2 if aux2 is not None else dummy, part, float(eps), n, h, w, cin, cout, groups,
                         K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl, PREC=prec)
-    return part if groups else None
+    return part if sums else None
 
 
 def pw_bwd_data(gz, w_pw, t, k, dilation, cl, prec, gd):
-    """gd = gz @ W_pw, and the (k*k + 1, Cin) float32 gradient of the depthwise weights and bias."""
+    """gd = gz @ W_pw, and the float32 gradients of the depthwise weights (Cin, k*k) and bias (Cin,)."""
     n, cin, h, w = t.shape
     cout = w_pw.shape[0]
     groups = num_groups(n * h * w, triton.cdiv(cin, 32))
@@ -479,7 +535,16 @@ def pw_bwd_data(gz, w_pw, t, k, dilation, cl, prec, gd):
     _pw_bwd_data_kernel[grid](gz, w_pw, t, gd, part, n, h, w, cin, cout, groups,
                               K=k, DIL=dilation, MODE=0, CL=cl, PREC=prec,
                               KKP=triton.next_power_of_2(k * k))
-    return part.double().sum(0).float()
+    return _weight_and_bias(part)
+
+
+def _weight_and_bias(part):
+    """A depthwise conv's gradients from partial rows (groups, k*k + 1, C): weights (C, k*k), bias (C,)."""
+    _, taps_and_bias, c = part.shape
+    grad_w = torch.empty((c, taps_and_bias - 1), dtype=torch.float32, device=part.device)
+    grad_b = torch.empty(c, dtype=torch.float32, device=part.device)
+    sum_groups(part, grad_w, grad_b, transpose=True)
+    return grad_w, grad_b
 
 
 def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl, prec):
@@ -488,16 +553,21 @@ def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl, prec):
     cout = gz.shape[1]
     groups = num_groups(n * h * w, triton.cdiv(cin, 64) * triton.cdiv(cout, 64))
     wpart = torch.empty((groups, cout, cin), dtype=torch.float32, device=t.device)
-    bpart = torch.empty((groups, cout), dtype=torch.float32, device=t.device)
+    bpart = torch.empty((groups, 1, cout), dtype=torch.float32, device=t.device)
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) * triton.cdiv(cin, meta["BLOCK_CI"]) * groups,)
     _pw_bwd_weight_kernel[grid](gz, t, w_dw, b_dw, wpart, bpart, n, h, w, cin, cout, groups,
                                 K=_ksize(w_dw), DIL=dilation, MODE=0, CL=cl, PREC=prec)
-    return wpart.double().sum(0).float(), bpart.double().sum(0).float()
+    grad_w = torch.empty((cout, cin), dtype=torch.float32, device=t.device)
+    grad_b = torch.empty(cout, dtype=torch.float32, device=t.device)
+    sum_groups(wpart, grad_w)
+    sum_groups(bpart, grad_b)
+    return grad_w, grad_b
 
 
 def dw_bwd(g, w_dw, dilation, cl, out, add=None, t2=None, k2=0):
-    """out = transposed depthwise conv of g (+ add); with t2, also the (k2*k2 + 1, C) gradient of
-    the weights and bias of the k2 x k2 depthwise conv that produced g's forward counterpart."""
+    """out = transposed depthwise conv of g (+ add); with t2, also the float32 gradients of the
+    weights (C, k2*k2) and bias (C,) of the k2 x k2 depthwise conv that produced g's forward
+    counterpart."""
     n, c, h, w = g.shape
     groups = num_groups(n * h * w, triton.cdiv(c, 32)) if k2 else 0
     part = torch.empty((max(groups, 1), k2 * k2 + 1, c), dtype=torch.float32, device=g.device)
@@ -505,7 +575,7 @@ def dw_bwd(g, w_dw, dilation, cl, out, add=None, t2=None, k2=0):
     _dw_bwd_kernel[grid](g, w_dw, add if add is not None else g, out, t2 if t2 is not None else g, part,
                          n, h, w, c, groups, K=_ksize(w_dw), DIL=dilation, ADD=add is not None,
                          K2=k2, KK2P=triton.next_power_of_2(max(k2 * k2, 1)), CL=cl)
-    return part.double().sum(0).float() if k2 else None
+    return _weight_and_bias(part) if k2 else None
 
 
 def dw_fwd(t, w_dw, b_dw, dilation, cl, out):

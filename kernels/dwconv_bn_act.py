@@ -24,8 +24,8 @@ def _check(x, w_dw, w_pw):
     assert tuple(w_dw.shape) == (cin, 1, k, k) and k % 2 == 1, "w_dw: (Cin, 1, k, k), k odd"
     assert w_pw.dim() == 4 and tuple(w_pw.shape[1:]) == (cin, 1, 1), "w_pw: (Cout, Cin, 1, 1)"
     dt = x.dtype
-    wd = w_dw.to(dt).contiguous().view(cin, k * k)
-    wp = w_pw.to(dt).contiguous().view(w_pw.shape[0], cin)
+    wd = C.dense(w_dw, dt).view(cin, k * k)
+    wp = C.dense(w_pw, dt).view(w_pw.shape[0], cin)
     return x, fmt, cl, k, wd, wp
 
 
@@ -38,44 +38,44 @@ def dwconv_bn_act_forward(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, 
 
 def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean, var,
                            training: bool, eps: float, relu: bool):
+    """Every reduction is merged on the device (``C.sum_groups``) and BatchNorm's per-channel
+    factors are formed inside the kernels: no host torch op but allocations (and, in training, the
+    zero bias gradients)."""
     x_in = (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)
     x, fmt, cl, k, wd, wp = _check(x, w_dw, w_pw)
     n, cin, h, w = x.shape
     cout = wp.shape[0]
-    dev = x.device
     assert tuple(grad_y.shape) == (n, cout, h, w), "grad_y: the output's shape"
-    gy = grad_y.to(x.dtype).contiguous(memory_format=fmt)
+    gy = C.dense(grad_y, x.dtype, fmt)
     prec = P.precision(x.dtype)
-    bd = b_dw.to(x.dtype).contiguous()
-    rstd = torch.rsqrt(var.float() + eps)
-    g_ = gamma.float()
-    rows = [rstd, (b_pw.float() - mean.float()) * rstd, g_, beta.float(), g_ * rstd]
+    bd = C.dense(b_dw, x.dtype)
+    bn = tuple(C.dense(t) for t in (gamma, beta, mean, var))
+    b_pw = C.dense(b_pw)
     groups = C.num_groups(n * h * w, triton_cdiv(cout, 64))
     gz = C.like(x, cout, fmt)
+    grad_beta = torch.empty(cout, dtype=torch.float32, device=x.device)
+    grad_gamma = torch.empty(cout, dtype=torch.float32, device=x.device)
+    common = dict(relu=relu, bn=bn, eps=eps, aux=gy, groups=groups)
     if training:
         # grad_z = gamma*rstd*(g - mean(g) - zhat*mean(g*zhat)): the two means need a pass of their own.
-        part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, prec, relu=relu,
-                       aux=gy, groups=groups)
-        sums = part[:, :2].double().sum(0)
-        m = float(n * h * w)
-        rows += [(sums[0] / m).float(), (sums[1] / m).float()]
-        C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, prec, relu=relu, out=gz, aux=gy,
-                groups=groups)
+        part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, b_pw, 1, cl, prec, **common)
+        C.sum_groups(part, grad_beta, grad_gamma)
+        centred = torch.empty((2, cout), dtype=torch.float32, device=x.device)
+        C.sum_groups(part, centred, divisor=n * h * w)
+        C.dw_pw(C.BN_BWD_GZ_CENTRED, x, wd, bd, wp, b_pw, 1, cl, prec, centred=centred, out=gz, **common)
     else:
-        part = C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, C.params(rows, cout, dev), 1, cl, prec, relu=relu, out=gz,
-                       aux=gy, groups=groups)
-        sums = part[:, :2].double().sum(0)
-    grad_beta, grad_gamma = sums[0].float(), sums[1].float()
+        part = C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, b_pw, 1, cl, prec, out=gz, **common)
+        C.sum_groups(part, grad_beta, grad_gamma)
     gd = C.like(x, cin, fmt)
-    dwp = C.pw_bwd_data(gz, wp, x, k, 1, cl, prec, gd)
+    grad_wdw, grad_bdw = C.pw_bwd_data(gz, wp, x, k, 1, cl, prec, gd)
     grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl, prec)
     grad_x = C.like(x, cin, fmt)
     C.dw_bwd(gd, wd, 1, cl, grad_x)
-    grad_wdw, grad_bdw = dwp[:k * k].t().reshape(cin, 1, k, k), dwp[k * k].clone()  # returns never alias
     if training:
         # BatchNorm removes any per-channel constant of z, so both biases get exactly zero gradient.
         grad_bdw, grad_bpw = torch.zeros_like(grad_bdw), torch.zeros_like(grad_bpw)
-    grads = (grad_x, grad_wdw, grad_bdw, grad_wpw.view(cout, cin, 1, 1), grad_bpw, grad_gamma, grad_beta)
+    grads = (grad_x, grad_wdw.view(cin, 1, k, k), grad_bdw, grad_wpw.view(cout, cin, 1, 1), grad_bpw, grad_gamma,
+             grad_beta)
     return tuple(C.as_input(g, t) for g, t in zip(grads, x_in))
 
 

@@ -25,8 +25,8 @@ def _check(x, w0, ws, w1, dilation):
     assert tuple(w1.shape) == (c, c, 1, 1) and int(dilation) >= 1, "w1: (C, C, 1, 1); dilation >= 1"
     dt = x.dtype
     k0, ks = w0.shape[-1], ws.shape[-1]
-    return (x, fmt, cl, k0, ks, w0.to(dt).contiguous().view(c, k0 * k0),
-            ws.to(dt).contiguous().view(c, ks * ks), w1.to(dt).contiguous().view(c, c))
+    return (x, fmt, cl, k0, ks, C.dense(w0, dt).view(c, k0 * k0), C.dense(ws, dt).view(c, ks * ks),
+            C.dense(w1, dt).view(c, c))
 
 
 def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int):
@@ -40,23 +40,21 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     assert grad_out.shape == x.shape, "grad_out: x's shape"
     dil = int(dilation)
     c = x.shape[1]
-    g = grad_out.to(x.dtype).contiguous(memory_format=fmt)
-    bs_ = bs.to(x.dtype).contiguous()
+    g = C.dense(grad_out, x.dtype, fmt)
+    bs_ = C.dense(bs, x.dtype)
     prec = P.precision(x.dtype)
-    a1 = C.dw_fwd(x, w0_, b0.to(x.dtype).contiguous(), 1, cl, C.like(x, c, fmt))
+    a1 = C.dw_fwd(x, w0_, C.dense(b0, x.dtype), 1, cl, C.like(x, c, fmt))
     gu = C.like(x, c, fmt)
     gx_direct = C.like(x, c, fmt, torch.float32)
-    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.params([b1.float()], c, x.device), dil, cl, prec,
-            out=gu, out2=gx_direct, aux=g, aux2=x)
+    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.dense(b1), dil, cl, prec, out=gu, out2=gx_direct, aux=g, aux2=x)
     # float32 intermediates: in bf16 their rounding alone put grad_b0 at the 1e-2 budget.
     ga2 = C.like(x, c, fmt, torch.float32)
-    dws = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, prec, ga2)
+    grad_ws, grad_bs = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, prec, ga2)
     grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl, prec)
     ga1 = C.like(x, c, fmt, torch.float32)
-    dw0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
+    grad_w0, grad_b0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
     grad_x = C.like(x, c, fmt)
     C.dw_bwd(ga1, w0_, 1, cl, grad_x, add=gx_direct)
-    # clones: returns must not alias one another (torch.library)
-    grads = (grad_x, dw0[:k0 * k0].t().reshape(c, 1, k0, k0), dw0[k0 * k0].clone(),
-             dws[:ks * ks].t().reshape(c, 1, ks, ks), dws[ks * ks].clone(), grad_w1.view(c, c, 1, 1), grad_b1)
+    grads = (grad_x, grad_w0.view(c, 1, k0, k0), grad_b0, grad_ws.view(c, 1, ks, ks), grad_bs,
+             grad_w1.view(c, c, 1, 1), grad_b1)
     return tuple(C.as_input(gr, t) for gr, t in zip(grads, inputs))

@@ -49,6 +49,7 @@ from . import _fast as F
 # Every launch states the register limit: without it ptxas aims at an occupancy step (e.g. 128 or 40
 # registers on sm_80) and spilled; with it, it allocates what the kernel needs (as _common does).
 from ._common import MAX_REGISTERS
+from ._common import dense as _dense
 from ._precision import INTERPRET
 
 FUSED, SPLIT, SPLIT_CUDNN, SPLIT_CUBLAS = "fused", "split", "split_cudnn", "split_cublas"
@@ -316,11 +317,6 @@ def choose(op: str, n: int, cin: int, cout: int, h: int, w: int, kernels: Tuple[
 # launchers
 
 
-def _dense(t: torch.Tensor, fmt=torch.contiguous_format) -> torch.Tensor:
-    """t itself when already dense in fmt (no torch op), else a dense copy."""
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
 def _empty(n, c, h, w, x, fmt) -> torch.Tensor:
     return torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
 
@@ -330,7 +326,7 @@ def _depthwise(t, w_dw, b_dw, dil, fmt, plan):
     if plan.name == SPLIT_CUDNN:
         k = w_dw.shape[-1]
         out = torch.nn.functional.conv2d(t, w_dw, b_dw, padding=dil * (k - 1) // 2, dilation=dil, groups=t.shape[1])
-        return _dense(out, fmt)
+        return _dense(out, fmt=fmt)
     n, c, h, w = t.shape
     out = _empty(n, c, h, w, t, fmt)
     _launch_dw(t, w_dw, b_dw, out, dil, fmt == torch.channels_last, plan.dw)
@@ -414,7 +410,7 @@ def _cublas_gemm(d, w_pw, b_pw, gamma, beta, running_mean, running_var, mean, va
 def _layout(x: torch.Tensor):
     from dlkunet.ops.layout import memory_format  # late: dlkunet.ops imports this package lazily
     fmt = memory_format(x)
-    return _dense(x, fmt), fmt, fmt == torch.channels_last
+    return _dense(x, fmt=fmt), fmt, fmt == torch.channels_last
 
 
 def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps: float,

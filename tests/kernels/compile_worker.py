@@ -23,7 +23,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from dlkunet.kernels import _common as C  # noqa: E402
 
-FP32_ARGS = {"prm_ptr", "part_ptr", "wpart_ptr", "bpart_ptr", "out2_ptr", "add_ptr"}
+FP32_ARGS = {"mean_ptr", "var_ptr", "c_ptr", "part_ptr", "wpart_ptr", "bpart_ptr", "out2_ptr", "add_ptr"}
+FLOAT_ARGS = frozenset({"eps"})
 # Channel counts of the real shapes are multiples of 16; Triton specialises such ints at run time.
 DIVISIBLE_INTS = {"CIN", "COUT", "C"}
 DTYPES = ("fp32", "bf16", "fp16")
@@ -46,6 +47,8 @@ KERNELS = {
     "pw_bwd_weight": (C._pw_bwd_weight_kernel, C.PW_BWD_WEIGHT_CONFIGS),
     "dw_bwd": (C._dw_bwd_kernel, C.DW_BWD_CONFIGS),
     "dw_fwd": (C._dw_fwd_kernel, C.DW_CONFIGS),
+    "sum_groups": (C._sum_groups_kernel,
+                   [triton.Config(dict(BLOCK_G=C.SUM_GROUP_STEP, BLOCK=C.SUM_BLOCK), num_warps=4)]),
 }
 
 
@@ -82,6 +85,8 @@ def _specialisations(name):
         base = [dict(b, KK2P=_kkp(b["K2"])) for b in base]
     elif name == "dw_fwd":
         base = [dict(K=k0, DIL=1, K2=0, ADD=False) for k0 in sorted({k0 for k0, _, _ in LKA_SIZES})]
+    elif name == "sum_groups":  # float32 partial rows only: one dtype's compile says it all
+        return [dict(TRANSPOSE=t, SPLIT_LAST=sl) for t in (False, True) for sl in (False, True)]
     else:
         raise KeyError(name)
     specs = [dict(b, CL=cl) for b in base for cl in LAYOUTS]
@@ -155,16 +160,16 @@ def tensor_core_instructions(kernel) -> int:
 
 
 def compile_one(fn, consts, dtype, arch, num_warps, num_stages, maxnreg=None):
-    kernel = compile_kernel(fn, consts, dtype, arch, num_warps, num_stages, maxnreg)
+    kernel = compile_kernel(fn, consts, dtype, arch, num_warps, num_stages, maxnreg, float_args=FLOAT_ARGS)
     return dict(resources(kernel), sass_tc=tensor_core_instructions(kernel))
 
 
 def main(name, arch):
-    fn_auto, configs = KERNELS[name]
-    fn = fn_auto.fn
+    kernel, configs = KERNELS[name]
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JIT function under an autotuner
     for cfg in configs:
         for spec in _specialisations(name):
-            for dtype in DTYPES:
+            for dtype in DTYPES if name != "sum_groups" else ("fp32",):
                 for prec in _precs(name, dtype):
                     consts = dict(spec, **cfg.kwargs)
                     if prec is not None:

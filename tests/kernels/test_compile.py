@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("triton")
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worker.py")
-KERNELS = ["dw_pw", "pw_bwd_data", "pw_bwd_weight", "dw_bwd", "dw_fwd"]
+KERNELS = ["dw_pw", "pw_bwd_data", "pw_bwd_weight", "dw_bwd", "dw_fwd", "sum_groups"]
 GEMM_KERNELS = ("dw_pw", "pw_bwd_data", "pw_bwd_weight")  # every dtype and precision on tensor cores
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # dynamic shared memory per block: A100, H100/H200
 

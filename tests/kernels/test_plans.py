@@ -193,6 +193,42 @@ def test_training_forward_host_overhead(tf32, tf32_flag):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_host_overhead(training):
+    """The backward passes merge every reduction on the device (_sum_groups_kernel, float64, fixed
+    order) and form BatchNorm's factors inside the kernels: no torch op but allocations, views and,
+    in training, the two exactly-zero bias gradients.  Before: 66-90 host ops (float64 casts and
+    sums, a parameter matrix filled row by row, transposed copies)."""
+    kernels, _ = _modules()
+    g = torch.Generator().manual_seed(9)
+    x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
+    xf, pf = x.float(), [t.float() for t in p]
+    _, mean, var = kernels.dwconv_bn_act_forward(xf, *pf, training, 1e-5, True)
+    gy = torch.randn(2, 16, 5, 6, generator=g)
+
+    def backward():
+        return kernels.dwconv_bn_act_backward(gy, xf, *pf[:6], mean, var, training, 1e-5, True)
+    backward()
+    launches, ops = _count_host_work(backward)
+    bn = (["_dw_pw_kernel", "_sum_groups_kernel", "_sum_groups_kernel", "_dw_pw_kernel"] if training
+          else ["_dw_pw_kernel", "_sum_groups_kernel"])
+    assert launches == bn + ["_pw_bwd_data_kernel", "_sum_groups_kernel", "_pw_bwd_weight_kernel",
+                             "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel"], launches
+    allowed = {"aten::empty", "aten::view"} | ({"aten::zeros_like"} if training else set())
+    assert set(ops) <= allowed and ops.count("aten::zeros_like") == 2 * training, ops
+
+    xl, pl = _lka(8, 1, 5, 6, 5, 7, g)
+    xl, pl = xl.float(), [t.float() for t in pl]
+    go = torch.randn_like(xl)
+    kernels.lka_gate_backward(go, xl, *pl, 3)
+    launches, ops = _count_host_work(lambda: kernels.lka_gate_backward(go, xl, *pl, 3))
+    assert launches == ["_dw_fwd_kernel", "_dw_pw_kernel", "_pw_bwd_data_kernel", "_sum_groups_kernel",
+                        "_pw_bwd_weight_kernel", "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel",
+                        "_sum_groups_kernel", "_dw_bwd_kernel"], launches
+    assert set(ops) <= {"aten::empty", "aten::view"}, ops
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
 def test_split_cublas_host_work():
     """Eval dwconv_bn_act on split_cublas: 2 Triton launches (depthwise, BN folding) and one library
     GEMM with its bias+ReLU epilogue on views of d and y: 3 launches in all, no copy."""

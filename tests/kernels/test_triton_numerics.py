@@ -306,3 +306,28 @@ def test_lka_backward_precision_follows_the_cudnn_tf32_flag(tf32_flag):
     eager = eager_mma_lka([x, *p], dil, go, torch.float32)[1]
     _judge_tf32_gradients(LKA_GRADS, errs, [rel_err(e, r) for e, r in zip(eager, refs)])
 
+
+
+@pytest.mark.parametrize("transpose,split_last", [(False, False), (True, True), (False, True), (True, False)])
+def test_group_sums_are_float64_sums_in_every_layout(transpose, split_last):
+    """_sum_groups_kernel, which merges every backward reduction: more groups than one step and more
+    elements than one program (the backward tests under the interpreter reach neither), and partial
+    rows that cancel (+-1e4 in the first two groups) so that a float32 accumulation would lose
+    ~1e-4 relative where float64 loses nothing."""
+    from dlkunet.kernels import _common as C
+    g = torch.Generator().manual_seed(31)
+    groups, rows, cols, divisor = 2 * C.SUM_GROUP_STEP + 7, 10, 29, 7
+    assert rows * cols > 2 * C.SUM_BLOCK
+    part = torch.randn(groups, rows, cols, generator=g)
+    big = 1e4 * torch.sign(torch.randn(rows, cols, generator=g))
+    part[0] += big
+    part[1] -= big
+    want = part.double().sum(0) / divisor
+    out_rows = rows - int(split_last)
+    out = torch.full((cols, out_rows) if transpose else (out_rows, cols), float("nan"), device=DEVICE)
+    last = torch.full((cols,), float("nan"), device=DEVICE) if split_last else None
+    C.sum_groups(part.to(DEVICE), out, last, divisor=divisor, transpose=transpose)
+    w = want[:out_rows].t() if transpose else want[:out_rows]
+    torch.testing.assert_close(out.cpu().double(), w, rtol=2 ** -23, atol=0)
+    if split_last:
+        torch.testing.assert_close(last.cpu().double(), want[-1], rtol=2 ** -23, atol=0)
