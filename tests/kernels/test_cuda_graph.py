@@ -1,6 +1,6 @@
-"""The planned Triton forward paths (eval and training) inside a CUDA graph (issue 13): captured
-once, replayed on new inputs, they give what a direct call gives.  Needs a GPU (the interpreter has
-no graphs)."""
+"""The Triton forward paths (eval and training) and backward passes inside a CUDA graph (issue 13):
+captured once, replayed on new inputs, they give what a direct call gives.  Needs a GPU (the
+interpreter has no graphs)."""
 from __future__ import annotations
 
 import pytest
@@ -81,3 +81,35 @@ def test_lka_gate_replays_in_a_cuda_graph(plan, dtype):
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(static_out, fn(static_x)), (plan, dtype, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_passes_replay_in_a_cuda_graph(dtype):
+    """Both backwards (every reduction merged on the device, BatchNorm's factors formed in the
+    kernels: no host sync) captured and replayed on new output gradients: every gradient of a
+    direct call, bit for bit."""
+    from dlkunet import kernels
+    g = torch.Generator().manual_seed(10)
+    cl = torch.channels_last
+    x, p = dwconv_inputs(4, 32, 48, 20, 24, 3, 0.0, g)
+    xc = x.to("cuda", dtype).contiguous(memory_format=cl)
+    params = [t.to("cuda", dtype) for t in p[:4]] + [t.float().cuda() for t in p[4:]]
+    _, mean, var = kernels.dwconv_bn_act_forward(xc, *params, True, 1e-5, True)
+    xl, pl = lka_inputs(2, 40, 18, 22, 5, 7, g)
+    xl = xl.to("cuda", dtype).contiguous(memory_format=cl)
+    weights = [t.to("cuda", dtype) for t in pl]
+
+    def dwconv_backward(gy):
+        return kernels.dwconv_bn_act_backward(gy, xc, *params[:6], mean, var, True, 1e-5, True)
+
+    def lka_backward(go):
+        return kernels.lka_gate_backward(go, xl, *weights, 3)
+    for fn, shape in ((dwconv_backward, (4, 48, 20, 24)), (lka_backward, tuple(xl.shape))):
+        static = torch.randn(shape, generator=g).to("cuda", dtype).contiguous(memory_format=cl)
+        graph, static_out = graphed(fn, static)
+        for seed in (11, 12):
+            static.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype))
+            graph.replay()
+            torch.cuda.synchronize()
+            for i, (got, want) in enumerate(zip(static_out, fn(static))):
+                assert torch.equal(got, want), (fn.__name__, dtype, seed, i)
