@@ -85,6 +85,7 @@ else:
     ]
 
 _KEY = ["N", "H", "W", "CIN", "COUT", "K", "DIL", "MODE", "CL", "PREC"]
+_STORED_KEY = _KEY + ["D_STORED"]
 _DW_KEY = ["N", "H", "W", "C", "K", "DIL", "K2", "ADD", "CL"]
 
 
@@ -139,6 +140,18 @@ def _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W,
 
 
 @triton.jit
+def _depthwise(t_ptr, w_ptr, b_ptr, d_ptr, p, n, hw, h, w, pmask, c, cmask, C, H, W,
+               K: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr, D_STORED: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The depthwise output at a tile (float32): read from d_ptr where the host wrote it once
+    (D_STORED), else recomputed from t's taps."""
+    if D_STORED:
+        return tl.load(d_ptr + _offsets(p, n, hw, c, C, H * W, CL), mask=pmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+    return _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W, K, DIL, CL, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
 def _pixels(pb, P, HW, W, BLOCK_P: tl.constexpr):
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     n = p // HW
@@ -156,13 +169,13 @@ def _groups(NUM_GROUPS, n_pb):
 # kernels
 
 
-@triton.autotune(configs=DW_PW_CONFIGS, key=_KEY)
+@triton.autotune(configs=DW_PW_CONFIGS, key=_STORED_KEY)
 @triton.jit
-def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr, mean_ptr, var_ptr, c_ptr,
+def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr, mean_ptr, var_ptr, c_ptr,
                   out_ptr, out2_ptr, aux_ptr, aux2_ptr, part_ptr, eps, N, H, W, CIN, COUT, NUM_GROUPS,
                   K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, RELU: tl.constexpr,
-                  CL: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
-                  BLOCK_CI: tl.constexpr):
+                  CL: tl.constexpr, PREC: tl.constexpr, D_STORED: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
     pid_co = pid % n_co  # programs sharing a pixel block run together: t stays in L2
@@ -182,8 +195,8 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr, mean_p
         for ci0 in range(0, CIN, BLOCK_CI):
             ci = ci0 + ci_range
             cimask = ci < CIN
-            d = _dw_tile(t_ptr, wdw_ptr, bdw_ptr, n, h, w, pmask, ci, cimask, CIN, H, W,
-                         K, DIL, CL, BLOCK_P, BLOCK_CI)
+            d = _depthwise(t_ptr, wdw_ptr, bdw_ptr, d_ptr, p, n, hw, h, w, pmask, ci, cimask, CIN, H, W,
+                           K, DIL, CL, D_STORED, BLOCK_P, BLOCK_CI)
             wp = tl.load(wpw_ptr + co[None, :] * CIN + ci[:, None],
                          mask=cimask[:, None] & comask[None, :], other=0.0)
             # d rounded to the input dtype, as the forward's depthwise stage stores it: the z
@@ -278,12 +291,13 @@ def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, 
     tl.store(row + K * K * CIN + ci, bacc, mask=cimask)
 
 
-@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS, key=_KEY)
+@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS, key=_STORED_KEY)
 @triton.jit
-def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, wpart_ptr, bpart_ptr,
+def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpart_ptr, bpart_ptr,
                           N, H, W, CIN, COUT, NUM_GROUPS,
                           K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr,
-                          PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+                          PREC: tl.constexpr, D_STORED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
+                          BLOCK_CI: tl.constexpr):
     """Partial rows of grad W_pw = gz^T @ dw(t) (dw recomputed) and of grad b_pw = sum gz."""
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
@@ -304,8 +318,8 @@ def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, wpart_ptr, bpart_ptr,
         p, pmask, n, hw, h, w = _pixels(pb, P, HW, W, BLOCK_P)
         gz = tl.load(gz_ptr + _offsets(p, n, hw, co, COUT, HW, CL),
                      mask=pmask[:, None] & comask[None, :], other=0.0)
-        d = _dw_tile(t_ptr, wdw_ptr, bdw_ptr, n, h, w, pmask, ci, cimask, CIN, H, W,
-                     K, DIL, CL, BLOCK_P, BLOCK_CI)
+        d = _depthwise(t_ptr, wdw_ptr, bdw_ptr, d_ptr, p, n, hw, h, w, pmask, ci, cimask, CIN, H, W,
+                       K, DIL, CL, D_STORED, BLOCK_P, BLOCK_CI)
         acc = _mma(tl.trans(gz), _to(d, gz.dtype), acc, PREC)
         bacc += tl.sum(gz.to(tl.float32), axis=0)
     tl.store(wpart_ptr + pid_g * (COUT * CIN) + co[:, None] * CIN + ci[None, :], acc,
@@ -503,10 +517,11 @@ def sum_groups(part, out, last=None, divisor: int = 1, transpose: bool = False):
 
 
 def dw_pw(mode, t, w_dw, b_dw, w_pw, bias, dilation, cl, prec, relu=False, bn=None, eps=0.0, centred=None,
-          out=None, out2=None, aux=None, aux2=None, groups=0):
+          out=None, out2=None, aux=None, aux2=None, groups=0, d=None):
     """Launch _dw_pw_kernel (products in precision mode ``prec``, ``_precision._mma``).  ``bias``:
     the pointwise bias; ``bn``: (gamma, beta, mean, var) for the BatchNorm modes, ``centred`` the
-    (2, Cout) batch means of BN_BWD_STATS's sums for BN_BWD_GZ_CENTRED.  Returns the partial-row
+    (2, Cout) batch means of BN_BWD_STATS's sums for BN_BWD_GZ_CENTRED; ``d``: the depthwise output
+    of t when written once (else recomputed per output-channel block).  Returns the partial-row
     matrix (groups, 2, Cout) of the modes that make one."""
     n, cin, h, w = t.shape
     cout = w_pw.shape[0]
@@ -517,11 +532,11 @@ def dw_pw(mode, t, w_dw, b_dw, w_pw, bias, dilation, cl, prec, relu=False, bn=No
     dummy = t
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) *
                          (groups or triton.cdiv(n * h * w, meta["BLOCK_P"])),)
-    _dw_pw_kernel[grid](t, w_dw, b_dw, w_pw, bias, gamma, beta, mean, var,
+    _dw_pw_kernel[grid](t, w_dw, b_dw, d if d is not None else t, w_pw, bias, gamma, beta, mean, var,
                         centred if centred is not None else bias, out if out is not None else dummy,
                         out2 if out2 is not None else dummy, aux if aux is not None else dummy,
                         aux2 if aux2 is not None else dummy, part, float(eps), n, h, w, cin, cout, groups,
-                        K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl, PREC=prec)
+                        K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl, PREC=prec, D_STORED=d is not None)
     return part if sums else None
 
 
@@ -547,16 +562,17 @@ def _weight_and_bias(part):
     return grad_w, grad_b
 
 
-def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl, prec):
-    """grad W_pw (Cout, Cin) and grad b_pw (Cout,), float32."""
+def pw_bwd_weight(gz, t, w_dw, b_dw, dilation, cl, prec, d=None):
+    """grad W_pw (Cout, Cin) and grad b_pw (Cout,), float32; ``d`` as for ``dw_pw``."""
     n, cin, h, w = t.shape
     cout = gz.shape[1]
     groups = num_groups(n * h * w, triton.cdiv(cin, 64) * triton.cdiv(cout, 64))
     wpart = torch.empty((groups, cout, cin), dtype=torch.float32, device=t.device)
     bpart = torch.empty((groups, 1, cout), dtype=torch.float32, device=t.device)
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) * triton.cdiv(cin, meta["BLOCK_CI"]) * groups,)
-    _pw_bwd_weight_kernel[grid](gz, t, w_dw, b_dw, wpart, bpart, n, h, w, cin, cout, groups,
-                                K=_ksize(w_dw), DIL=dilation, MODE=0, CL=cl, PREC=prec)
+    _pw_bwd_weight_kernel[grid](gz, t, w_dw, b_dw, d if d is not None else t, wpart, bpart, n, h, w, cin, cout,
+                                groups, K=_ksize(w_dw), DIL=dilation, MODE=0, CL=cl, PREC=prec,
+                                D_STORED=d is not None)
     grad_w = torch.empty((cout, cin), dtype=torch.float32, device=t.device)
     grad_b = torch.empty(cout, dtype=torch.float32, device=t.device)
     sum_groups(wpart, grad_w)

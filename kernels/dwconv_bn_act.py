@@ -5,8 +5,9 @@ Forward (``plans``, the tensor-core kernels of ``_fast``): eval folds BN and b_p
 epilogue (1-2 launches); training reduces the batch moments of z in a statistics GEMM, merges them
 on the device (float64, a fixed order: no E[z^2]-E[z]^2 cancellation, no atomics), and recomputes z
 with the batch-statistics affine (4 launches).
-Backward (``_common``): z is recomputed from x; gz (the gradient at z) is the one full intermediate
-written, plus gd (the gradient at the depthwise output) for the transposed depthwise conv.
+Backward (``_common``): z is recomputed (from d where the forward's plan writes d, else from x's
+taps); gz (the gradient at z) is the one full intermediate written, plus gd (the gradient at the
+depthwise output) for the transposed depthwise conv.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
                            training: bool, eps: float, relu: bool):
     """Every reduction is merged on the device (``C.sum_groups``) and BatchNorm's per-channel
     factors are formed inside the kernels: no host torch op but allocations (and, in training, the
-    zero bias gradients)."""
+    zero bias gradients).  d is written once where the forward's plan splits
+    (``plans.backward_depthwise``), else recomputed by each kernel."""
     x_in = (x, w_dw, b_dw, w_pw, b_pw, gamma, beta)
     x, fmt, cl, k, wd, wp = _check(x, w_dw, w_pw)
     n, cin, h, w = x.shape
@@ -50,12 +52,13 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
     prec = P.precision(x.dtype)
     bd = C.dense(b_dw, x.dtype)
     bn = tuple(C.dense(t) for t in (gamma, beta, mean, var))
+    d = P.backward_depthwise("dwconv_bn_act", x, C.dense(w_dw, x.dtype), bd, 1, cout, (k,))
     b_pw = C.dense(b_pw)
     groups = C.num_groups(n * h * w, triton_cdiv(cout, 64))
     gz = C.like(x, cout, fmt)
     grad_beta = torch.empty(cout, dtype=torch.float32, device=x.device)
     grad_gamma = torch.empty(cout, dtype=torch.float32, device=x.device)
-    common = dict(relu=relu, bn=bn, eps=eps, aux=gy, groups=groups)
+    common = dict(relu=relu, bn=bn, eps=eps, aux=gy, groups=groups, d=d)
     if training:
         # grad_z = gamma*rstd*(g - mean(g) - zhat*mean(g*zhat)): the two means need a pass of their own.
         part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, b_pw, 1, cl, prec, **common)
@@ -68,7 +71,7 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
         C.sum_groups(part, grad_beta, grad_gamma)
     gd = C.like(x, cin, fmt)
     grad_wdw, grad_bdw = C.pw_bwd_data(gz, wp, x, k, 1, cl, prec, gd)
-    grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl, prec)
+    grad_wpw, grad_bpw = C.pw_bwd_weight(gz, x, wd, bd, 1, cl, prec, d)
     grad_x = C.like(x, cin, fmt)
     C.dw_bwd(gd, wd, 1, cl, grad_x)
     if training:

@@ -46,11 +46,13 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     a1 = C.dw_fwd(x, w0_, C.dense(b0, x.dtype), 1, cl, C.like(x, c, fmt))
     gu = C.like(x, c, fmt)
     gx_direct = C.like(x, c, fmt, torch.float32)
-    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.dense(b1), dil, cl, prec, out=gu, out2=gx_direct, aux=g, aux2=x)
+    a2 = P.backward_depthwise("lka_gate", a1, C.dense(ws, x.dtype), bs_, dil, c, (k0, ks))
+    C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.dense(b1), dil, cl, prec, out=gu, out2=gx_direct, aux=g, aux2=x,
+            d=a2)
     # float32 intermediates: in bf16 their rounding alone put grad_b0 at the 1e-2 budget.
     ga2 = C.like(x, c, fmt, torch.float32)
     grad_ws, grad_bs = C.pw_bwd_data(gu, w1_, a1, ks, dil, cl, prec, ga2)
-    grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl, prec)
+    grad_w1, grad_b1 = C.pw_bwd_weight(gu, a1, ws_, bs_, dil, cl, prec, a2)
     ga1 = C.like(x, c, fmt, torch.float32)
     grad_w0, grad_b0 = C.dw_bwd(ga2, ws_, dil, cl, ga1, t2=x, k2=k0)
     grad_x = C.like(x, c, fmt)

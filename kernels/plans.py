@@ -413,6 +413,18 @@ def _layout(x: torch.Tensor):
     return _dense(x, fmt=fmt), fmt, fmt == torch.channels_last
 
 
+def backward_depthwise(op: str, t, w_dw, b_dw, dil: int, cout: int, kernels: Tuple[int, ...]):
+    """The depthwise output of t for a backward pass, written once where the forward's plan for this
+    shape splits (its recompute per output-channel block costs more than writing it, by the same
+    measure), else None: the backward kernels then recompute it from t's taps."""
+    t, fmt, cl = _layout(t)
+    n, cin, h, w = t.shape
+    plan = choose(op, n, cin, cout, h, w, kernels, t.dtype, cl, t.device, precision(t.dtype))
+    if plan.name == FUSED:
+        return None
+    return _depthwise(t, w_dw, b_dw, dil, fmt, plan)
+
+
 def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps: float,
                        relu: bool):
     """Eval forward of dwconv_bn_act: (y, running_mean copy, running_var copy), float32 statistics.

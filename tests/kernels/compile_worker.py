@@ -89,6 +89,8 @@ def _specialisations(name):
         return [dict(TRANSPOSE=t, SPLIT_LAST=sl) for t in (False, True) for sl in (False, True)]
     else:
         raise KeyError(name)
+    if name in ("dw_pw", "pw_bwd_weight"):  # depthwise output recomputed, or read where written once
+        base = [dict(b, D_STORED=stored) for b in base for stored in (False, True)]
     specs = [dict(b, CL=cl) for b in base for cl in LAYOUTS]
     if os.environ.get("DLKUNET_COMPILE_SUBSET") == "1":
         specs = [s for s in specs if _representative(name, s)]

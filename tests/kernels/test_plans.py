@@ -77,6 +77,65 @@ def test_lka_gate_forward_each_plan(plan, dtype, layout):
     assert rel_err(out, reference.lka_gate_forward(x, *p, 3)) <= BUDGET[dtype]
 
 
+BACKWARD_CASES = [("fused", torch.float32, "nchw"), ("split", torch.float32, "cl"), ("split", torch.bfloat16, "nchw"),
+                  ("split", torch.float16, "cl"), ("split_cudnn", torch.float32, "nchw")]
+DW_GRADS = ("x", "w_dw", "b_dw", "w_pw", "b_pw", "gamma", "beta")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("plan,dtype,layout", BACKWARD_CASES)
+def test_backward_each_plan(plan, dtype, layout, training):
+    """Both backwards under each forward plan: after `fused` the kernels recompute the depthwise
+    output per output-channel block, after the split plans it is written once (ours, or cuDNN's)
+    and read; every gradient against float64."""
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(12)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x, p = _dwconv(2, 6, 18, 5, 7, 3, g)
+    x, p = x.to(dtype).double(), [t.to(dtype).double() for t in p[:4]] + [t.float().double() for t in p[4:]]
+    gy = torch.randn(2, 18, 5, 7, dtype=torch.float64, generator=g).to(dtype).double()
+    _, mean, var = reference.dwconv_bn_act_forward(x, *p, training, 1e-5, True)
+    refs = reference.dwconv_bn_act_backward(gy, x, *p[:6], mean, var, training, 1e-5, True)
+    params = [_on(t, dtype) for t in p[:4]] + [t.float().to(DEVICE) for t in p[4:6]]
+    with plans.forced(plan), poisoned_allocations():
+        grads = kernels.dwconv_bn_act_backward(_on(gy, dtype, fmt), _on(x, dtype, fmt), *params,
+                                               mean.float().to(DEVICE), var.float().to(DEVICE), training, 1e-5, True)
+    for name, got, ref in zip(DW_GRADS, grads, refs):
+        if training and name in ("b_dw", "b_pw"):
+            assert torch.equal(got, torch.zeros_like(got)), name  # BatchNorm cancels them exactly
+        else:
+            assert rel_err(got, ref) <= BUDGET[dtype], (name, rel_err(got, ref))
+
+    xl, pl = _lka(17, 1, 6, 5, 5, 7, g)
+    xl, pl = xl.to(dtype).double(), [t.to(dtype).double() for t in pl]
+    go = torch.randn(xl.shape, dtype=torch.float64, generator=g).to(dtype).double()
+    refs = reference.lka_gate_backward(go, xl, *pl, 3)
+    with plans.forced(plan), poisoned_allocations():
+        grads = kernels.lka_gate_backward(_on(go, dtype, fmt), _on(xl, dtype, fmt), *[_on(t, dtype) for t in pl], 3)
+    for i, (got, ref) in enumerate(zip(grads, refs)):
+        assert rel_err(got, ref) <= BUDGET[dtype], (i, rel_err(got, ref))
+
+
+def test_backward_kernels_read_the_stored_depthwise_output(monkeypatch):
+    """Under a split plan the backward kernels read the depthwise output written once instead of
+    recomputing it: a poisoned copy reaches the z recompute (grad_gamma) and the weight GEMM
+    (grad_w_pw) of dwconv_bn_act, and lka_gate's gate and weight GEMM (grad_w1)."""
+    kernels, plans = _modules()
+    written = plans.backward_depthwise
+    monkeypatch.setattr(plans, "backward_depthwise", lambda *a: torch.full_like(written(*a), float("nan")))
+    g = torch.Generator().manual_seed(13)
+    x, p = _dwconv(2, 6, 18, 5, 7, 3, g)
+    x, p = x.float().to(DEVICE), [t.float().to(DEVICE) for t in p]
+    gy = torch.randn(2, 18, 5, 7, generator=g).to(DEVICE)
+    xl, pl = _lka(17, 1, 6, 5, 5, 7, g)
+    xl, pl = xl.float().to(DEVICE), [t.float().to(DEVICE) for t in pl]
+    with plans.forced("split"):
+        grads = kernels.dwconv_bn_act_backward(gy, x, *p, False, 1e-5, True)
+        lka = kernels.lka_gate_backward(torch.randn_like(xl), xl, *pl, 3)
+    assert grads[5].isnan().all() and grads[3].isnan().all()
+    assert lka[0].isnan().all() and lka[5].isnan().all()
+
+
 def test_small_tiles_cover_every_tile_loop():
     """Tiles smaller than the shape: several spatial patches per image (partial ones at the edges),
     several output-channel tiles (the fused plan recomputing its taps per tile), several K steps."""
@@ -193,13 +252,16 @@ def test_training_forward_host_overhead(tf32, tf32_flag):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
+@pytest.mark.parametrize("plan", ["fused", "split"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_backward_host_overhead(training):
+def test_backward_host_overhead(training, plan):
     """The backward passes merge every reduction on the device (_sum_groups_kernel, float64, fixed
     order) and form BatchNorm's factors inside the kernels: no torch op but allocations, views and,
-    in training, the two exactly-zero bias gradients.  Before: 66-90 host ops (float64 casts and
+    in training, the two exactly-zero bias gradients; under a split plan the depthwise output is
+    written once first.  Before: 66-90 host ops (float64 casts and
     sums, a parameter matrix filled row by row, transposed copies)."""
-    kernels, _ = _modules()
+    kernels, plans = _modules()
+    stored = ["_dw_kernel"] if plan == "split" else []  # the depthwise output written once
     g = torch.Generator().manual_seed(9)
     x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
     xf, pf = x.float(), [t.float() for t in p]
@@ -208,11 +270,12 @@ def test_backward_host_overhead(training):
 
     def backward():
         return kernels.dwconv_bn_act_backward(gy, xf, *pf[:6], mean, var, training, 1e-5, True)
-    backward()
-    launches, ops = _count_host_work(backward)
+    with plans.forced(plan):
+        backward()
+        launches, ops = _count_host_work(backward)
     bn = (["_dw_pw_kernel", "_sum_groups_kernel", "_sum_groups_kernel", "_dw_pw_kernel"] if training
           else ["_dw_pw_kernel", "_sum_groups_kernel"])
-    assert launches == bn + ["_pw_bwd_data_kernel", "_sum_groups_kernel", "_pw_bwd_weight_kernel",
+    assert launches == stored + bn + ["_pw_bwd_data_kernel", "_sum_groups_kernel", "_pw_bwd_weight_kernel",
                              "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel"], launches
     allowed = {"aten::empty", "aten::view"} | ({"aten::zeros_like"} if training else set())
     assert set(ops) <= allowed and ops.count("aten::zeros_like") == 2 * training, ops
@@ -220,9 +283,10 @@ def test_backward_host_overhead(training):
     xl, pl = _lka(8, 1, 5, 6, 5, 7, g)
     xl, pl = xl.float(), [t.float() for t in pl]
     go = torch.randn_like(xl)
-    kernels.lka_gate_backward(go, xl, *pl, 3)
-    launches, ops = _count_host_work(lambda: kernels.lka_gate_backward(go, xl, *pl, 3))
-    assert launches == ["_dw_fwd_kernel", "_dw_pw_kernel", "_pw_bwd_data_kernel", "_sum_groups_kernel",
+    with plans.forced(plan):
+        kernels.lka_gate_backward(go, xl, *pl, 3)
+        launches, ops = _count_host_work(lambda: kernels.lka_gate_backward(go, xl, *pl, 3))
+    assert launches == ["_dw_fwd_kernel"] + stored + ["_dw_pw_kernel", "_pw_bwd_data_kernel", "_sum_groups_kernel",
                         "_pw_bwd_weight_kernel", "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel",
                         "_sum_groups_kernel", "_dw_bwd_kernel"], launches
     assert set(ops) <= {"aten::empty", "aten::view"}, ops
