@@ -58,6 +58,7 @@ def _cfg(kw, warps, stages=2):
 # Shipped block configurations (tests/kernels/test_compile.py compiles every one of them).  Under
 # the interpreter one small configuration: autotuning there only costs time.
 if INTERPRET:
+    STORED_ONLY_CONFIGS = []
     DW_PW_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_CI=16), 1)]
     PW_BWD_DATA_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=16), 1)]
     PW_BWD_WEIGHT_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_CI=16), 1)]
@@ -74,9 +75,12 @@ else:
     PW_BWD_DATA_CONFIGS = [
         _cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32), 8),
     ]
+    # A tile for the weight GEMM reading the stored depthwise output (no taps in registers): with
+    # the taps recomputed it spilled.  The autotuner offers it only there (_prune_stored_only).
+    STORED_ONLY_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_CI=64), 4, 3)]
     PW_BWD_WEIGHT_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_CI=32), 4),
-    ]
+    ] + STORED_ONLY_CONFIGS
     DW_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
     ]
@@ -86,6 +90,14 @@ else:
 
 _KEY = ["N", "H", "W", "CIN", "COUT", "K", "DIL", "MODE", "CL", "PREC"]
 _STORED_KEY = _KEY + ["D_STORED"]
+
+
+def config_applies(config: triton.Config, d_stored: bool) -> bool:
+    return d_stored or config not in STORED_ONLY_CONFIGS
+
+
+def _prune_stored_only(configs, named_args, **kwargs):
+    return [c for c in configs if config_applies(c, bool(kwargs.get("D_STORED", False)))]
 _DW_KEY = ["N", "H", "W", "C", "K", "DIL", "K2", "ADD", "CL"]
 
 
@@ -291,7 +303,8 @@ def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, 
     tl.store(row + K * K * CIN + ci, bacc, mask=cimask)
 
 
-@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS, key=_STORED_KEY)
+@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS, key=_STORED_KEY,
+                 prune_configs_by={"early_config_prune": _prune_stored_only})
 @triton.jit
 def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpart_ptr, bpart_ptr,
                           N, H, W, CIN, COUT, NUM_GROUPS,

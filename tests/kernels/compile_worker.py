@@ -171,6 +171,8 @@ def main(name, arch):
     fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JIT function under an autotuner
     for cfg in configs:
         for spec in _specialisations(name):
+            if not C.config_applies(cfg, spec.get("D_STORED", False)):
+                continue
             for dtype in DTYPES if name != "sum_groups" else ("fp32",):
                 for prec in _precs(name, dtype):
                     consts = dict(spec, **cfg.kwargs)
