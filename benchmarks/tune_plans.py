@@ -306,10 +306,11 @@ class Tuner:
             self._part(case, f"{name} ours", ms, eager_ms)
             self._part(case, f"{name} cudnn", self.bench(functools.partial(P._depthwise, t, wt, bt, dil, fmt, cudnn)),
                        eager_ms)
+            if last:  # the GEMM's operands as the split plan makes them (under TF32: rounded)
+                d, w_gemm, gemm_prec = P._gemm_operands(t, wt, bt, w_pw, dil, fmt, ours, prec)
             t = P._depthwise(t, wt, bt, dil, fmt, cudnn)
-        _, w_gemm, gemm_prec = P._gemm_operands(t, stages[-1][1], stages[-1][2], w_pw, stages[-1][3], fmt, ours, prec)
         y = torch.empty_like(x[:, :1].expand(-1, case.cout, -1, -1), memory_format=fmt)
-        ms = self.bench(lambda: P._launch_gemm(t, w_gemm, x, y, prm, eps, epi, relu, cl, gemm_prec, gemm_tile))
+        ms = self.bench(lambda: P._launch_gemm(d, w_gemm, x, y, prm, eps, epi, relu, cl, gemm_prec, gemm_tile))
         self._part(case, "pointwise+epilogue ours", ms, eager_ms)
         self._part(case, "pointwise conv cudnn", self.bench(lambda: F.conv2d(t, w_pw, b_pw)), eager_ms)
 

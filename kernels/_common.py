@@ -5,12 +5,13 @@ Every activation tensor is (N, C, H, W), NCHW-contiguous or channels_last (the `
 is tiled as (BLOCK_P pixels of the flattened N*H*W) x (a block of channels).  Depthwise taps are
 gathered loads (neighbouring pixels of a tile hit L1/L2), accumulated in float32 registers.
 
-- ``_dw_pw_kernel``   depthwise conv of t, fed block by block over input channels to ``tl.dot`` with
-  the pointwise weights; the epilogue (``MODE``) turns the pointwise result into the backward
-  quantities, so neither the depthwise nor the pointwise result is ever written.
+- ``_dw_pw_kernel``   depthwise conv of t (recomputed from its taps, or read where the host wrote it
+  once: ``D_STORED``), fed block by block over input channels to the tensor cores with the
+  pointwise weights; the epilogue (``MODE``) turns the pointwise result into the backward
+  quantities, so the pointwise result is never written.
 - ``_pw_bwd_data_kernel``  gd = gz @ W_pw (the gradient reaching the depthwise output), with the
   depthwise weight/bias gradients reduced from gd and the recomputed taps of t.
-- ``_pw_bwd_weight_kernel``  grad W_pw = gz^T @ dw(t) (dw recomputed), grad b_pw = sum gz.
+- ``_pw_bwd_weight_kernel``  grad W_pw = gz^T @ dw(t) (dw recomputed or read), grad b_pw = sum gz.
 - ``_dw_bwd_kernel``  transposed depthwise conv (the input gradient), optionally plus another
   tensor, optionally with the weight gradients of a *preceding* depthwise conv.
 - ``_dw_fwd_kernel``  a plain depthwise conv (LKA's first conv, recomputed once by its backward).
@@ -23,7 +24,8 @@ their dtype as the forward rounds them.
 Reductions over pixels never use atomics: each program walks a fixed set of pixel blocks
 (grid-stride over ``NUM_GROUPS`` groups) and writes one partial row; ``_sum_groups_kernel`` sums
 the rows in float64, in a fixed order, on the device.  That keeps results deterministic and every
-kernel safe to re-run while autotuning, and the host runs no torch op but allocations and views.
+kernel safe to re-run while autotuning, and the host runs no torch op but allocations, views
+and (training) the zero bias gradients.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from ._precision import INTERPRET, _mma, _to
 # BatchNorm's per-channel sums of g and g * zhat; gz in eval (and those sums); lka's gate; gz in
 # training (the batch means of those sums subtracted).
 BN_BWD_STATS, BN_BWD_GZ, GATE_BWD, BN_BWD_GZ_CENTRED = 3, 4, 5, 6
+_STATS, _GZ, _GATE, _GZ_CENTRED = (tl.constexpr(m) for m in (BN_BWD_STATS, BN_BWD_GZ, GATE_BWD, BN_BWD_GZ_CENTRED))
 # Partial rows summed per step of _sum_groups_kernel, and the columns of one of its programs.
 SUM_GROUP_STEP = 32
 SUM_BLOCK = 128
@@ -58,7 +61,7 @@ def _cfg(kw, warps, stages=2):
 # Shipped block configurations (tests/kernels/test_compile.py compiles every one of them).  Under
 # the interpreter one small configuration: autotuning there only costs time.
 if INTERPRET:
-    STORED_ONLY_CONFIGS = []
+    PW_BWD_WEIGHT_STORED_CONFIGS = []
     DW_PW_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_CI=16), 1)]
     PW_BWD_DATA_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=16), 1)]
     PW_BWD_WEIGHT_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=16, BLOCK_CI=16), 1)]
@@ -75,12 +78,14 @@ else:
     PW_BWD_DATA_CONFIGS = [
         _cfg(dict(BLOCK_P=64, BLOCK_CI=16, BLOCK_CO=32), 8),
     ]
-    # A tile for the weight GEMM reading the stored depthwise output (no taps in registers): with
-    # the taps recomputed it spilled.  The autotuner offers it only there (_prune_stored_only).
-    STORED_ONLY_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_CI=64), 4, 3)]
+    # The weight GEMM reading the stored depthwise output (no taps in registers) runs a 64x64x64
+    # tile, which spilled with the taps recomputed.  One tile per case, not an autotuned choice:
+    # tiles of different BLOCK_P sum the pixels in a different order, and the gradients must be the
+    # same bits in every process (_one_tile_per_case).
+    PW_BWD_WEIGHT_STORED_CONFIGS = [_cfg(dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_CI=64), 4, 3)]
     PW_BWD_WEIGHT_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_CI=32), 4),
-    ] + STORED_ONLY_CONFIGS
+    ]
     DW_CONFIGS = [
         _cfg(dict(BLOCK_P=32, BLOCK_C=32), 4),
     ]
@@ -93,11 +98,16 @@ _STORED_KEY = _KEY + ["D_STORED"]
 
 
 def config_applies(config: triton.Config, d_stored: bool) -> bool:
-    return d_stored or config not in STORED_ONLY_CONFIGS
+    """Whether a block configuration serves a launch with (or without) the stored depthwise output."""
+    if not PW_BWD_WEIGHT_STORED_CONFIGS or config not in PW_BWD_WEIGHT_CONFIGS + PW_BWD_WEIGHT_STORED_CONFIGS:
+        return True
+    return (config in PW_BWD_WEIGHT_STORED_CONFIGS) == d_stored
 
 
-def _prune_stored_only(configs, named_args, **kwargs):
+def _one_tile_per_case(configs, named_args, **kwargs):
     return [c for c in configs if config_applies(c, bool(kwargs.get("D_STORED", False)))]
+
+
 _DW_KEY = ["N", "H", "W", "C", "K", "DIL", "K2", "ADD", "CL"]
 
 
@@ -218,7 +228,7 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr,
         off = _offsets(p, n, hw, co, COUT, HW, CL)
         omask = pmask[:, None] & comask[None, :]
         b = tl.load(b_ptr + co, mask=comask, other=0.0).to(tl.float32)[None, :]  # b1, or b_pw
-        if MODE == 5:  # GATE_BWD: grad of the pointwise output (g*x) and x's direct share (g*u)
+        if MODE == _GATE:  # the gate's backward: grad of the pointwise output (g*x) and x's direct share (g*u)
             g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
             xv = tl.load(aux2_ptr + off, mask=omask, other=0.0).to(tl.float32)
             tl.store(out_ptr + off, (g * xv).to(out_ptr.dtype.element_ty), mask=omask)
@@ -233,7 +243,7 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr,
             g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
             if RELU:
                 g = tl.where(zhat * gamma + beta > 0.0, g, 0.0)
-            if MODE == 6:  # training: minus the batch means of g and g * zhat (c_ptr's two rows)
+            if MODE == _GZ_CENTRED:  # training: minus the batch means of g and g * zhat (c_ptr's two rows)
                 c1 = tl.load(c_ptr + co, mask=comask, other=0.0)[None, :]
                 c2 = tl.load(c_ptr + COUT + co, mask=comask, other=0.0)[None, :]
                 gz = gamma * rstd * (g - c1 - zhat * c2)
@@ -241,9 +251,9 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr,
             else:
                 r_a += tl.sum(g, axis=0)
                 r_b += tl.sum(g * zhat, axis=0)
-                if MODE == 4:
+                if MODE == _GZ:
                     tl.store(out_ptr + off, (gamma * rstd * g).to(out_ptr.dtype.element_ty), mask=omask)
-    if MODE == 3 or MODE == 4:
+    if MODE == _STATS or MODE == _GZ:
         row = part_ptr + pid_g * (2 * COUT) + co
         tl.store(row, r_a, mask=comask)
         tl.store(row + COUT, r_b, mask=comask)
@@ -303,15 +313,15 @@ def _pw_bwd_data_kernel(gz_ptr, wpw_ptr, t_ptr, gd_ptr, part_ptr, N, H, W, CIN, 
     tl.store(row + K * K * CIN + ci, bacc, mask=cimask)
 
 
-@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS, key=_STORED_KEY,
-                 prune_configs_by={"early_config_prune": _prune_stored_only})
+@triton.autotune(configs=PW_BWD_WEIGHT_CONFIGS + PW_BWD_WEIGHT_STORED_CONFIGS, key=_STORED_KEY,
+                 prune_configs_by={"early_config_prune": _one_tile_per_case})
 @triton.jit
 def _pw_bwd_weight_kernel(gz_ptr, t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpart_ptr, bpart_ptr,
                           N, H, W, CIN, COUT, NUM_GROUPS,
                           K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, CL: tl.constexpr,
                           PREC: tl.constexpr, D_STORED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
                           BLOCK_CI: tl.constexpr):
-    """Partial rows of grad W_pw = gz^T @ dw(t) (dw recomputed) and of grad b_pw = sum gz."""
+    """Partial rows of grad W_pw = gz^T @ dw(t) (dw recomputed, or read: D_STORED) and of grad b_pw = sum gz."""
     pid = tl.program_id(0)
     n_co = tl.cdiv(COUT, BLOCK_CO)
     n_ci = tl.cdiv(CIN, BLOCK_CI)

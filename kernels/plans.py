@@ -414,9 +414,10 @@ def _layout(x: torch.Tensor):
 
 
 def backward_depthwise(op: str, t, w_dw, b_dw, dil: int, cout: int, kernels: Tuple[int, ...]):
-    """The depthwise output of t for a backward pass, written once where the forward's plan for this
-    shape splits (its recompute per output-channel block costs more than writing it, by the same
-    measure), else None: the backward kernels then recompute it from t's taps."""
+    """The depthwise output of t for a backward pass, written once where the eval forward's plan for
+    this shape splits (the same table and cost model weigh the same write of d against the same
+    recompute per output-channel block), else None: the backward kernels then recompute it from t's
+    taps.  (The training forward always writes d; its choice is not what decides here.)"""
     t, fmt, cl = _layout(t)
     n, cin, h, w = t.shape
     plan = choose(op, n, cin, cout, h, w, kernels, t.dtype, cl, t.device, precision(t.dtype))

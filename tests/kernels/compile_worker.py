@@ -44,7 +44,7 @@ def _precs(name, dtype):
 KERNELS = {
     "dw_pw": (C._dw_pw_kernel, C.DW_PW_CONFIGS),
     "pw_bwd_data": (C._pw_bwd_data_kernel, C.PW_BWD_DATA_CONFIGS),
-    "pw_bwd_weight": (C._pw_bwd_weight_kernel, C.PW_BWD_WEIGHT_CONFIGS),
+    "pw_bwd_weight": (C._pw_bwd_weight_kernel, C.PW_BWD_WEIGHT_CONFIGS + C.PW_BWD_WEIGHT_STORED_CONFIGS),
     "dw_bwd": (C._dw_bwd_kernel, C.DW_BWD_CONFIGS),
     "dw_fwd": (C._dw_fwd_kernel, C.DW_CONFIGS),
     "sum_groups": (C._sum_groups_kernel,
@@ -67,7 +67,7 @@ def _specialisations(name):
     """Every constexpr combination the launchers in kernels/dwconv_bn_act.py and lka_gate.py pass."""
     if name == "dw_pw":
         dw = [dict(K=k, DIL=1, MODE=m, RELU=r) for k in DW_SIZES
-              for m in (C.BN_BWD_STATS, C.BN_BWD_GZ) for r in (True, False)]
+              for m in (C.BN_BWD_STATS, C.BN_BWD_GZ, C.BN_BWD_GZ_CENTRED) for r in (True, False)]
         ks = sorted({(ks, d) for _, ks, d in LKA_SIZES})
         lka = [dict(K=k, DIL=d, MODE=C.GATE_BWD, RELU=False) for k, d in ks]
         base = dw + lka

@@ -322,3 +322,24 @@ def test_gpu_tiles_cover_every_stage_of_every_plan(monkeypatch):
                 assert len(t.fused) == 6 and t.gemm == (), (name, t)
             else:
                 assert len(t.gemm) == 5 and t.fused == (), (name, t)
+
+
+def test_weight_gemm_runs_one_tile_per_case(monkeypatch):
+    """The backward weight GEMM's tile follows from D_STORED by rule, never from an autotuned race:
+    tiles of different pixel blocks sum in different orders, and the gradients must be the same
+    bits in every process.  The shipped lists (two tiles on a GPU, one under the interpreter) keep
+    exactly one per case; other kernels' configurations are untouched."""
+    import triton
+    from dlkunet.kernels import _common as C
+    shipped = C._pw_bwd_weight_kernel.configs
+    for stored in (False, True):
+        assert len(C._one_tile_per_case(shipped, {}, D_STORED=stored)) == 1
+    recompute_tile = triton.Config(dict(BLOCK_P=32, BLOCK_CO=32, BLOCK_CI=32), num_warps=4)
+    stored_tile = triton.Config(dict(BLOCK_P=64, BLOCK_CO=64, BLOCK_CI=64), num_warps=4)
+    monkeypatch.setattr(C, "PW_BWD_WEIGHT_CONFIGS", [recompute_tile])
+    monkeypatch.setattr(C, "PW_BWD_WEIGHT_STORED_CONFIGS", [stored_tile])
+    both = [recompute_tile, stored_tile]
+    assert C._one_tile_per_case(both, {}, D_STORED=False) == [recompute_tile]
+    assert C._one_tile_per_case(both, {}, D_STORED=True) == [stored_tile]
+    other = triton.Config(dict(BLOCK_P=16, BLOCK_C=8), num_warps=2)
+    assert C.config_applies(other, True) and C.config_applies(other, False)

@@ -199,12 +199,15 @@ def test_split_gemm_reads_operands_rounded_once_to_tf32(op, layout, tf32_flag):
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_statistics_merge_many_row_tiles_per_program(layout, dtype):
+def test_training_statistics_merge_many_row_tiles_per_program(layout, dtype, monkeypatch):
     """Programs of the statistics GEMM that walk several row tiles (and channel tiles beyond the
-    first) merge their moments into the batch statistics of z within float32's budget."""
+    first) merge their moments into the batch statistics of z within float32's budget.  The GPU's
+    programs are held to those of one SM, so that each walks several tiles at a small shape."""
     from dlkunet.kernels import plans
+    monkeypatch.setattr(plans, "_multiprocessors", lambda *a: 1)
     g = torch.Generator().manual_seed(17)
-    n, cin, cout, h, w = 2, 8, 40, 12, 13
+    # more output channels than one GEMM tile: 64 wide under the interpreter, 128 on a GPU
+    n, cin, cout, h, w = 2, 8, 40 if DEVICE == "cpu" else 136, 12, 13
     x, p = _dwconv_inputs(n, cin, cout, h, w, 3, 0.0, g)
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     bm, bn = plans.tiles(plans.SPLIT, cin, cout, w, dtype).gemm[:2]
@@ -312,16 +315,16 @@ def test_lka_backward_precision_follows_the_cudnn_tf32_flag(tf32_flag):
 def test_group_sums_are_float64_sums_in_every_layout(transpose, split_last):
     """_sum_groups_kernel, which merges every backward reduction: more groups than one step and more
     elements than one program (the backward tests under the interpreter reach neither), and partial
-    rows that cancel (+-1e4 in the first two groups) so that a float32 accumulation would lose
-    ~1e-4 relative where float64 loses nothing."""
+    rows that cancel across two steps (+-1e4), so that a float32 accumulation would lose ~1e-4
+    relative where float64 loses nothing."""
     from dlkunet.kernels import _common as C
     g = torch.Generator().manual_seed(31)
     groups, rows, cols, divisor = 2 * C.SUM_GROUP_STEP + 7, 10, 29, 7
     assert rows * cols > 2 * C.SUM_BLOCK
     part = torch.randn(groups, rows, cols, generator=g)
     big = 1e4 * torch.sign(torch.randn(rows, cols, generator=g))
-    part[0] += big
-    part[1] -= big
+    part[0] += big  # in the first step of groups ...
+    part[C.SUM_GROUP_STEP + 1] -= big  # ... and cancelled in the second, whatever the order within a step
     want = part.double().sum(0) / divisor
     out_rows = rows - int(split_last)
     out = torch.full((cols, out_rows) if transpose else (out_rows, cols), float("nan"), device=DEVICE)
