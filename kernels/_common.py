@@ -193,7 +193,7 @@ def _groups(NUM_GROUPS, n_pb):
 
 @triton.autotune(configs=DW_PW_CONFIGS, key=_STORED_KEY)
 @triton.jit
-def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr, mean_ptr, var_ptr, c_ptr,
+def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr, mean_ptr, var_ptr, sg_ptr, sgz_ptr,
                   out_ptr, out2_ptr, aux_ptr, aux2_ptr, part_ptr, eps, N, H, W, CIN, COUT, NUM_GROUPS,
                   K: tl.constexpr, DIL: tl.constexpr, MODE: tl.constexpr, RELU: tl.constexpr,
                   CL: tl.constexpr, PREC: tl.constexpr, D_STORED: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -243,9 +243,9 @@ def _dw_pw_kernel(t_ptr, wdw_ptr, bdw_ptr, d_ptr, wpw_ptr, b_ptr, g_ptr, be_ptr,
             g = tl.load(aux_ptr + off, mask=omask, other=0.0).to(tl.float32)
             if RELU:
                 g = tl.where(zhat * gamma + beta > 0.0, g, 0.0)
-            if MODE == _GZ_CENTRED:  # training: minus the batch means of g and g * zhat (c_ptr's two rows)
-                c1 = tl.load(c_ptr + co, mask=comask, other=0.0)[None, :]
-                c2 = tl.load(c_ptr + COUT + co, mask=comask, other=0.0)[None, :]
+            if MODE == _GZ_CENTRED:  # training: minus the batch means of g and g * zhat (their sums / P)
+                c1 = tl.load(sg_ptr + co, mask=comask, other=0.0)[None, :] / P
+                c2 = tl.load(sgz_ptr + co, mask=comask, other=0.0)[None, :] / P
                 gz = gamma * rstd * (g - c1 - zhat * c2)
                 tl.store(out_ptr + off, gz.to(out_ptr.dtype.element_ty), mask=omask)
             else:
@@ -438,14 +438,14 @@ def _dw_fwd_kernel(t_ptr, w_ptr, b_ptr, out_ptr, N, H, W, C,
 
 
 @triton.jit
-def _sum_groups_kernel(part_ptr, out_ptr, last_ptr, divisor, GROUPS, ROWS, COLS,
+def _sum_groups_kernel(part_ptr, out_ptr, last_ptr, GROUPS, ROWS, COLS,
                        TRANSPOSE: tl.constexpr, SPLIT_LAST: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
     """The reducing kernels' partial rows summed on the device: part is (GROUPS, ROWS, COLS),
-    summed over GROUPS in float64 in a fixed order (deterministic), divided by ``divisor`` and
-    stored as float32.  out is (ROWS, COLS), or (COLS, ROWS) with TRANSPOSE; with SPLIT_LAST the
-    last row goes to last_ptr (COLS,) and out holds the other ROWS - 1 (a weight's gradient and its
-    bias's from one partial matrix)."""
+    summed over GROUPS in float64 in a fixed order (deterministic) and stored as float32.  out is
+    (ROWS, COLS), or (COLS, ROWS) with TRANSPOSE; with SPLIT_LAST the last row goes to last_ptr
+    (COLS,) and out holds the other ROWS - 1 (a weight's gradient and its bias's from one partial
+    matrix)."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     jmask = j < ROWS * COLS
     g_range = tl.arange(0, BLOCK_G)
@@ -455,7 +455,7 @@ def _sum_groups_kernel(part_ptr, out_ptr, last_ptr, divisor, GROUPS, ROWS, COLS,
         v = tl.load(part_ptr + g[:, None] * (ROWS * COLS) + j[None, :], mask=(g < GROUPS)[:, None] & jmask[None, :],
                     other=0.0)
         acc += tl.sum(v.to(tl.float64), axis=0)
-    total = (acc / divisor).to(tl.float32)
+    total = acc.to(tl.float32)
     r = j // COLS
     c = j % COLS
     if SPLIT_LAST:
@@ -531,11 +531,11 @@ def num_groups(pixels: int, tiles: int) -> int:
     return max(1, min(triton.cdiv(pixels, 128), max(1, 1024 // max(tiles, 1))))
 
 
-def sum_groups(part, out, last=None, divisor: int = 1, transpose: bool = False):
+def sum_groups(part, out, last=None, transpose: bool = False):
     """Launch _sum_groups_kernel: out (and last) = the float64 sum over part's first dimension."""
     groups, rows, cols = part.shape
     _sum_groups_kernel[(triton.cdiv(rows * cols, SUM_BLOCK),)](
-        part, out, last if last is not None else out, divisor, groups, rows, cols, TRANSPOSE=transpose,
+        part, out, last if last is not None else out, groups, rows, cols, TRANSPOSE=transpose,
         SPLIT_LAST=last is not None, BLOCK_G=SUM_GROUP_STEP, BLOCK=SUM_BLOCK)
 
 
@@ -543,7 +543,8 @@ def dw_pw(mode, t, w_dw, b_dw, w_pw, bias, dilation, cl, prec, relu=False, bn=No
           out=None, out2=None, aux=None, aux2=None, groups=0, d=None):
     """Launch _dw_pw_kernel (products in precision mode ``prec``, ``_precision._mma``).  ``bias``:
     the pointwise bias; ``bn``: (gamma, beta, mean, var) for the BatchNorm modes, ``centred`` the
-    (2, Cout) batch means of BN_BWD_STATS's sums for BN_BWD_GZ_CENTRED; ``d``: the depthwise output
+    merged sums of g and g * zhat from BN_BWD_STATS (grad_beta, grad_gamma) for BN_BWD_GZ_CENTRED,
+    which divides them by the pixel count; ``d``: the depthwise output
     of t when written once (else recomputed per output-channel block).  Returns the partial-row
     matrix (groups, 2, Cout) of the modes that make one."""
     n, cin, h, w = t.shape
@@ -556,7 +557,7 @@ def dw_pw(mode, t, w_dw, b_dw, w_pw, bias, dilation, cl, prec, relu=False, bn=No
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]) *
                          (groups or triton.cdiv(n * h * w, meta["BLOCK_P"])),)
     _dw_pw_kernel[grid](t, w_dw, b_dw, d if d is not None else t, w_pw, bias, gamma, beta, mean, var,
-                        centred if centred is not None else bias, out if out is not None else dummy,
+                        *(centred if centred is not None else (bias, bias)), out if out is not None else dummy,
                         out2 if out2 is not None else dummy, aux if aux is not None else dummy,
                         aux2 if aux2 is not None else dummy, part, float(eps), n, h, w, cin, cout, groups,
                         K=k, DIL=dilation, MODE=mode, RELU=relu, CL=cl, PREC=prec, D_STORED=d is not None)

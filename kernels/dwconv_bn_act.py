@@ -62,10 +62,9 @@ def dwconv_bn_act_backward(grad_y, x, w_dw, b_dw, w_pw, b_pw, gamma, beta, mean,
     if training:
         # grad_z = gamma*rstd*(g - mean(g) - zhat*mean(g*zhat)): the two means need a pass of their own.
         part = C.dw_pw(C.BN_BWD_STATS, x, wd, bd, wp, b_pw, 1, cl, prec, **common)
-        C.sum_groups(part, grad_beta, grad_gamma)
-        centred = torch.empty((2, cout), dtype=torch.float32, device=x.device)
-        C.sum_groups(part, centred, divisor=n * h * w)
-        C.dw_pw(C.BN_BWD_GZ_CENTRED, x, wd, bd, wp, b_pw, 1, cl, prec, centred=centred, out=gz, **common)
+        C.sum_groups(part, grad_beta, grad_gamma)  # the two sums, which the gz pass turns into means
+        C.dw_pw(C.BN_BWD_GZ_CENTRED, x, wd, bd, wp, b_pw, 1, cl, prec, centred=(grad_beta, grad_gamma), out=gz,
+                **common)
     else:
         part = C.dw_pw(C.BN_BWD_GZ, x, wd, bd, wp, b_pw, 1, cl, prec, out=gz, **common)
         C.sum_groups(part, grad_beta, grad_gamma)

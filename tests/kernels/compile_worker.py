@@ -23,7 +23,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 
 from dlkunet.kernels import _common as C  # noqa: E402
 
-FP32_ARGS = {"mean_ptr", "var_ptr", "c_ptr", "part_ptr", "wpart_ptr", "bpart_ptr", "out2_ptr", "add_ptr"}
+FP32_ARGS = {"mean_ptr", "var_ptr", "sg_ptr", "sgz_ptr", "part_ptr", "wpart_ptr", "bpart_ptr", "out2_ptr", "add_ptr"}
 FLOAT_ARGS = frozenset({"eps"})
 # Channel counts of the real shapes are multiples of 16; Triton specialises such ints at run time.
 DIVISIBLE_INTS = {"CIN", "COUT", "C"}
