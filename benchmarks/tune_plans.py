@@ -4,8 +4,9 @@ For every real shape (DLKUNet-L at batch 16 from 224x224: the encoder Blocks' an
 eval dwconv_bn_act, the five lka_gate levels), float32 (TF32, eager's default) and bfloat16, NCHW
 and channels_last, it times eager PyTorch in the same dtype and layout (cuDNN; float32 also with
 TF32 off), then each plan: ``fused`` at its shipped tile, ``split`` by coordinate descent (the
-depthwise tile with the shipped GEMM tile, then the GEMM tile), ``split_cudnn`` and, for
-channels_last dwconv_bn_act, ``split_cublas``; then each stage alone beside cuDNN's and cuBLAS's
+depthwise tile with the shipped GEMM tile, then the GEMM tile), ``split_cudnn``, for lka_gate
+``chain`` (its window by rule, split's best GEMM tile) and, for channels_last dwconv_bn_act,
+``split_cublas``; then each stage alone beside cuDNN's and cuBLAS's
 (rows with plan ``part``: where the time goes).  Every candidate's error against float64 is measured
 on the timed input, and a candidate whose error is over twice eager's own (or over the
 float32/16-bit budget where that is larger) is never chosen.
@@ -264,6 +265,9 @@ class Tuner:
                     best_gemm, best_gemm_ms = gemm, ms
             plan = P.Plan(P.SPLIT_CUDNN, gemm=best_gemm)
             results.append((*self.run(case, plan, x, p, truth, budget, eager_ms), plan))
+            if case.op == "lka_gate":  # a1 on chip, in the window chain_window gives the shape
+                plan = P.Plan(P.CHAIN, gemm=best_gemm)
+                results.append((*self.run(case, plan, x, p, truth, budget, eager_ms), plan))
             if case.op == "dwconv_bn_act" and case.layout == "cl":
                 plan = P.Plan(P.SPLIT_CUBLAS, dw=best_dw)
                 results.append((*self.run(case, plan, x, p, truth, budget, eager_ms), plan))
@@ -333,7 +337,7 @@ class _tf32:
 
 def _model_choice(case: Case) -> str:
     from dlkunet.kernels import plans as P
-    ks = case.kernels[:1] if case.op == "dwconv_bn_act" else case.kernels[:2]
+    ks = case.kernels[:1] if case.op == "dwconv_bn_act" else case.kernels
     peaks = P._peaks(torch.device("cuda")) if torch.cuda.is_available() else P._PEAKS["H100"]
     prec = P.precision(case.dtype)
     return min(P.PLANS, key=lambda nm: P.predicted_seconds(nm, case.op, case.n, case.cin, case.cout, case.h,

@@ -154,13 +154,88 @@ def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, wpw_ptr, wpw_out_ptr, N, H, W, C, C
     tl.store(out_ptr + _offsets(n * HW + hw, n, hw, c, C, HW, CL), _to(d, out_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
     if ROUND_TF32:
-        row_lo = pid_s * WPW_ROWS
-        row_hi = tl.minimum(row_lo + WPW_ROWS, COUT)
-        for r0 in range(row_lo, row_hi, WPW_ROW_STEP):
-            r = r0 + tl.arange(0, WPW_ROW_STEP)
-            m = (r < row_hi)[:, None] & cmask[None, :]
-            off = r[:, None] * C + c[None, :]
-            tl.store(wpw_out_ptr + off, _tf32(tl.load(wpw_ptr + off, mask=m, other=0.0)), mask=m)
+        _round_weight_share(wpw_ptr, wpw_out_ptr, pid_s, WPW_ROWS, COUT, c, cmask, C)
+
+
+@triton.jit
+def _round_weight_share(wpw_ptr, wpw_out_ptr, pid_s, WPW_ROWS, COUT, c, cmask, C):
+    """Spatial program pid_s's share of the TF32-rounded copy of the pointwise weights (COUT x C):
+    the rows [pid_s * WPW_ROWS, (pid_s + 1) * WPW_ROWS) of its channel block."""
+    row_lo = pid_s * WPW_ROWS
+    row_hi = tl.minimum(row_lo + WPW_ROWS, COUT)
+    for r0 in range(row_lo, row_hi, WPW_ROW_STEP):
+        r = r0 + tl.arange(0, WPW_ROW_STEP)
+        m = (r < row_hi)[:, None] & cmask[None, :]
+        off = r[:, None] * C + c[None, :]
+        tl.store(wpw_out_ptr + off, _tf32(tl.load(wpw_ptr + off, mask=m, other=0.0)), mask=m)
+
+
+@triton.jit
+def _lka_chain_kernel(x_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a2_ptr, a1_ptr, scratch_ptr, wpw_ptr, wpw_out_ptr,
+                      N, H, W, C, COUT, WPW_ROWS,
+                      K0: tl.constexpr, KS: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr,
+                      ROUND_TF32: tl.constexpr, STORE_A1: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
+                      HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """lka_gate's depthwise chain a2 = dw_KS,DIL(dw_K0(x)), written once; a1 never goes to DRAM.
+
+    Work items are (QH x QW window of an image, BLOCK_C channels); a persistent program walks the
+    items pid, pid + programs, ...  It computes a1 on the whole window, stores it in its own
+    scratch slot (window-sized, so all slots together stay in L2; the taps read it back through
+    L1), and runs the dilated conv on the slot as on an image of the window's size: zero padding
+    outside the window.  a2 is written at the window's inner (QH - 2 HALO_H) x (QW - 2 HALO_W)
+    pixels.  HALO is the dilated conv's radius along a dimension that several windows tile, 0 along
+    one that a single window covers (every tap outside it is outside the image, where a1 is zero:
+    the second conv's padding); neighbouring windows overlap by their halos, whose a1 is computed
+    twice.  (Triton has no addressable shared memory, and ``tl.gather`` from a register tile
+    compiles to warp shuffles: about eight shuffles and selects per tap and element.)
+
+    16-bit inputs: a1 is rounded to the input dtype, as when it is written (the split plan), so a2
+    is the same bits.  ROUND_TF32 and the weight share as in ``_dw_kernel``.  STORE_A1 (the
+    backward, which needs both) also writes a1 at the same pixels."""
+    Q: tl.constexpr = QH * QW
+    OH: tl.constexpr = QH - 2 * HALO_H
+    OW: tl.constexpr = QW - 2 * HALO_W
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    n_ww = tl.cdiv(W, OW)
+    per_image = tl.cdiv(H, OH) * n_ww
+    n_cb = tl.cdiv(C, BLOCK_C)
+    HW = H * W
+    q = tl.arange(0, Q)
+    qh = q // QW
+    qw = q % QW
+    c_local = tl.arange(0, BLOCK_C)
+    everywhere = q < Q
+    slot = scratch_ptr + pid * (Q * BLOCK_C)
+    slot_off = _offsets(q, 0, q, c_local, BLOCK_C, Q, CL)
+    for item in range(pid, N * per_image * n_cb, programs):
+        window = item // n_cb
+        c0 = (item % n_cb) * BLOCK_C
+        n = window // per_image
+        win = window % per_image
+        h = (win // n_ww) * OH - HALO_H + qh
+        w = (win % n_ww) * OW - HALO_W + qw
+        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        c = c0 + c_local
+        cmask = c < C
+        a1 = _dw_tile(x_ptr, w0_ptr, b0_ptr, n, h, w, inside, c, cmask, C, H, W, K0, 1, CL, Q, BLOCK_C)
+        a1 = tl.where(inside[:, None], _to(a1, x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        tl.debug_barrier()  # the previous item's taps have read the slot
+        tl.store(slot + slot_off, a1.to(scratch_ptr.dtype.element_ty))  # exact: a1 holds x's dtype's values
+        tl.debug_barrier()  # every thread's a1 is in the slot
+        a2 = _dw_tile(slot, ws_ptr + c0 * (KS * KS), bs_ptr + c0, 0, qh, qw, everywhere, c_local, cmask,
+                      BLOCK_C, QH, QW, KS, DIL, CL, Q, BLOCK_C)
+        if ROUND_TF32:
+            a2 = _tf32(a2)
+        own = inside & (qh >= HALO_H) & (qh < QH - HALO_H) & (qw >= HALO_W) & (qw < QW - HALO_W)
+        hw = h * W + w
+        off = _offsets(n * HW + hw, n, hw, c, C, HW, CL)
+        omask = own[:, None] & cmask[None, :]
+        tl.store(a2_ptr + off, _to(a2, a2_ptr.dtype.element_ty), mask=omask)
+        if STORE_A1:
+            tl.store(a1_ptr + off, a1.to(a1_ptr.dtype.element_ty), mask=omask)
+        if ROUND_TF32:
+            _round_weight_share(wpw_ptr, wpw_out_ptr, window, WPW_ROWS, COUT, c, cmask, C)
 
 
 @triton.jit

@@ -1,12 +1,12 @@
 """lka_gate on the Triton kernels of ``_common``: forward and backward (see
 ``dlkunet.ops.reference`` for the contract).
 
-Forward: a1 = dw_k0(x) is written once; the dilated depthwise conv of a1, the pointwise conv and
-the gate run fused (a2 and the pointwise result stay in registers).  Computing a2 straight from x
-would need a1 at ks*ks shifted places per pixel, each costing k0*k0 taps: far more work than
-writing a1 once.  a1 is zero outside the image, as for two separate convolutions.
-Backward: a1 is recomputed; the gradients flow through gu = g*x (at the pointwise output),
-ga2 = gu @ W1, ga1 = dw_ks^T(ga2) and grad_x = g*u + dw_k0^T(ga1).
+Forward: the plans of ``plans.lka_gate_fwd`` (a1 written once and the rest fused; a1 and a2
+written once; or a2 written once with a1 kept on chip).  a1 is zero outside the image, as for two
+separate convolutions.
+Backward: a1 is recomputed (with a2, in one launch, where the forward's plan is ``chain``); the
+gradients flow through gu = g*x (at the pointwise output), ga2 = gu @ W1, ga1 = dw_ks^T(ga2) and
+grad_x = g*u + dw_k0^T(ga1).
 """
 from __future__ import annotations
 
@@ -43,10 +43,14 @@ def lka_gate_backward(grad_out, x, w0, b0, ws, bs, w1, b1, dilation: int):
     g = C.dense(grad_out, x.dtype, fmt)
     bs_ = C.dense(bs, x.dtype)
     prec = P.precision(x.dtype)
-    a1 = C.dw_fwd(x, w0_, C.dense(b0, x.dtype), 1, cl, C.like(x, c, fmt))
+    stages = P.backward_lka_stages(x, w0, b0, ws, bs, dil)  # the chain plan writes both in one launch
+    if stages is None:
+        a1 = C.dw_fwd(x, w0_, C.dense(b0, x.dtype), 1, cl, C.like(x, c, fmt))
+        a2 = P.backward_depthwise("lka_gate", a1, C.dense(ws, x.dtype), bs_, dil, c, (k0, ks, dil))
+    else:
+        a1, a2 = stages
     gu = C.like(x, c, fmt)
     gx_direct = C.like(x, c, fmt, torch.float32)
-    a2 = P.backward_depthwise("lka_gate", a1, C.dense(ws, x.dtype), bs_, dil, c, (k0, ks))
     C.dw_pw(C.GATE_BWD, a1, ws_, bs_, w1_, C.dense(b1), dil, cl, prec, out=gu, out2=gx_direct, aux=g, aux2=x,
             d=a2)
     # float32 intermediates: in bf16 their rounding alone put grad_b0 at the 1e-2 budget.

@@ -8,6 +8,9 @@ Plans (benchmarks/roofline.py's vocabulary; docs/gpu-plans.md):
            first, then the dilated conv, pointwise GEMM and gate run fused.
 ``split``  a depthwise kernel writes its output once, then a large-tile tensor-core GEMM with the
            op's epilogue (lka_gate: a1, then a2, then the GEMM with the gate).
+``chain``  lka_gate only: one kernel runs both depthwise convs with a1 kept on chip over a window
+           of pixels plus the dilated conv's halo, writing a2 once; then the split plan's GEMM
+           with the gate.  a1 never goes to DRAM (``chain_window`` has the windows).
 ``split_cudnn``   ``split`` with PyTorch's depthwise convolution (cuDNN) as its first stage.
 ``split_cublas``  eval dwconv_bn_act in channels_last: our depthwise kernel, BN folded into the
            pointwise weights by a small kernel, cuBLASLt's GEMM with its bias+ReLU epilogue on the
@@ -29,7 +32,7 @@ dtype with float32 accumulation.  The flag is read on every call.
 
 Host side of a call: no torch op besides allocating outputs and intermediates (BN folding happens
 in the kernels' prologue); eval dwconv_bn_act launches 1 (fused) or 2 (split) kernels, lka_gate's
-forward 2 or 3.
+forward 2 (fused, chain) or 3 (split).
 """
 from __future__ import annotations
 
@@ -52,12 +55,12 @@ from ._common import MAX_REGISTERS
 from ._common import dense as _dense
 from ._precision import INTERPRET
 
-FUSED, SPLIT, SPLIT_CUDNN, SPLIT_CUBLAS = "fused", "split", "split_cudnn", "split_cublas"
+FUSED, SPLIT, CHAIN, SPLIT_CUDNN, SPLIT_CUBLAS = "fused", "split", "chain", "split_cudnn", "split_cublas"
 # The cost model's plans.  The measured table may also name two it cannot predict: split_cudnn (the
 # split plan with PyTorch's depthwise convolution, cuDNN on a GPU, as its first stage) and, for eval
 # dwconv_bn_act in channels_last, split_cublas (our depthwise kernel, BN folded into the pointwise
 # weights by a small kernel, then the GEMM with its bias+ReLU epilogue in cuBLASLt).
-PLANS = (FUSED, SPLIT)
+PLANS = (FUSED, SPLIT, CHAIN)
 MEASURED_PLANS = PLANS + (SPLIT_CUDNN, SPLIT_CUBLAS)
 # Output channels per program of the BN-folding kernel, and input channels per step.
 FOLD_TILE = (16, 64)
@@ -65,12 +68,30 @@ FOLD_WARPS = 4
 # Widest output-channel tile of the fused kernel (a 64 x 256 float32 accumulator is 64 registers
 # per thread at 8 warps).  Wider layers recompute the depthwise taps once per tile.
 FUSED_MAX_COUT = 256
+# The chain plan's windows (``chain_window``): a window spans a whole image side up to
+# CHAIN_WHOLE_SIDE pixels (no halo along it: the taps past it are the second conv's zero padding);
+# longer sides are tiled by windows of at least CHAIN_MIN_WINDOW and 4x the dilated conv's radius,
+# so that at least half of each is output.  A window holds CHAIN_WINDOW_ELEMENTS pixels x channels:
+# 16 per thread per tile at CHAIN_WARPS warps compiled for sm_90 without spills in 210-252
+# registers (32 per thread spilled; 16 warps at that register count cannot launch).  So one program
+# fits an SM: the grid is persistent, CHAIN_PROGRAMS_PER_SM per SM, each with its own scratch slot,
+# all slots together a few MB that stay in L2.
+CHAIN_WHOLE_SIDE = 64
+CHAIN_MIN_WINDOW = 16
+CHAIN_WINDOW_ELEMENTS = 4096
+CHAIN_MAX_CHANNELS = 32
+CHAIN_WARPS = 8
+CHAIN_PROGRAMS_PER_SM = 1
+# The interpreter's: small windows, so that small test images are tiled by several.
+INTERPRET_WHOLE_SIDE = 16
+INTERPRET_WINDOW_ELEMENTS = 1024
 
 
 @dataclass(frozen=True)
 class Plan:
     """A plan and its tiles.  fused: (BH, BW, BLOCK_CO, BLOCK_CI, warps, stages); dw: (BH, BW,
-    BLOCK_C, warps); gemm: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    BLOCK_C, warps), or for chain its window (QH, QW, HALO_H, HALO_W, BLOCK_C, warps), empty for
+    ``chain_window``'s; gemm: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
     name: str
     fused: Tuple[int, ...] = ()
     dw: Tuple[int, ...] = ()
@@ -105,9 +126,11 @@ def _patch(w: int, pixels: int) -> Tuple[int, int]:
 def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
     """The shipped tiles of plan ``name`` (all listed by ``shipped_configs`` for the compile tests)."""
     half = dtype != torch.float32
+    dw_stage = name != CHAIN  # the chain plan's window follows from the shape (chain_window)
     if INTERPRET:  # the interpreter's cost is per operation, not per element: few, mid-size tiles
         bco = _pow2(cout, 16, FUSED_MAX_COUT)
-        return Plan(name, fused=(8, 8, bco, 32, 1, 1), dw=(8, 8, 32, 1), gemm=(64, 32, 32, 1, 1))
+        return Plan(name, fused=(8, 8, bco, 32, 1, 1) if name == FUSED else (),
+                    dw=(8, 8, 32, 1) if dw_stage else (), gemm=(64, 32, 32, 1, 1) if name != FUSED else ())
     bco = _pow2(cout, 16, FUSED_MAX_COUT)
     bh, bw = _patch(w, 64)
     dh, dwd = _patch(w, 64)
@@ -117,13 +140,35 @@ def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
     # 128x128 tiles at 8 warps spilled 32 bytes for float32 NCHW on sm_90.
     gemm = (64, 128, 64, 4, 3) if half else (64, 128, 32, 8, 3)
     # dw at 8 warps: at 4, NCHW with k >= 5 spilled (255 registers on sm_90, 96 on sm_80).
-    return Plan(name, fused=fused if name == FUSED else (), dw=(dh, dwd, 32, 8),
+    return Plan(name, fused=fused if name == FUSED else (), dw=(dh, dwd, 32, 8) if dw_stage else (),
                 gemm=gemm if name != FUSED else ())
+
+
+def chain_window(c: int, h: int, w: int, radius: int) -> Tuple[int, int, int, int, int, int]:
+    """The chain plan's window for C channels of H x W images and the dilated conv's radius:
+    (QH, QW, HALO_H, HALO_W, BLOCK_C, warps)."""
+    whole, budget = (INTERPRET_WHOLE_SIDE, INTERPRET_WINDOW_ELEMENTS) if INTERPRET else (
+        CHAIN_WHOLE_SIDE, CHAIN_WINDOW_ELEMENTS)
+
+    def side(n: int) -> Tuple[int, int]:
+        if n <= whole:
+            return triton.next_power_of_2(n), 0
+        return max(CHAIN_MIN_WINDOW, triton.next_power_of_2(4 * radius + 1)), radius
+
+    (qh, halo_h), (qw, halo_w) = side(h), side(w)
+    bc = max(1, min(budget // (qh * qw), CHAIN_MAX_CHANNELS, triton.next_power_of_2(c)))
+    return qh, qw, halo_h, halo_w, bc, 1 if INTERPRET else CHAIN_WARPS
+
+
+def chain_windows(n: int, h: int, w: int, window) -> int:
+    """Windows over n images."""
+    qh, qw, halo_h, halo_w = window[:4]
+    return n * triton.cdiv(h, qh - 2 * halo_h) * triton.cdiv(w, qw - 2 * halo_w)
 
 
 def shipped_configs():
     """Every (kernel, tile) the GPU plans can launch, for the compile tests: the fused tiles for
-    each BLOCK_CO and patch width, the dw and gemm tiles, per dtype family (fp32 vs 16-bit)."""
+    each BLOCK_CO and patch width, the dw, gemm and chain tiles, per dtype family (fp32 vs 16-bit)."""
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         for cout in (16, 32, 64, 128, 256):
@@ -132,6 +177,11 @@ def shipped_configs():
         for w in (16, 32):
             out.append(("dw", dtype, tiles(SPLIT, 64, 64, w, dtype).dw))
         out.append(("gemm", dtype, tiles(SPLIT, 512, 512, 32, dtype).gemm))
+        # lka's chain windows at the DLKUNet levels (its dilated 7x7 at dilation 3): halos at 224
+        # and 112, whole images from 56 down
+        radius = 3 * (7 - 1) // 2
+        for c, side in ((96, 224), (384, 56), (768, 28), (1536, 14)):
+            out.append(("chain", dtype, chain_window(c, side, side, radius)))
     return list(dict.fromkeys(out))
 
 
@@ -154,7 +204,8 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
                       kernels: Tuple[int, ...], dtype: torch.dtype, prec: str,
                       peaks=_PEAKS["H100"]) -> float:
     """Predicted time of plan ``name`` for one forward call.  kernels: (k,) for dwconv_bn_act,
-    (k0, ks) for lka_gate (whose first conv, written once, is common to both plans)."""
+    (k0, ks, dilation) for lka_gate.  The chain plan computes both of lka's depthwise convs on
+    whole windows (halos and power-of-two padding included) and writes a2 once."""
     bw, fma, tf32, half = peaks
     es = 2 if dtype != torch.float32 else 4
     tc = half if dtype != torch.float32 else (tf32 if prec == "tf32" else tf32 / 3)
@@ -168,6 +219,15 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
     recompute = math.ceil(cout / FUSED_MAX_COUT)
     extra_in = 0.0
     total = 0.0
+    weight_copy = 2.0 * cin * cout * es if prec == "tf32" else 0.0  # the GEMM's TF32-rounded weights
+    if name == CHAIN:
+        if op != "lka_gate":
+            return math.inf
+        k0, ks, dil = kernels
+        window = chain_window(cin, h, w, dil * (ks - 1) // 2)
+        computed = chain_windows(n, h, w, window) * window[0] * window[1] * cin
+        total += max(t_bw(2 * x_in + weight_copy), t_fma(2.0 * computed * (k0 * k0 + ks * ks))) + _GAP
+        return total + max(t_bw(2 * x_in + y_out), t_tc(gemm)) + _GAP  # reads a2 and x (the gate)
     if op == "lka_gate":
         k0 = kernels[0]
         total += max(t_bw(2 * x_in), t_fma(2.0 * p * cin * k0 * k0)) + _GAP  # a1 written once
@@ -175,7 +235,6 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
     if name == FUSED:
         total += max(t_bw(x_in + extra_in + y_out), t_tc(gemm) + t_fma(taps * recompute)) + _GAP
     else:
-        weight_copy = 2.0 * cin * cout * es if prec == "tf32" else 0.0  # the GEMM's TF32-rounded weights
         total += max(t_bw(2 * x_in + weight_copy), t_fma(taps)) + _GAP
         total += max(t_bw(x_in + extra_in + y_out), t_tc(gemm)) + _GAP
     return total
@@ -301,7 +360,7 @@ def choose(op: str, n: int, cin: int, cout: int, h: int, w: int, kernels: Tuple[
         row = measured(op, cin, cout, h, w, kernels, dtype, cl, device)
         if forced_plan is not None:
             assert forced_plan in MEASURED_PLANS, f"DLKUNET_TRITON_PLAN must be one of {MEASURED_PLANS}"
-            name = forced_plan
+            name = SPLIT if forced_plan == CHAIN and op != "lka_gate" else forced_plan  # lka's own plan
         elif row is not None:
             plan = _CACHE[key] = _plan_of(row)
             return plan
@@ -360,6 +419,33 @@ def _launch_dw(t, w_dw, b_dw, out, dil, cl, tile, w_pw=None, w_pw_rounded=None):
     F._dw_kernel[grid](t, w_dw, b_dw, out, w_pw if rounded else out, w_pw_rounded if rounded else out,
                        n, h, w, c, cout, triton.cdiv(cout, spatial), K=k, DIL=dil, CL=cl, ROUND_TF32=rounded,
                        BH=bh, BW=bw, BLOCK_C=bc, num_warps=warps, maxnreg=MAX_REGISTERS)
+
+
+def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_pw_rounded=None):
+    """lka_gate's depthwise chain: a2 (and, given a1, a1) written once; with w_pw, a2 rounded to TF32
+    and the TF32 rounding of w_pw into w_pw_rounded, as ``_launch_dw``."""
+    n, c, h, w = x.shape
+    qh, qw, halo_h, halo_w, bc, warps = window
+    assert (halo_h or qh >= h) and (halo_w or qw >= w), "a side without a halo spans the image"
+    assert qh > 2 * halo_h and qw > 2 * halo_w, "a window has pixels inside its halo"
+    windows = chain_windows(n, h, w, window)
+    items = windows * triton.cdiv(c, bc)
+    # at least two: under the interpreter (one "SM") too, programs walk items through separate slots
+    programs = min(items, max(2, CHAIN_PROGRAMS_PER_SM * _multiprocessors(x.device.type, x.device.index)))
+    scratch = torch.empty(programs * qh * qw * bc, dtype=x.dtype, device=x.device)
+    rounded = w_pw is not None
+    cout = w_pw.shape[0] if rounded else 0
+    F._lka_chain_kernel[(programs,)](x, w0, b0, ws, bs, a2, a2 if a1 is None else a1, scratch,
+                                     w_pw if rounded else a2, w_pw_rounded if rounded else a2,
+                                     n, h, w, c, cout, triton.cdiv(cout, windows), K0=w0.shape[-1], KS=ws.shape[-1],
+                                     DIL=dil, CL=cl, ROUND_TF32=rounded, STORE_A1=a1 is not None, QH=qh, QW=qw,
+                                     HALO_H=halo_h, HALO_W=halo_w, BLOCK_C=bc, num_warps=warps,
+                                     maxnreg=MAX_REGISTERS)
+
+
+def _chain_window(plan: Plan, x, ws, dil: int):
+    n, c, h, w = x.shape
+    return plan.dw or chain_window(c, h, w, dil * (ws.shape[-1] - 1) // 2)
 
 
 def _launch_fused(t, w_dw, b_dw, w_pw, x, out, prm, eps, dil, epi, relu, cl, prec, tile):
@@ -424,6 +510,22 @@ def backward_depthwise(op: str, t, w_dw, b_dw, dil: int, cout: int, kernels: Tup
     if plan.name == FUSED:
         return None
     return _depthwise(t, w_dw, b_dw, dil, fmt, plan)
+
+
+def backward_lka_stages(x, w0, b0, ws, bs, dil: int):
+    """(a1, a2) of lka_gate for its backward in one launch where the eval forward's plan for this
+    shape is ``chain`` (the kernel writes a1 beside a2), else None: the backward then writes a1,
+    and a2 by ``backward_depthwise``."""
+    x, fmt, cl = _layout(x)
+    n, c, h, w = x.shape
+    kernels = (w0.shape[-1], ws.shape[-1], dil)
+    plan = choose("lka_gate", n, c, c, h, w, kernels, x.dtype, cl, x.device, precision(x.dtype))
+    if plan.name != CHAIN:
+        return None
+    a1, a2 = _empty(n, c, h, w, x, fmt), _empty(n, c, h, w, x, fmt)
+    _launch_chain(x, _dense(w0), _dense(b0), _dense(ws), _dense(bs), a2, dil, cl, _chain_window(plan, x, ws, dil),
+                  a1=a1)
+    return a1, a2
 
 
 def dwconv_bn_act_eval(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, running_mean, running_var, eps: float,
@@ -517,17 +619,30 @@ def dwconv_bn_act_train(x, w_dw, b_dw, w_pw, b_pw, gamma, beta, eps: float, relu
 
 def lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation: int):
     """lka_gate forward: a1 = dw_k0(x) written once, then fused (dilated dw + GEMM + gate) or split
-    (a2 written once, then the GEMM with the gate).  2 or 3 launches."""
+    (a2 written once, then the GEMM with the gate); or chain (a2 written once with a1 on chip, then
+    the GEMM).  2 (fused, chain) or 3 (split) launches."""
     x, fmt, cl = _layout(x)
     n, c, h, w = x.shape
     dil = int(dilation)
     w0, ws, w1 = _dense(w0), _dense(ws), _dense(w1)
     b0, bs, b1 = _dense(b0), _dense(bs), _dense(b1)
     prec = precision(x.dtype)
-    plan = choose("lka_gate", n, c, c, h, w, (w0.shape[-1], ws.shape[-1]), x.dtype, cl, x.device, prec)
-    a1 = _depthwise(x, w0, b0, 1, fmt, plan)
+    plan = choose("lka_gate", n, c, c, h, w, (w0.shape[-1], ws.shape[-1], dil), x.dtype, cl, x.device, prec)
     out = _empty(n, c, h, w, x, fmt)
     prm = (b1, b1, b1, b1, b1, b1, b1)  # only b1 is read (EPI_GATE)
+    if plan.name == CHAIN:
+        a2 = _empty(n, c, h, w, x, fmt)
+        window = _chain_window(plan, x, ws, dil)
+        if prec == "tf32":  # as _gemm_operands: a2 and a weight copy rounded, the GEMM converts nothing
+            w_gemm = torch.empty_like(w1)
+            _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, w_pw=w1, w_pw_rounded=w_gemm)
+            prec = F.TF32_ROUNDED
+        else:
+            w_gemm = w1
+            _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window)
+        _launch_gemm(a2, w_gemm, x, out, prm, 0.0, F.EPI_GATE, False, cl, prec, plan.gemm)
+        return out
+    a1 = _depthwise(x, w0, b0, 1, fmt, plan)
     if plan.name == FUSED:
         _launch_fused(a1, ws, bs, w1, x, out, prm, 0.0, dil, F.EPI_GATE, False, cl, prec, plan.fused)
     else:

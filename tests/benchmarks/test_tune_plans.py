@@ -42,8 +42,9 @@ def test_smoke_run_tunes_one_case_per_op(smoke):
     assert [r["op"] for r in best] == ["dwconv_bn_act", "lka_gate"]
     every = _read(smoke / "tune.csv")
     candidates = [r for r in every if r["plan"] != "part"]
-    assert {r["plan"] for r in candidates} == {"fused", "split", "split_cudnn", "split_cublas"}
+    assert {r["plan"] for r in candidates} == {"fused", "split", "split_cudnn", "split_cublas", "chain"}
     assert {r["case"].split()[0] for r in candidates if r["plan"] == "split_cublas"} == {"dwconv_bn_act"}
+    assert {r["case"].split()[0] for r in candidates if r["plan"] == "chain"} == {"lka_gate"}
     assert all(r["status"] == "ok" for r in candidates), [r for r in candidates if r["status"] != "ok"]
     for r in best:
         assert r["device"] == "cpu (interpreter)" and list(r) == list(tune.TABLE_FIELDS)
@@ -62,9 +63,9 @@ def test_merged_table_drives_the_plan_choice(smoke, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     (row,) = [r for r in _read(table) if r["op"] == "lka_gate"]
-    k0, ks, _ = (int(v) for v in row["kernels"].split())
+    k0, ks, dil = (int(v) for v in row["kernels"].split())
     cpu = torch.device("cpu")
-    args = ("lka_gate", 2, int(row["cin"]), int(row["cout"]), int(row["h"]), int(row["w"]), (k0, ks),
+    args = ("lka_gate", 2, int(row["cin"]), int(row["cout"]), int(row["h"]), int(row["w"]), (k0, ks, dil),
             getattr(torch, row["dtype"]), row["layout"] == "cl", cpu, "ieee")
     with plans.tuned_table(table):
         plan = plans.choose(*args)

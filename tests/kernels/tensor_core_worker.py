@@ -82,6 +82,14 @@ def specialisations(kernels):
                         for rounded in ((False, True) if dtype == torch.float32 else (False,)):
                             consts = dict(K=k, DIL=dil, CL=cl, ROUND_TF32=rounded, BH=bh, BW=bw, BLOCK_C=bc)
                             out.append(("dw", F._dw_kernel, dtype, consts, warps, 1))
+                elif kind == "chain":
+                    qh, qw, halo_h, halo_w, bc, warps = tile
+                    for k0, ks, dil in ((5, 7, 3), (3, 7, 3), (5, 5, 3)):
+                        for rounded in ((False, True) if dtype == torch.float32 else (False,)):
+                            for store_a1 in (False, True):  # the forward; the backward's a1 and a2
+                                consts = dict(K0=k0, KS=ks, DIL=dil, CL=cl, ROUND_TF32=rounded, STORE_A1=store_a1,
+                                              QH=qh, QW=qw, HALO_H=halo_h, HALO_W=halo_w, BLOCK_C=bc)
+                                out.append(("chain", F._lka_chain_kernel, dtype, consts, warps, 1))
     if "fold" in kernels:  # split_cublas's BN folding (no MMA; checked for spills)
         bco, bci = P.FOLD_TILE
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -96,7 +104,8 @@ def ci_subset(specs):
     """The specialisations the CI test compiles (a full sweep is ~200 per arch): every GEMM with the
     BN epilogue (each dtype and precision, both layouts), the widest fused tile with the BN epilogue
     likewise, and the worst register cases seen in the full sweep (16-bit NCHW with the 49-tap
-    dilated conv: the fused gate kernel at its narrowest and widest tiles, the depthwise kernel)."""
+    dilated conv: the fused gate kernel at its narrowest and widest tiles, the depthwise kernel), and
+    lka's chain kernel at every window."""
     keep = []
     for spec in specs:
         name, _, dtype, c, warps, _ = spec
@@ -113,6 +122,9 @@ def ci_subset(specs):
             keep.append(spec)
         elif name in ("fold", "merge") and dtype == torch.float32:
             keep.append(spec)
+        elif (name == "chain" and (c["K0"], c["KS"]) == (5, 7) and c["STORE_A1"]
+              and (c["ROUND_TF32"] or dtype == torch.bfloat16)):
+            keep.append(spec)  # every window and layout, the largest taps, both stores
     return keep
 
 
@@ -153,7 +165,7 @@ def compile_one(fn, consts, dtype, arch, num_warps, num_stages):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("arch", type=int)
-    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw", "fold", "merge"])
+    ap.add_argument("kernels", nargs="*", default=["fused", "gemm", "dw", "fold", "merge", "chain"])
     ap.add_argument("--dump", default=None)
     ap.add_argument("--all", action="store_true", help="every shipped specialisation, not the CI subset")
     args = ap.parse_args()

@@ -29,6 +29,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_worke
 KERNELS = ["dw_pw", "pw_bwd_data", "pw_bwd_weight", "dw_bwd", "dw_fwd", "sum_groups"]
 GEMM_KERNELS = ("dw_pw", "pw_bwd_data", "pw_bwd_weight")  # every dtype and precision on tensor cores
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # dynamic shared memory per block: A100, H100/H200
+REGISTER_FILE = 64 * 1024  # 32-bit registers per SM (sm_80, sm_90): a larger program cannot launch
 
 
 FULL = os.environ.get("DLKUNET_FULL_COMPILE_CHECK", "0") not in ("", "0")
@@ -54,6 +55,8 @@ def _check(results, arch):
             bad.append(f"{what}: {r['spill_bytes']} bytes of spilled registers on the stack ({r['regs']} registers)")
         elif r["shared"] > SHARED_LIMIT[arch]:
             bad.append(f"{what}: {r['shared']} bytes of shared memory > {SHARED_LIMIT[arch]}")
+        elif r["regs"] * r["num_warps"] * 32 > REGISTER_FILE:
+            bad.append(f"{what}: {r['regs']} registers x {r['num_warps']} warps exceed the register file")
         elif r["kernel"] in GEMM_KERNELS and not r["sass_tc"]:
             bad.append(f"{what}: no tensor-core instruction (HMMA/HGMMA) in the SASS")
     assert not bad, "\n".join(bad)

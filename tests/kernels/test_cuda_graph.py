@@ -64,7 +64,7 @@ def test_training_dwconv_bn_act_forward_replays_in_a_cuda_graph(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("plan", ["fused", "split"])
+@pytest.mark.parametrize("plan", ["fused", "split", "chain"])
 def test_lka_gate_replays_in_a_cuda_graph(plan, dtype):
     from dlkunet.kernels import plans
     g = torch.Generator().manual_seed(6)

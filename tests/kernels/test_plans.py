@@ -65,7 +65,11 @@ def test_eval_dwconv_bn_act_each_plan(plan, dtype, layout):
     assert mean.data_ptr() != params[6].data_ptr() and var.data_ptr() != params[7].data_ptr()
 
 
-@pytest.mark.parametrize("plan,dtype,layout", [c for c in CASES if c[1] != torch.float16])
+# lka_gate's own plan; forced on dwconv_bn_act it runs split
+CHAIN_CASES = [("chain", torch.float32, "nchw"), ("chain", torch.bfloat16, "cl"), ("chain", torch.float16, "nchw")]
+
+
+@pytest.mark.parametrize("plan,dtype,layout", [c for c in CASES if c[1] != torch.float16] + CHAIN_CASES)
 def test_lka_gate_forward_each_plan(plan, dtype, layout):
     kernels, plans = _modules()
     g = torch.Generator().manual_seed(5)
@@ -78,7 +82,8 @@ def test_lka_gate_forward_each_plan(plan, dtype, layout):
 
 
 BACKWARD_CASES = [("fused", torch.float32, "nchw"), ("split", torch.float32, "cl"), ("split", torch.bfloat16, "nchw"),
-                  ("split", torch.float16, "cl"), ("split_cudnn", torch.float32, "nchw")]
+                  ("split", torch.float16, "cl"), ("split_cudnn", torch.float32, "nchw"),
+                  ("chain", torch.float32, "cl"), ("chain", torch.bfloat16, "nchw")]
 DW_GRADS = ("x", "w_dw", "b_dw", "w_pw", "b_pw", "gamma", "beta")
 
 
@@ -87,7 +92,7 @@ DW_GRADS = ("x", "w_dw", "b_dw", "w_pw", "b_pw", "gamma", "beta")
 def test_backward_each_plan(plan, dtype, layout, training):
     """Both backwards under each forward plan: after `fused` the kernels recompute the depthwise
     output per output-channel block, after the split plans it is written once (ours, or cuDNN's)
-    and read; every gradient against float64."""
+    and read, after `chain` lka's a1 and a2 come from one launch; every gradient against float64."""
     kernels, plans = _modules()
     g = torch.Generator().manual_seed(12)
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
@@ -119,10 +124,17 @@ def test_backward_each_plan(plan, dtype, layout, training):
 def test_backward_kernels_read_the_stored_depthwise_output(monkeypatch):
     """Under a split plan the backward kernels read the depthwise output written once instead of
     recomputing it: a poisoned copy reaches the z recompute (grad_gamma) and the weight GEMM
-    (grad_w_pw) of dwconv_bn_act, and lka_gate's gate and weight GEMM (grad_w1)."""
+    (grad_w_pw) of dwconv_bn_act, and lka_gate's gate and weight GEMM (grad_w1); under chain,
+    lka's a2 from the chain kernel likewise."""
     kernels, plans = _modules()
     written = plans.backward_depthwise
     monkeypatch.setattr(plans, "backward_depthwise", lambda *a: torch.full_like(written(*a), float("nan")))
+    chained = plans.backward_lka_stages
+
+    def poisoned_a2(*args):
+        stages = chained(*args)
+        return None if stages is None else (stages[0], torch.full_like(stages[1], float("nan")))
+    monkeypatch.setattr(plans, "backward_lka_stages", poisoned_a2)
     g = torch.Generator().manual_seed(13)
     x, p = _dwconv(2, 6, 18, 5, 7, 3, g)
     x, p = x.float().to(DEVICE), [t.float().to(DEVICE) for t in p]
@@ -134,6 +146,44 @@ def test_backward_kernels_read_the_stored_depthwise_output(monkeypatch):
         lka = kernels.lka_gate_backward(torch.randn_like(xl), xl, *pl, 3)
     assert grads[5].isnan().all() and grads[3].isnan().all()
     assert lka[0].isnan().all() and lka[5].isnan().all()
+    with plans.forced("chain"):
+        lka = kernels.lka_gate_backward(torch.randn_like(xl), xl, *pl, 3)
+    assert lka[0].isnan().all() and lka[5].isnan().all()
+
+
+# (QH, QW, HALO_H, HALO_W, BLOCK_C, warps) on 11 x 13 images: whole images; halos along one side
+# (6 windows of 2 rows; 2 of 10 columns, the second partial) or both; several channel blocks; the
+# persistent programs (two under the interpreter) each walk several work items through one slot.
+CHAIN_WINDOWS = [(16, 16, 0, 0, 4, 1), (8, 16, 3, 0, 2, 1), (16, 16, 0, 3, 4, 1), (16, 16, 3, 3, 8, 1)]
+
+
+@pytest.mark.parametrize("window", CHAIN_WINDOWS)
+@pytest.mark.parametrize("dtype,layout,tf32", [(torch.float32, "nchw", False), (torch.float32, "cl", True),
+                                               (torch.bfloat16, "cl", False), (torch.float16, "nchw", False)])
+def test_chain_plan_matches_split_bit_for_bit(window, dtype, layout, tf32, tf32_flag):
+    """The chain kernel keeps a1 on chip and computes the same a2 as the split plan's two kernels
+    (a1 rounded to the input dtype as when written; under TF32 a2 and the weight copy rounded): the
+    outputs are the same bits, within budget of float64 (TF32 off).  The backward's a1 and a2 from
+    the chain kernel are the depthwise outputs, bit for bit."""
+    kernels, plans = _modules()
+    tf32_flag(tf32)
+    g = torch.Generator().manual_seed(21)
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x, p = _lka(10, 2, 11, 13, 3, 3, g)  # radius 3 at dilation 3
+    xd, pd = _on(x, dtype, fmt), [_on(t, dtype) for t in p]
+    with plans.forced(plans.Plan("chain", dw=window, gemm=plans.tiles("split", 10, 10, 13, dtype).gemm)):
+        out = kernels.lka_gate_forward(xd, *pd, 3)
+        a1, a2 = plans.backward_lka_stages(xd, pd[0], pd[1], pd[2], pd[3], 3)
+    with plans.forced("split"):
+        ref = kernels.lka_gate_forward(xd, *pd, 3)
+    assert torch.equal(out, ref)
+    if not tf32:  # (the split plan's TF32 error is test_triton_numerics.py's)
+        assert rel_err(out, reference.lka_gate_forward(x, *p, 3)) <= BUDGET[dtype]
+    split = plans.tiles("split", 10, 10, 13, dtype)
+    a1_split = plans._depthwise(xd, pd[0], pd[1], 1, fmt, split)
+    a2_split = plans._depthwise(a1_split, pd[2], pd[3], 3, fmt, split)
+    assert a1.is_contiguous(memory_format=fmt) and a2.is_contiguous(memory_format=fmt)
+    assert torch.equal(a1, a1_split) and torch.equal(a2, a2_split)
 
 
 def test_small_tiles_cover_every_tile_loop():
@@ -164,7 +214,7 @@ def _model_choices(plans, dev):
     for c, side in levels:
         for dtype in (torch.float32, torch.bfloat16):
             prec = plans.precision(dtype)
-            for op, ks in (("dwconv_bn_act", (3,)), ("lka_gate", (5, 7))):
+            for op, ks in (("dwconv_bn_act", (3,)), ("lka_gate", (5, 7, 3))):
                 plan = plans.choose(op, 16, c, c, side, side, ks, dtype, False, dev, prec)
                 times = {name: plans.predicted_seconds(name, op, 16, c, c, side, side, ks, dtype, prec,
                                                        plans._peaks(dev)) for name in plans.PLANS}
@@ -173,7 +223,7 @@ def _model_choices(plans, dev):
     # The design's two regimes: taps computed once at the shallow levels, the depthwise kernel
     # written once and a GEMM where the fused tile could not hold every output channel.
     shallow = plans.choose("dwconv_bn_act", 16, 96, 96, 224, 224, (3,), torch.bfloat16, False, dev, "ieee")
-    deep = plans.choose("lka_gate", 16, 1536, 1536, 14, 14, (5, 7), torch.bfloat16, False, dev, "ieee")
+    deep = plans.choose("lka_gate", 16, 1536, 1536, 14, 14, (5, 7, 3), torch.bfloat16, False, dev, "ieee")
     assert (shallow.name, deep.name) == ("fused", "split")
     with plans.forced("split"):
         assert plans.choose("dwconv_bn_act", 16, 96, 96, 224, 224, (3,), torch.bfloat16, False, dev,
@@ -205,14 +255,14 @@ def _count_host_work(fn):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
-@pytest.mark.parametrize("plan", ["fused", "split"])
+@pytest.mark.parametrize("plan", ["fused", "split", "chain"])
 def test_eval_forward_host_overhead(plan):
-    """Eval dwconv_bn_act: at most 3 launches (1 fused, 2 split) and no torch op but the allocations
-    of y, the two statistics copies and (split) the depthwise output, plus under TF32 the split
-    plan's rounded weight copy; lka_gate: 2-3 launches, the allocations of a1, out and (split) a2
-    (and the rounded copy)."""
+    """Eval dwconv_bn_act: at most 3 launches (1 fused, 2 split; chain runs split) and no torch op
+    but the allocations of y, the two statistics copies and (split) the depthwise output, plus under
+    TF32 the split plan's rounded weight copy; lka_gate: 2-3 launches, the allocations of out and
+    a1 (fused), a1 and a2 (split) or a2 and the scratch slots (chain), and the rounded copy."""
     kernels, plans = _modules()
-    rounded_copy = int(plan == "split" and plans.precision(torch.float32) == "tf32")
+    rounded_copy = int(plan != "fused" and plans.precision(torch.float32) == "tf32")
     g = torch.Generator().manual_seed(1)
     x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
     xf, pf = x.float(), [t.float() for t in p]
@@ -228,7 +278,9 @@ def test_eval_forward_host_overhead(plan):
     with plans.forced(plan):
         kernels.lka_gate_forward(xl, *pl, 3)
         launches, ops = _count_host_work(lambda: kernels.lka_gate_forward(xl, *pl, 3))
-    assert len(launches) == (2 if plan == "fused" else 3), launches
+    expected = {"fused": ["_dw_kernel", "_fused_kernel"], "split": ["_dw_kernel", "_dw_kernel", "_gemm_kernel"],
+                "chain": ["_lka_chain_kernel", "_gemm_kernel"]}[plan]
+    assert launches == expected, launches
     assert set(ops) <= {"aten::empty", "aten::empty_like"}, ops
     assert len(ops) == (2 if plan == "fused" else 3 + rounded_copy), ops
 
@@ -252,16 +304,17 @@ def test_training_forward_host_overhead(tf32, tf32_flag):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
-@pytest.mark.parametrize("plan", ["fused", "split"])
+@pytest.mark.parametrize("plan", ["fused", "split", "chain"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_backward_host_overhead(training, plan):
     """The backward passes merge every reduction on the device (_sum_groups_kernel, float64, fixed
     order) and form BatchNorm's factors inside the kernels: no torch op but allocations, views and,
     in training, the two exactly-zero bias gradients; under a split plan the depthwise output is
     written once first.  Before: 66-90 host ops (float64 casts and
-    sums, a parameter matrix filled row by row, transposed copies)."""
+    sums, a parameter matrix filled row by row, transposed copies).  After lka's chain plan one
+    launch writes both of its depthwise outputs."""
     kernels, plans = _modules()
-    stored = ["_dw_kernel"] if plan == "split" else []  # the depthwise output written once
+    stored = ["_dw_kernel"] if plan != "fused" else []  # the depthwise output written once (chain: split's)
     g = torch.Generator().manual_seed(9)
     x, p = _dwconv(2, 8, 16, 5, 6, 3, g)
     xf, pf = x.float(), [t.float() for t in p]
@@ -286,7 +339,8 @@ def test_backward_host_overhead(training, plan):
     with plans.forced(plan):
         kernels.lka_gate_backward(go, xl, *pl, 3)
         launches, ops = _count_host_work(lambda: kernels.lka_gate_backward(go, xl, *pl, 3))
-    assert launches == ["_dw_fwd_kernel"] + stored + ["_dw_pw_kernel", "_pw_bwd_data_kernel", "_sum_groups_kernel",
+    depthwise = ["_lka_chain_kernel"] if plan == "chain" else ["_dw_fwd_kernel"] + stored
+    assert launches == depthwise + ["_dw_pw_kernel", "_pw_bwd_data_kernel", "_sum_groups_kernel",
                         "_pw_bwd_weight_kernel", "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel",
                         "_sum_groups_kernel", "_dw_bwd_kernel"], launches
     assert set(ops) <= {"aten::empty", "aten::view"}, ops
@@ -317,7 +371,11 @@ def test_gpu_tiles_cover_every_stage_of_every_plan(monkeypatch):
     for name in plans.MEASURED_PLANS:
         for dtype in (torch.float32, torch.bfloat16):
             t = plans.tiles(name, 96, 96, 224, dtype)
-            assert len(t.dw) == 4, (name, t)  # lka_gate's a1 runs the depthwise kernel in every plan
+            if name == plans.CHAIN:  # its window follows from the shape
+                assert t.dw == () and len(t.gemm) == 5 and t.fused == (), (name, t)
+                assert len(plans.chain_window(96, 224, 224, 9)) == 6
+                continue
+            assert len(t.dw) == 4, (name, t)  # lka_gate's a1 runs the depthwise kernel in every other plan
             if name == plans.FUSED:
                 assert len(t.fused) == 6 and t.gemm == (), (name, t)
             else:

@@ -26,11 +26,13 @@ import pytest
 pytest.importorskip("triton")
 
 # Kernels without a GEMM (checked for spills and shared memory only).
-NO_GEMM = ("dw", "fold", "merge")
+NO_GEMM = ("dw", "fold", "merge", "chain")
 # The GEMM kernels and their precision modes.
 GEMMS = ("fused", "gemm", "stats")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tensor_core_worker.py")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# 32-bit registers per SM (sm_80 and sm_90): a program needing more than this cannot launch.
+REGISTER_FILE = 64 * 1024
 PTX_OP = {90: "wgmma.mma_async", 80: "mma.sync"}
 SASS_OP = {90: "HGMMA", 80: "HMMA"}
 PTX_TYPE = {"fp32": ".tf32", "bf16": ".bf16", "fp16": ".f16"}
@@ -63,6 +65,8 @@ def test_no_spills_and_shared_memory_within_limits(compiled):
             bad.append(f"{_what(r)}: {r['spill_bytes']} bytes spilled ({r['regs']} registers)")
         elif r["shared"] > SHARED_LIMIT[arch]:
             bad.append(f"{_what(r)}: {r['shared']} bytes of shared memory")
+        elif r["regs"] * r["num_warps"] * 32 > REGISTER_FILE:
+            bad.append(f"{_what(r)}: {r['regs']} registers x {r['num_warps']} warps cannot launch")
     assert not bad, "\n".join(bad)
     assert {r["kernel"] for r in results} == set(GEMMS + NO_GEMM)
 
