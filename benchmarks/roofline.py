@@ -21,10 +21,13 @@ Plans (the Triton/CUDA issue's vocabulary):
              kernels' tiling, with their GEMMs since on tensor cores.)
 ``fused``    one kernel per pass whose tile holds all output channels: each depthwise tap is
              computed once per pass, the depthwise result never leaves the chip, the GEMM runs on
-             tensor cores.  For lka_gate the 5x5 result a1 stays in shared memory with its halo, so
-             its taps are recomputed on the halo (``LKA_HALO_RECOMPUTE``) and a2 is written once.
+             tensor cores.  For lka_gate (as built) a1 is written first, then the dilated taps of a1
+             feed the GEMM, recomputed once per ``FUSED_MAX_COUT`` output channels.
 ``split``    a depthwise kernel writes its output once (small at the deep levels), then a
              large-tile tensor-core GEMM reads it with the op's epilogue.
+``chain``    lka_gate: one kernel runs both depthwise convs with a1 kept on chip over a window
+             plus the dilated conv's halo (its a1 taps computed twice, and the power-of-two window's
+             unused pixels: ``chain_waste``) and writes a2 once; then the GEMM with the gate.
 ``cuda``     the cuda backend's kernels as shipped (csrc/cuda), predicted at the same attainable
              fractions: a contract for them too, printed in its own table.
 
@@ -77,8 +80,12 @@ FUSED_MAX_COUT = 256
 CURRENT_HOST_OPS = {("dwconv_bn_act", "eval", "fwd"): 18, ("dwconv_bn_act", "train", "fwd"): 24,
                     ("dwconv_bn_act", "train", "bwd"): 40, ("lka_gate", "-", "fwd"): 8,
                     ("lka_gate", "-", "bwd"): 20}
-# Output tile of the fused lka kernel (pixels): its a1 halo is radius(ks, dilation) wide per side.
-LKA_TILE = (32, 32)
+# The chain plan's windows (kernels/plans.py ``chain_window``, mirrored here so that this file runs
+# without torch or Triton; tests/benchmarks/test_roofline.py checks that the two agree): a whole
+# image side up to CHAIN_WHOLE_SIDE pixels, else windows of max(CHAIN_MIN_WINDOW, 4 x radius)
+# rounded up to a power of two, overlapping by the radius on each side.
+CHAIN_WHOLE_SIDE = 64
+CHAIN_MIN_WINDOW = 16
 # Bytes of float32 partial moments per block and channel (mean, M2, count), per-block count.
 PARTIAL_BYTES = 12
 FP32_BYTES = 4
@@ -188,7 +195,20 @@ def dwconv_plans(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str, pa
     return [Plan("current", current + _tiny(host)), Plan("fused", fused), Plan("split", split)]
 
 
-def lka_halo_factor(k0: int, ks: int, dilation: int, tile: Tuple[int, int] = LKA_TILE) -> float:
+def _pow2(v: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(v)))
+
+
+def chain_waste(side: int, ks: int, dilation: int) -> float:
+    """Pixels the chain kernel computes per output pixel of a side x side image (both convs)."""
+    r = dilation * (ks - 1) // 2
+    if side <= CHAIN_WHOLE_SIDE:
+        return (_pow2(side) / side) ** 2
+    q = max(CHAIN_MIN_WINDOW, _pow2(4 * r + 1))
+    return (math.ceil(side / (q - 2 * r)) * q / side) ** 2
+
+
+def lka_halo_factor(k0: int, ks: int, dilation: int, tile: Tuple[int, int]) -> float:
     """a1 positions computed per output pixel when a1 lives in shared memory with its halo."""
     r = dilation * (ks - 1) // 2
     th, tw = tile
@@ -204,36 +224,44 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
     weights = (c * k0 * k0 + c + c * ks * ks + c + c * c + c) * es
     dw0, dws = 2.0 * p * c * k0 * k0, 2.0 * p * c * ks * ks
     pw = 2.0 * p * c * c
-    halo = lka_halo_factor(k0, ks, dil)
+    waste = chain_waste(hw, ks, dil)
     recompute = math.ceil(c / CURRENT_BLOCK_CO)
     cur_tc, cur_fma = (0.0, pw) if dtype == "float32" else (2 * pw, 0.0)
     if pass_ == "fwd":
-        # fused: a1 on chip with its halo, a2 written once, then the GEMM with the gate epilogue.
         w0_bytes, ws_bytes = (c * k0 * k0 + c) * es, (c * ks * ks + c) * es
         w1_bytes = weights - w0_bytes - ws_bytes
-        # (both write a2 for a GEMM, so both make its TF32 weight copy)
+        # (split and chain write a2 for a GEMM, so both make its TF32 weight copy)
         copy = tf32_weight_copy(dtype, c, c)
-        fused = (Kernel(act + act + w0_bytes + ws_bytes + copy, 0, dw0 * halo + dws), Kernel(3 * act + w1_bytes, pw))
+        # fused: a1 written, then the dilated taps of a1 -> GEMM -> gate.
+        fused = (Kernel(2 * act + w0_bytes, 0, dw0),
+                 Kernel(3 * act + ws_bytes + w1_bytes, pw, dws * math.ceil(c / FUSED_MAX_COUT)))
         # split: a1 written, a2 written, GEMM + gate.
         split = (Kernel(2 * act + w0_bytes, 0, dw0), Kernel(2 * act + ws_bytes + copy, 0, dws),
                  Kernel(3 * act + w1_bytes, pw))
+        # chain: a1 on chip over its windows, a2 written once, GEMM + gate.
+        chain = (Kernel(2 * act + w0_bytes + ws_bytes + copy, 0, (dw0 + dws) * waste), split[2])
         current = (Kernel(2 * act, 0, dw0), Kernel(3 * act + weights, cur_tc, cur_fma + dws * recompute))
         host = CURRENT_HOST_OPS[("lka_gate", "-", "fwd")]
     else:
-        # recompute a1 (on chip) and a2 (written once); gu = g*x and g*u (GEMM + epilogue);
-        # ga2 = gu W1 with dW1 = gu^T a2 (two GEMMs); ga1 = dw_ks^T(ga2) with dws grads; grad_x.
-        fused = (Kernel(2 * act + weights, 0, dw0 * halo + dws),
-                 Kernel(4 * act + weights, pw),
-                 Kernel(3 * act + 2 * weights, 2 * pw),
-                 Kernel(2 * act + act, 0, 2 * dws),
-                 Kernel(3 * act + act, 0, 2 * dw0))
-        split = (Kernel(2 * act, 0, dw0), Kernel(2 * act, 0, dws)) + fused[1:]
+        # a1 and a2 (split: two kernels; chain: one, a1 on chip while a2 is computed, both written);
+        # gu = g*x and g*u (GEMM + epilogue); ga2 = gu W1 with dW1 = gu^T a2 (two GEMMs);
+        # ga1 = dw_ks^T(ga2) with the dws grads; grad_x.  After the fused forward (as built) a2 is
+        # not written: the two kernels that need it recompute its taps per 32 output channels.
+        rest = (Kernel(4 * act + weights, pw),
+                Kernel(3 * act + 2 * weights, 2 * pw),
+                Kernel(2 * act + act, 0, 2 * dws),
+                Kernel(3 * act + act, 0, 2 * dw0))
+        split = (Kernel(2 * act, 0, dw0), Kernel(2 * act, 0, dws)) + rest
+        chain = (Kernel(3 * act, 0, (dw0 + dws) * waste),) + rest
+        fused = ((Kernel(2 * act, 0, dw0), Kernel(4 * act + weights, pw, dws * recompute),
+                  Kernel(3 * act + 2 * weights, 2 * pw, dws * recompute)) + rest[2:])
         current = (Kernel(2 * act, 0, dw0),
                    Kernel(5 * act + weights, cur_tc, cur_fma + dws * recompute),
                    Kernel(3 * act + 2 * weights, 2 * cur_tc, 2 * cur_fma + 2 * dws * recompute),
                    Kernel(3 * act, 0, 2 * dws), Kernel(4 * act, 0, 2 * dw0))
         host = CURRENT_HOST_OPS[("lka_gate", "-", "bwd")]
-    return [Plan("current", current + _tiny(host)), Plan("fused", fused), Plan("split", split)]
+    return [Plan("current", current + _tiny(host)), Plan("fused", fused), Plan("split", split),
+            Plan("chain", chain)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,13 +25,30 @@ def test_fused_eval_plan_moves_exactly_the_byte_floor(c, side, dtype):
     assert fused.fma_flops == 2 * p * c * 9 * math.ceil(c / roofline.FUSED_MAX_COUT)
 
 
-def test_lka_fused_forward_moves_less_than_split_and_recomputes_the_halo():
+def test_lka_chain_forward_moves_less_than_split_and_computes_its_windows():
     plans = {p.name: p for p in roofline.lka_plans(16, 96, 224, "float32", "fwd")}
     act = 16 * 96 * 224 * 224 * 4
-    assert plans["fused"].bytes < plans["split"].bytes
-    assert plans["split"].bytes - plans["fused"].bytes == 2 * act  # a1 written and read back
-    # radius 9 (7 taps, dilation 3): a 32x32 tile needs a1 on 50x50
+    assert plans["split"].bytes - plans["chain"].bytes == 2 * act  # a1 written and read back
+    assert plans["chain"].fma_flops > plans["split"].fma_flops  # the halos' a1, computed twice
+    # radius 9 (7 taps, dilation 3): 224-wide images in 64-wide windows of 46 output pixels, 5 per
+    # side; 14-wide ones in one 16-wide window
+    assert roofline.chain_waste(224, 7, 3) == pytest.approx((5 * 64 / 224) ** 2)
+    assert roofline.chain_waste(14, 7, 3) == pytest.approx((16 / 14) ** 2)
+    # the cuda backend's stage kernel: a 32x32 tile needs a1 on 50x50
     assert roofline.lka_halo_factor(5, 7, 3, (32, 32)) == pytest.approx(2500 / 1024)
+
+
+@pytest.mark.parametrize("side", [14, 28, 56, 64, 65, 112, 224, 300])
+@pytest.mark.parametrize("ks,dilation", [(7, 3), (5, 3), (3, 1)])
+def test_chain_windows_are_the_kernels(side, ks, dilation, monkeypatch):
+    """The roofline's copy of the chain plan's window rule computes the pixels kernels/plans.py's
+    windows do (GPU rule, not the interpreter's)."""
+    pytest.importorskip("triton")
+    from dlkunet.kernels import plans
+    monkeypatch.setattr(plans, "INTERPRET", False)
+    window = plans.chain_window(96, side, side, dilation * (ks - 1) // 2)
+    computed = plans.chain_windows(1, side, side, window) * window[0] * window[1]
+    assert roofline.chain_waste(side, ks, dilation) == pytest.approx(computed / side ** 2)
 
 
 def test_kernel_time_is_its_slowest_resource_plus_the_launch_gap():
@@ -49,8 +66,9 @@ def test_kernel_time_is_its_slowest_resource_plus_the_launch_gap():
 # Forward cases where the chosen plans fall short of 4x although the floor leaves room: the known
 # design gaps, each failing strictly until a plan closes it.
 KNOWN_GAPS = {
-    # Two passes (a1 written, then the rest) predict 0.080 ms against eager's 0.312 ms (measured
-    # 2026-11-30): 3.9x; a single-pass lka plan at the deepest level would predict 0.053 ms.
+    # The best plan, chain (a1 on chip, a2 written once, the GEMM), predicts 0.079 ms against
+    # eager's 0.312 ms (measured 2026-11-30): 3.95x.  Its depthwise FMAs, on 16 x 16 windows of
+    # which 14 x 14 images use 77%, bound its first kernel; a single pass would predict 0.053 ms.
     ("lka_gate", 1536, "float32", "nchw"),
 }
 FORWARD_CASES = [pytest.param(op, mode, pass_, passes, c, side, dtype, layout,
