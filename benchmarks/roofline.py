@@ -202,9 +202,10 @@ def _pow2(v: int) -> int:
 def chain_waste(side: int, ks: int, dilation: int) -> float:
     """Pixels the chain kernel computes per output pixel of a side x side image (both convs)."""
     r = dilation * (ks - 1) // 2
-    if side <= CHAIN_WHOLE_SIDE:
-        return (_pow2(side) / side) ** 2
-    q = max(CHAIN_MIN_WINDOW, _pow2(4 * r + 1))
+    if side <= CHAIN_WHOLE_SIDE or r == 0:  # whole, or windows no tap crosses
+        q, r = _pow2(min(side, CHAIN_WHOLE_SIDE)), 0
+    else:
+        q = max(CHAIN_MIN_WINDOW, _pow2(4 * r + 1))
     return (math.ceil(side / (q - 2 * r)) * q / side) ** 2
 
 

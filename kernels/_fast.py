@@ -158,10 +158,10 @@ def _dw_kernel(t_ptr, w_ptr, b_ptr, out_ptr, wpw_ptr, wpw_out_ptr, N, H, W, C, C
 
 
 @triton.jit
-def _round_weight_share(wpw_ptr, wpw_out_ptr, pid_s, WPW_ROWS, COUT, c, cmask, C):
-    """Spatial program pid_s's share of the TF32-rounded copy of the pointwise weights (COUT x C):
-    the rows [pid_s * WPW_ROWS, (pid_s + 1) * WPW_ROWS) of its channel block."""
-    row_lo = pid_s * WPW_ROWS
+def _round_weight_share(wpw_ptr, wpw_out_ptr, part, WPW_ROWS, COUT, c, cmask, C):
+    """Share ``part`` (a spatial program, or a chain window) of the TF32-rounded copy of the
+    pointwise weights (COUT x C): the rows [part * WPW_ROWS, (part + 1) * WPW_ROWS) of the channels c."""
+    row_lo = part * WPW_ROWS
     row_hi = tl.minimum(row_lo + WPW_ROWS, COUT)
     for r0 in range(row_lo, row_hi, WPW_ROW_STEP):
         r = r0 + tl.arange(0, WPW_ROW_STEP)
@@ -205,7 +205,7 @@ def _lka_chain_kernel(x_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a2_ptr, a1_ptr, scr
     qh = q // QW
     qw = q % QW
     c_local = tl.arange(0, BLOCK_C)
-    everywhere = q < Q
+    everywhere = q < Q  # all true: the dilated conv runs at every pixel of the slot
     slot = scratch_ptr + pid * (Q * BLOCK_C)
     slot_off = _offsets(q, 0, q, c_local, BLOCK_C, Q, CL)
     for item in range(pid, N * per_image * n_cb, programs):

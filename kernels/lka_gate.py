@@ -30,7 +30,7 @@ def _check(x, w0, ws, w1, dilation):
 
 
 def lka_gate_forward(x, w0, b0, ws, bs, w1, b1, dilation: int):
-    # the planned tensor-core path (kernels/plans.py): a1 written once, then fused or split
+    # the planned tensor-core path (kernels/plans.py): fused, split or chain
     return P.lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation)
 
 

@@ -71,8 +71,9 @@ FUSED_MAX_COUT = 256
 # The chain plan's windows (``chain_window``): a window spans a whole image side up to
 # CHAIN_WHOLE_SIDE pixels (no halo along it: the taps past it are the second conv's zero padding);
 # longer sides are tiled by windows of at least CHAIN_MIN_WINDOW and 4x the dilated conv's radius,
-# so that at least half of each is output.  A window holds CHAIN_WINDOW_ELEMENTS pixels x channels:
-# 16 per thread per tile at CHAIN_WARPS warps compiled for sm_90 without spills in 210-252
+# so that at least half of each is output.  A window holds CHAIN_WINDOW_ELEMENTS pixels x channels
+# (one channel on a larger window where a radius of 16 or more, none in DLKUNet, asks for 128-pixel
+# windows): 16 per thread per tile at CHAIN_WARPS warps compiled for sm_90 without spills in 210-252
 # registers (32 per thread spilled; 16 warps at that register count cannot launch).  So one program
 # fits an SM: the grid is persistent, CHAIN_PROGRAMS_PER_SM per SM, each with its own scratch slot,
 # all slots together a few MB that stay in L2.
@@ -83,8 +84,10 @@ CHAIN_MAX_CHANNELS = 32
 CHAIN_WARPS = 8
 CHAIN_PROGRAMS_PER_SM = 1
 # The interpreter's: small windows, so that small test images are tiled by several.
-INTERPRET_WHOLE_SIDE = 16
-INTERPRET_WINDOW_ELEMENTS = 1024
+CHAIN_INTERPRET_WHOLE_SIDE = 16
+CHAIN_INTERPRET_WINDOW_ELEMENTS = 1024
+# DLKUNet's lka_gate: the dilated conv's taps and dilation (its chain windows are compiled).
+DLKUNET_LKA_TAPS, DLKUNET_LKA_DILATION = 7, 3
 
 
 @dataclass(frozen=True)
@@ -147,12 +150,12 @@ def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
 def chain_window(c: int, h: int, w: int, radius: int) -> Tuple[int, int, int, int, int, int]:
     """The chain plan's window for C channels of H x W images and the dilated conv's radius:
     (QH, QW, HALO_H, HALO_W, BLOCK_C, warps)."""
-    whole, budget = (INTERPRET_WHOLE_SIDE, INTERPRET_WINDOW_ELEMENTS) if INTERPRET else (
+    whole, budget = (CHAIN_INTERPRET_WHOLE_SIDE, CHAIN_INTERPRET_WINDOW_ELEMENTS) if INTERPRET else (
         CHAIN_WHOLE_SIDE, CHAIN_WINDOW_ELEMENTS)
 
     def side(n: int) -> Tuple[int, int]:
-        if n <= whole:
-            return triton.next_power_of_2(n), 0
+        if n <= whole or radius == 0:  # (no tap crosses a window without a radius)
+            return triton.next_power_of_2(min(n, whole)), 0
         return max(CHAIN_MIN_WINDOW, triton.next_power_of_2(4 * radius + 1)), radius
 
     (qh, halo_h), (qw, halo_w) = side(h), side(w)
@@ -179,7 +182,7 @@ def shipped_configs():
         out.append(("gemm", dtype, tiles(SPLIT, 512, 512, 32, dtype).gemm))
         # lka's chain windows at the DLKUNet levels (its dilated 7x7 at dilation 3): halos at 224
         # and 112, whole images from 56 down
-        radius = 3 * (7 - 1) // 2
+        radius = DLKUNET_LKA_DILATION * (DLKUNET_LKA_TAPS - 1) // 2
         for c, side in ((96, 224), (384, 56), (768, 28), (1536, 14)):
             out.append(("chain", dtype, chain_window(c, side, side, radius)))
     return list(dict.fromkeys(out))
@@ -214,7 +217,7 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
     t_tc = lambda f: f / (tc * _EFF_TC)  # noqa: E731
     t_fma = lambda f: f / (fma * _EFF_FMA)  # noqa: E731
     x_in, y_out, gemm = p * cin * es, p * cout * es, 2.0 * p * cin * cout
-    k = kernels[-1]
+    k = kernels[0] if op == "dwconv_bn_act" else kernels[1]  # the conv fused with the GEMM
     taps = 2.0 * p * cin * k * k
     recompute = math.ceil(cout / FUSED_MAX_COUT)
     extra_in = 0.0
@@ -426,8 +429,11 @@ def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_
     and the TF32 rounding of w_pw into w_pw_rounded, as ``_launch_dw``."""
     n, c, h, w = x.shape
     qh, qw, halo_h, halo_w, bc, warps = window
-    assert (halo_h or qh >= h) and (halo_w or qw >= w), "a side without a halo spans the image"
-    assert qh > 2 * halo_h and qw > 2 * halo_w, "a window has pixels inside its halo"
+    radius = dil * (ws.shape[-1] - 1) // 2
+    for side, q, halo in ((h, qh, halo_h), (w, qw, halo_w)):
+        # a side a window leaves without a halo is one the window spans (or no tap crosses windows)
+        assert halo >= radius or halo == 0 and (q >= side or radius == 0), (window, radius)
+        assert q > 2 * halo, "a window has pixels inside its halo"
     windows = chain_windows(n, h, w, window)
     items = windows * triton.cdiv(c, bc)
     # at least two: under the interpreter (one "SM") too, programs walk items through separate slots
@@ -443,7 +449,8 @@ def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_
                                      maxnreg=MAX_REGISTERS)
 
 
-def _chain_window(plan: Plan, x, ws, dil: int):
+def _window_of(plan: Plan, x, ws, dil: int):
+    """The chain plan's window: the plan's own (tests force some), else the rule's for x."""
     n, c, h, w = x.shape
     return plan.dw or chain_window(c, h, w, dil * (ws.shape[-1] - 1) // 2)
 
@@ -523,7 +530,7 @@ def backward_lka_stages(x, w0, b0, ws, bs, dil: int):
     if plan.name != CHAIN:
         return None
     a1, a2 = _empty(n, c, h, w, x, fmt), _empty(n, c, h, w, x, fmt)
-    _launch_chain(x, _dense(w0), _dense(b0), _dense(ws), _dense(bs), a2, dil, cl, _chain_window(plan, x, ws, dil),
+    _launch_chain(x, _dense(w0), _dense(b0), _dense(ws), _dense(bs), a2, dil, cl, _window_of(plan, x, ws, dil),
                   a1=a1)
     return a1, a2
 
@@ -632,7 +639,7 @@ def lka_gate_fwd(x, w0, b0, ws, bs, w1, b1, dilation: int):
     prm = (b1, b1, b1, b1, b1, b1, b1)  # only b1 is read (EPI_GATE)
     if plan.name == CHAIN:
         a2 = _empty(n, c, h, w, x, fmt)
-        window = _chain_window(plan, x, ws, dil)
+        window = _window_of(plan, x, ws, dil)
         if prec == "tf32":  # as _gemm_operands: a2 and a weight copy rounded, the GEMM converts nothing
             w_gemm = torch.empty_like(w1)
             _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, w_pw=w1, w_pw_rounded=w_gemm)

@@ -39,7 +39,7 @@ def test_lka_chain_forward_moves_less_than_split_and_computes_its_windows():
 
 
 @pytest.mark.parametrize("side", [14, 28, 56, 64, 65, 112, 224, 300])
-@pytest.mark.parametrize("ks,dilation", [(7, 3), (5, 3), (3, 1)])
+@pytest.mark.parametrize("ks,dilation", [(7, 3), (5, 3), (3, 1), (1, 3)])
 def test_chain_windows_are_the_kernels(side, ks, dilation, monkeypatch):
     """The roofline's copy of the chain plan's window rule computes the pixels kernels/plans.py's
     windows do (GPU rule, not the interpreter's)."""

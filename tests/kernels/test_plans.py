@@ -151,16 +151,18 @@ def test_backward_kernels_read_the_stored_depthwise_output(monkeypatch):
     assert lka[0].isnan().all() and lka[5].isnan().all()
 
 
-# (QH, QW, HALO_H, HALO_W, BLOCK_C, warps) on 11 x 13 images: whole images; halos along one side
-# (6 windows of 2 rows; 2 of 10 columns, the second partial) or both; several channel blocks; the
-# persistent programs (two under the interpreter) each walk several work items through one slot.
-CHAIN_WINDOWS = [(16, 16, 0, 0, 4, 1), (8, 16, 3, 0, 2, 1), (16, 16, 0, 3, 4, 1), (16, 16, 3, 3, 8, 1)]
+# (k0, ks, (QH, QW, HALO_H, HALO_W, BLOCK_C, warps)) on 11 x 13 images at dilation 3, radius 3
+# (3x3 convs) or 9 (DLKUNet's 5x5 and 7x7): whole images; halos along one side (6 windows of 2
+# rows; 2 of 10 columns, the second partial) or both; several channel blocks; the persistent
+# programs each walk several work items through one slot (also at 8 warps on a GPU).
+CHAIN_WINDOWS = [(3, 3, (16, 16, 0, 0, 4, 1)), (3, 3, (8, 16, 3, 0, 2, 1)), (3, 3, (16, 16, 0, 3, 4, 1)),
+                 (3, 3, (16, 16, 3, 3, 8, 1)), (5, 7, (32, 16, 9, 0, 2, 8)), (5, 7, (16, 32, 0, 9, 4, 8))]
 
 
-@pytest.mark.parametrize("window", CHAIN_WINDOWS)
+@pytest.mark.parametrize("k0,ks,window", CHAIN_WINDOWS)
 @pytest.mark.parametrize("dtype,layout,tf32", [(torch.float32, "nchw", False), (torch.float32, "cl", True),
                                                (torch.bfloat16, "cl", False), (torch.float16, "nchw", False)])
-def test_chain_plan_matches_split_bit_for_bit(window, dtype, layout, tf32, tf32_flag):
+def test_chain_plan_matches_split_bit_for_bit(k0, ks, window, dtype, layout, tf32, tf32_flag):
     """The chain kernel keeps a1 on chip and computes the same a2 as the split plan's two kernels
     (a1 rounded to the input dtype as when written; under TF32 a2 and the weight copy rounded): the
     outputs are the same bits, within budget of float64 (TF32 off).  The backward's a1 and a2 from
@@ -169,9 +171,10 @@ def test_chain_plan_matches_split_bit_for_bit(window, dtype, layout, tf32, tf32_
     tf32_flag(tf32)
     g = torch.Generator().manual_seed(21)
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-    x, p = _lka(10, 2, 11, 13, 3, 3, g)  # radius 3 at dilation 3
+    x, p = _lka(10, 2, 11, 13, k0, ks, g)
     xd, pd = _on(x, dtype, fmt), [_on(t, dtype) for t in p]
-    with plans.forced(plans.Plan("chain", dw=window, gemm=plans.tiles("split", 10, 10, 13, dtype).gemm)):
+    chain = plans.Plan("chain", dw=window, gemm=plans.tiles("split", 10, 10, 13, dtype).gemm)
+    with plans.forced(chain), poisoned_allocations():  # a pixel or weight row left unwritten is NaN
         out = kernels.lka_gate_forward(xd, *pd, 3)
         a1, a2 = plans.backward_lka_stages(xd, pd[0], pd[1], pd[2], pd[3], 3)
     with plans.forced("split"):
@@ -180,6 +183,7 @@ def test_chain_plan_matches_split_bit_for_bit(window, dtype, layout, tf32, tf32_
     if not tf32:  # (the split plan's TF32 error is test_triton_numerics.py's)
         assert rel_err(out, reference.lka_gate_forward(x, *p, 3)) <= BUDGET[dtype]
     split = plans.tiles("split", 10, 10, 13, dtype)
+    assert not out.isnan().any() and not a1.isnan().any() and not a2.isnan().any()
     a1_split = plans._depthwise(xd, pd[0], pd[1], 1, fmt, split)
     a2_split = plans._depthwise(a1_split, pd[2], pd[3], 3, fmt, split)
     assert a1.is_contiguous(memory_format=fmt) and a2.is_contiguous(memory_format=fmt)
@@ -332,6 +336,7 @@ def test_backward_host_overhead(training, plan):
                              "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel"], launches
     allowed = {"aten::empty", "aten::view"} | ({"aten::zeros_like"} if training else set())
     assert set(ops) <= allowed and ops.count("aten::zeros_like") == 2 * training, ops
+    assert len(ops) == (20 if training else 18) + len(stored), ops  # + the stored output's allocation
 
     xl, pl = _lka(8, 1, 5, 6, 5, 7, g)
     xl, pl = xl.float(), [t.float() for t in pl]
@@ -344,6 +349,9 @@ def test_backward_host_overhead(training, plan):
                         "_pw_bwd_weight_kernel", "_sum_groups_kernel", "_sum_groups_kernel", "_dw_bwd_kernel",
                         "_sum_groups_kernel", "_dw_bwd_kernel"], launches
     assert set(ops) <= {"aten::empty", "aten::view"}, ops
+    # split allocates a2 besides; chain allocates a1, a2 and its scratch slots (the fused path's a1
+    # comes from an allocation too)
+    assert len(ops) == {"fused": 23, "split": 24, "chain": 25}[plan], ops
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches (CPU tensors)")
@@ -371,15 +379,43 @@ def test_gpu_tiles_cover_every_stage_of_every_plan(monkeypatch):
     for name in plans.MEASURED_PLANS:
         for dtype in (torch.float32, torch.bfloat16):
             t = plans.tiles(name, 96, 96, 224, dtype)
-            if name == plans.CHAIN:  # its window follows from the shape
+            if name == plans.CHAIN:  # its window follows from the shape (test_chain_windows)
                 assert t.dw == () and len(t.gemm) == 5 and t.fused == (), (name, t)
-                assert len(plans.chain_window(96, 224, 224, 9)) == 6
                 continue
             assert len(t.dw) == 4, (name, t)  # lka_gate's a1 runs the depthwise kernel in every other plan
             if name == plans.FUSED:
                 assert len(t.fused) == 6 and t.gemm == (), (name, t)
             else:
                 assert len(t.gemm) == 5 and t.fused == (), (name, t)
+
+
+@pytest.mark.parametrize("h,w", [(224, 224), (112, 112), (56, 56), (28, 28), (14, 14), (300, 40), (7, 90), (65, 64)])
+@pytest.mark.parametrize("radius", [9, 6, 3])
+def test_chain_windows(h, w, radius, monkeypatch):
+    """The chain plan's GPU windows: a side up to CHAIN_WHOLE_SIDE whole (no halo), longer ones
+    tiled with the radius as halo and more output than halo; within the compiled register budget
+    of pixels x channels, at CHAIN_WARPS warps."""
+    _, plans = _modules()
+    monkeypatch.setattr(plans, "INTERPRET", False)
+    qh, qw, halo_h, halo_w, bc, warps = plans.chain_window(96, h, w, radius)
+    for side, q, halo in ((h, qh, halo_h), (w, qw, halo_w)):
+        if side <= plans.CHAIN_WHOLE_SIDE:
+            assert halo == 0 and side <= q < 2 * side, (side, q, halo)
+        else:
+            assert halo == radius and q - 2 * halo >= q // 2, (side, q, halo)
+    assert qh * qw * bc <= plans.CHAIN_WINDOW_ELEMENTS and warps == plans.CHAIN_WARPS
+    assert bc >= 1 and (bc == plans.CHAIN_MAX_CHANNELS or 2 * bc * qh * qw > plans.CHAIN_WINDOW_ELEMENTS)
+
+
+def test_cost_model_counts_the_fused_conv_s_taps():
+    """lka_gate's kernels are (k0, ks, dilation): the fused and split plans' time follows the
+    dilated conv's taps, never the dilation."""
+    _, plans = _modules()
+    for name in ("fused", "split"):
+        # bfloat16: the 49 taps bound the depthwise kernel's time, 9 would not
+        t = {k: plans.predicted_seconds(name, "lka_gate", 16, 768, 768, 28, 28, k, torch.bfloat16, "ieee")
+             for k in ((5, 7, 3), (5, 7, 1), (5, 3, 3))}
+        assert t[(5, 7, 3)] == t[(5, 7, 1)] > t[(5, 3, 3)], (name, t)
 
 
 def test_weight_gemm_runs_one_tile_per_case(monkeypatch):
