@@ -1,6 +1,6 @@
 """Tensor-core kernels of the planned forward paths (issue 13): eval dwconv_bn_act and lka_gate.
 
-Three kernels, combined by ``kernels/plans.py`` into a plan per shape:
+The kernels, combined by ``kernels/plans.py`` into a plan per shape:
 
 - ``_fused_kernel``  depthwise conv + pointwise GEMM + epilogue in one pass.  A program owns a
   spatial patch (n, BH rows, BW columns; W innermost, so NCHW tap loads are coalesced rows) and a
@@ -8,7 +8,9 @@ Three kernels, combined by ``kernels/plans.py`` into a plan per shape:
   256 channels) each depthwise tap is computed once.  The depthwise tile of ``BLOCK_CI`` input
   channels feeds the tensor cores directly (``tl.dot``), never leaving the chip.
 - ``_dw_kernel``     a depthwise conv writing its output once, on the same spatial patches (the
-  split plan's first kernel, and lka_gate's first conv in both plans).
+  split plan's first kernel, and lka_gate's first conv in the fused and split plans).
+- ``_lka_chain_kernel``  lka_gate's two depthwise convs with a1 kept on chip over a window of
+  pixels, a2 written once (the chain plan's first kernel, and its backward's a1 and a2).
 - ``_gemm_kernel``   a large-tile tensor-core GEMM of the depthwise output with the pointwise
   weights, pipelined over K (``num_stages``), with the op's epilogue.  NCHW tiles are pixel runs
   inside one image (contiguous), channels_last tiles are flattened pixels (contiguous along C).
@@ -185,8 +187,8 @@ def _lka_chain_kernel(x_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a2_ptr, a1_ptr, scr
     outside the window.  a2 is written at the window's inner (QH - 2 HALO_H) x (QW - 2 HALO_W)
     pixels.  HALO is the dilated conv's radius along a dimension that several windows tile, 0 along
     one that a single window covers (every tap outside it is outside the image, where a1 is zero:
-    the second conv's padding); neighbouring windows overlap by their halos, whose a1 is computed
-    twice.  (Triton has no addressable shared memory, and ``tl.gather`` from a register tile
+    the second conv's padding) or where the radius is 0; neighbouring windows overlap by their
+    halos, whose a1 is computed twice.  (Triton has no addressable shared memory, and ``tl.gather`` from a register tile
     compiles to warp shuffles: about eight shuffles and selects per tap and element.)
 
     16-bit inputs: a1 is rounded to the input dtype, as when it is written (the split plan), so a2
