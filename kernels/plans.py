@@ -147,6 +147,11 @@ def tiles(name: str, cin: int, cout: int, w: int, dtype: torch.dtype) -> Plan:
                 gemm=gemm if name != FUSED else ())
 
 
+def dilated_radius(taps: int, dilation: int) -> int:
+    """How far a taps x taps conv at ``dilation`` reaches from its centre: a chain window's halo."""
+    return dilation * (taps - 1) // 2
+
+
 def chain_window(c: int, h: int, w: int, radius: int) -> Tuple[int, int, int, int, int, int]:
     """The chain plan's window for C channels of H x W images and the dilated conv's radius:
     (QH, QW, HALO_H, HALO_W, BLOCK_C, warps)."""
@@ -182,7 +187,7 @@ def shipped_configs():
         out.append(("gemm", dtype, tiles(SPLIT, 512, 512, 32, dtype).gemm))
         # lka's chain windows at the DLKUNet levels (its dilated 7x7 at dilation 3): halos at 224
         # and 112, whole images from 56 down
-        radius = DLKUNET_LKA_DILATION * (DLKUNET_LKA_TAPS - 1) // 2
+        radius = dilated_radius(DLKUNET_LKA_TAPS, DLKUNET_LKA_DILATION)
         for c, side in ((96, 224), (384, 56), (768, 28), (1536, 14)):
             out.append(("chain", dtype, chain_window(c, side, side, radius)))
     return list(dict.fromkeys(out))
@@ -227,7 +232,7 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
         if op != "lka_gate":
             return math.inf
         k0, ks, dil = kernels
-        window = chain_window(cin, h, w, dil * (ks - 1) // 2)
+        window = chain_window(cin, h, w, dilated_radius(ks, dil))
         computed = chain_windows(n, h, w, window) * window[0] * window[1] * cin
         total += max(t_bw(2 * x_in + weight_copy), t_fma(2.0 * computed * (k0 * k0 + ks * ks))) + _GAP
         return total + max(t_bw(2 * x_in + y_out), t_tc(gemm)) + _GAP  # reads a2 and x (the gate)
@@ -429,7 +434,7 @@ def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_
     and the TF32 rounding of w_pw into w_pw_rounded, as ``_launch_dw``."""
     n, c, h, w = x.shape
     qh, qw, halo_h, halo_w, bc, warps = window
-    radius = dil * (ws.shape[-1] - 1) // 2
+    radius = dilated_radius(ws.shape[-1], dil)
     for side, q, halo in ((h, qh, halo_h), (w, qw, halo_w)):
         # a side a window leaves without a halo is one the window spans (or no tap crosses windows)
         assert halo >= radius or halo == 0 and (q >= side or radius == 0), (window, radius)
@@ -452,7 +457,7 @@ def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_
 def _window_of(plan: Plan, x, ws, dil: int):
     """The chain plan's window: the plan's own (tests force some), else the rule's for x."""
     n, c, h, w = x.shape
-    return plan.dw or chain_window(c, h, w, dil * (ws.shape[-1] - 1) // 2)
+    return plan.dw or chain_window(c, h, w, dilated_radius(ws.shape[-1], dil))
 
 
 def _launch_fused(t, w_dw, b_dw, w_pw, x, out, prm, eps, dil, epi, relu, cl, prec, tile):

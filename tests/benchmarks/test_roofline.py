@@ -46,7 +46,7 @@ def test_chain_windows_are_the_kernels(side, ks, dilation, monkeypatch):
     pytest.importorskip("triton")
     from dlkunet.kernels import plans
     monkeypatch.setattr(plans, "INTERPRET", False)
-    window = plans.chain_window(96, side, side, dilation * (ks - 1) // 2)
+    window = plans.chain_window(96, side, side, plans.dilated_radius(ks, dilation))
     computed = plans.chain_windows(1, side, side, window) * window[0] * window[1]
     assert roofline.chain_waste(side, ks, dilation) == pytest.approx(computed / side ** 2)
 
