@@ -26,8 +26,8 @@ Plans (the Triton/CUDA issue's vocabulary):
 ``split``    a depthwise kernel writes its output once (small at the deep levels), then a
              large-tile tensor-core GEMM reads it with the op's epilogue.
 ``chain``    lka_gate: one kernel runs both depthwise convs with a1 kept on chip over a window
-             plus the dilated conv's halo (its a1 taps computed twice, and the power-of-two window's
-             unused pixels: ``chain_waste``) and writes a2 once; then the GEMM with the gate.
+             plus the dilated conv's halo (its a1 computed twice), on sub-tiles that skip the taps
+             reaching only padding (``chain_taps``), and writes a2 once; then the GEMM with the gate.
 ``cuda``     the cuda backend's kernels as shipped (csrc/cuda), predicted at the same attainable
              fractions: a contract for them too, printed in its own table.
 
@@ -80,12 +80,17 @@ FUSED_MAX_COUT = 256
 CURRENT_HOST_OPS = {("dwconv_bn_act", "eval", "fwd"): 18, ("dwconv_bn_act", "train", "fwd"): 24,
                     ("dwconv_bn_act", "train", "bwd"): 40, ("lka_gate", "-", "fwd"): 8,
                     ("lka_gate", "-", "bwd"): 20}
-# The chain plan's windows (kernels/plans.py ``chain_window``, mirrored here so that this file runs
-# without torch or Triton; tests/benchmarks/test_roofline.py checks that the two agree): a whole
-# image side up to CHAIN_WHOLE_SIDE pixels, else windows of max(CHAIN_MIN_WINDOW, 4 x radius)
-# rounded up to a power of two, overlapping by the radius on each side.
+# The chain plan's windows and sub-tiles (kernels/plans.py ``chain_window``, mirrored here so that
+# this file runs without torch or Triton; tests/benchmarks/test_roofline.py checks that the two
+# agree): a whole image side up to CHAIN_WHOLE_SIDE pixels, else windows of max(CHAIN_MIN_WINDOW,
+# 4 x radius) rounded up to a power of two, overlapping by the radius on each side; as many
+# channels as the slot and a sub-tile of CHAIN_SUB_SIDE x CHAIN_SUB_SIDE pixels allow, the
+# sub-tile grown to the register budget when the slot allows fewer.
 CHAIN_WHOLE_SIDE = 64
 CHAIN_MIN_WINDOW = 16
+CHAIN_SLOT_ELEMENTS = 16384
+CHAIN_TILE_ELEMENTS = 2048
+CHAIN_SUB_SIDE = 8
 # Bytes of float32 partial moments per block and channel (mean, M2, count), per-block count.
 PARTIAL_BYTES = 12
 FP32_BYTES = 4
@@ -199,14 +204,44 @@ def _pow2(v: int) -> int:
     return 1 << max(0, math.ceil(math.log2(v)))
 
 
-def chain_waste(side: int, ks: int, dilation: int) -> float:
-    """Pixels the chain kernel computes per output pixel of a side x side image (both convs)."""
-    r = dilation * (ks - 1) // 2
-    if side <= CHAIN_WHOLE_SIDE or r == 0:  # whole, or windows no tap crosses
-        q, r = _pow2(min(side, CHAIN_WHOLE_SIDE)), 0
+def chain_window(c: int, side: int, radius: int) -> Tuple[int, int, int, int, int]:
+    """The chain kernel's (window, halo, channels, sub-tile rows, sub-tile columns) on square images."""
+    if side <= CHAIN_WHOLE_SIDE or radius == 0:
+        q, halo = _pow2(min(side, CHAIN_WHOLE_SIDE)), 0
     else:
-        q = max(CHAIN_MIN_WINDOW, _pow2(4 * r + 1))
-    return (math.ceil(side / (q - 2 * r)) * q / side) ** 2
+        q, halo = max(CHAIN_MIN_WINDOW, _pow2(4 * radius + 1)), radius
+    sh = sw = min(q, CHAIN_SUB_SIDE)
+    bc = max(1, min(CHAIN_SLOT_ELEMENTS // (q * q), CHAIN_TILE_ELEMENTS // (sh * sw), _pow2(c)))
+    while 2 * sh * sw * bc <= CHAIN_TILE_ELEMENTS and (sw < q or sh < q):
+        if sw < q and sw <= sh:
+            sw *= 2
+        else:
+            sh *= 2
+    return q, halo, bc, sh, sw
+
+
+def _reaching(s0: int, size: int, lo: int, hi: int, k: int, dil: int) -> int:
+    pad = dil * (k - 1) // 2
+    return sum(1 for i in range(k) if s0 + i * dil - pad < hi and s0 + size - 1 + i * dil - pad >= lo)
+
+
+def _chain_taps_1d(side: int, q: int, halo: int, sub: int, k: int, dil: int, second: bool) -> int:
+    total = 0
+    for left in range(-halo, side - halo, q - 2 * halo):
+        v_lo, v_hi = max(-left, 0), min(side - left, q)  # the window's image pixels
+        lo, hi = (max(v_lo, halo), min(v_hi, q - halo)) if second else (v_lo, v_hi)
+        reach = (v_lo, v_hi) if second else (-left, side - left)  # a1 in the window; x anywhere
+        total += sum(sub * _reaching(s0, sub, *reach, k, dil) for s0 in range(lo // sub * sub, hi, sub))
+    return total
+
+
+def chain_taps(c: int, side: int, k0: int, ks: int, dilation: int) -> int:
+    """Multiply-adds per channel of a side x side image that the chain kernel runs for both convs:
+    a1 on the sub-tiles holding image pixels, a2 on those holding own (not halo) pixels, each with
+    the tap rows and columns that reach what they read (x in the image; a1 in the window)."""
+    q, halo, _, sh, sw = chain_window(c, side, dilation * (ks - 1) // 2)
+    return sum(_chain_taps_1d(side, q, halo, sh, k, dil, second) * _chain_taps_1d(side, q, halo, sw, k, dil, second)
+               for k, dil, second in ((k0, 1, False), (ks, dilation, True)))
 
 
 def lka_halo_factor(k0: int, ks: int, dilation: int, tile: Tuple[int, int]) -> float:
@@ -225,7 +260,7 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
     weights = (c * k0 * k0 + c + c * ks * ks + c + c * c + c) * es
     dw0, dws = 2.0 * p * c * k0 * k0, 2.0 * p * c * ks * ks
     pw = 2.0 * p * c * c
-    waste = chain_waste(hw, ks, dil)
+    chain_fma = 2.0 * n * c * chain_taps(c, hw, k0, ks, dil)
     recompute = math.ceil(c / CURRENT_BLOCK_CO)
     cur_tc, cur_fma = (0.0, pw) if dtype == "float32" else (2 * pw, 0.0)
     if pass_ == "fwd":
@@ -240,7 +275,7 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
         split = (Kernel(2 * act + w0_bytes, 0, dw0), Kernel(2 * act + ws_bytes + copy, 0, dws),
                  Kernel(3 * act + w1_bytes, pw))
         # chain: a1 on chip over its windows, a2 written once, GEMM + gate.
-        chain = (Kernel(2 * act + w0_bytes + ws_bytes + copy, 0, (dw0 + dws) * waste), split[2])
+        chain = (Kernel(2 * act + w0_bytes + ws_bytes + copy, 0, chain_fma), split[2])
         current = (Kernel(2 * act, 0, dw0), Kernel(3 * act + weights, cur_tc, cur_fma + dws * recompute))
         host = CURRENT_HOST_OPS[("lka_gate", "-", "fwd")]
     else:
@@ -253,7 +288,7 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
                 Kernel(2 * act + act, 0, 2 * dws),
                 Kernel(3 * act + act, 0, 2 * dw0))
         split = (Kernel(2 * act, 0, dw0), Kernel(2 * act, 0, dws)) + rest
-        chain = (Kernel(3 * act, 0, (dw0 + dws) * waste),) + rest
+        chain = (Kernel(3 * act, 0, chain_fma),) + rest
         fused = ((Kernel(2 * act, 0, dw0), Kernel(4 * act + weights, pw, dws * recompute),
                   Kernel(3 * act + 2 * weights, 2 * pw, dws * recompute)) + rest[2:])
         current = (Kernel(2 * act, 0, dw0),

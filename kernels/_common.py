@@ -138,27 +138,51 @@ def _dw_tile(t_ptr, w_ptr, b_ptr, n, h, w, pmask, c, cmask, C, H, W,
              K: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """float32 depthwise conv (zero padding DIL*(K-1)//2, plus bias) at a pixel x channel tile."""
-    PAD: tl.constexpr = DIL * (K - 1) // 2
     HW = H * W
     step = _pixel_step(C, CL)
     # One pointer tile; a tap is a scalar shift of it (the mask keeps it inside the image).
     base = t_ptr + _offsets(n * HW + h * W + w, n, h * W + w, c, C, HW, CL)
+    return _dw_taps(base, w_ptr, b_ptr, h, w, pmask, c, cmask, 0, H, 0, W, W * step, step, 0, K, 0, K,
+                    K, DIL, BLOCK_P, BLOCK_C)
+
+
+@triton.jit
+def _dw_taps(base, w_ptr, b_ptr, h, w, pmask, c, cmask, h_lo, h_hi, w_lo, w_hi, row_step, col_step,
+             ky_lo, ky_hi, kx_lo, kx_hi, K: tl.constexpr, DIL: tl.constexpr,
+             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """float32 depthwise conv (plus bias) at a pixel x channel tile of pointers ``base`` at (h, w):
+    tap (ky, kx) reads base + dy * row_step + dx * col_step, zero outside [h_lo, h_hi) x [w_lo,
+    w_hi) (the padding).  Only the taps ky_lo <= ky < ky_hi, kx_lo <= kx < kx_hi run: the caller
+    knows the others read padding at every pixel of the tile (``_tap_range``)."""
+    PAD: tl.constexpr = DIL * (K - 1) // 2
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     # A loop (not unrolled) over rows keeps only K taps' loads in flight: K*K unrolled gathered
     # loads were all hoisted and spilled.
-    for ky in range(K):
+    for ky in range(ky_lo, ky_hi):
         dy = ky * DIL - PAD
         hh = h + dy
-        hok = pmask & (hh >= 0) & (hh < H)
+        hok = pmask & (hh >= h_lo) & (hh < h_hi)
         for kx in tl.static_range(K):
-            dx = kx * DIL - PAD
-            ww = w + dx
-            ok = hok & (ww >= 0) & (ww < W)
-            v = tl.load(base + (dy * W + dx) * step, mask=ok[:, None] & cmask[None, :], other=0.0)
-            wt = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0)
-            acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+            if (kx >= kx_lo) & (kx < kx_hi):
+                dx = kx * DIL - PAD
+                ww = w + dx
+                ok = hok & (ww >= w_lo) & (ww < w_hi)
+                v = tl.load(base + (dy * row_step + dx * col_step), mask=ok[:, None] & cmask[None, :], other=0.0)
+                wt = tl.load(w_ptr + c * (K * K) + (ky * K + kx), mask=cmask, other=0.0)
+                acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     return acc + bias[None, :]
+
+
+@triton.jit
+def _tap_range(s0, S: tl.constexpr, lo, hi, K: tl.constexpr, DIL: tl.constexpr):
+    """The taps [k_lo, k_hi) of a centred K-tap conv (dilation DIL) along one dimension that reach
+    [lo, hi) from at least one of the positions s0 .. s0 + S - 1; every other tap reads outside it
+    at all of them.  (Operands kept non-negative: the interpreter's // floors, the GPU's truncates.)"""
+    PAD: tl.constexpr = DIL * (K - 1) // 2
+    k_lo = (tl.maximum(lo - (s0 + S - 1) + PAD, 0) + DIL - 1) // DIL
+    k_hi = tl.minimum((tl.maximum(hi - s0 + PAD, 0) + DIL - 1) // DIL, K)
+    return k_lo, k_hi
 
 
 @triton.jit

@@ -39,7 +39,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import _dw_tile, _offsets
+from ._common import _dw_taps, _dw_tile, _offsets, _pixel_step, _tap_range
 from ._precision import _mma, _tf32, _to
 
 EPI_BN, EPI_GATE, EPI_AFFINE = 0, 1, 2
@@ -177,23 +177,31 @@ def _lka_chain_kernel(x_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a2_ptr, a1_ptr, scr
                       N, H, W, C, COUT, WPW_ROWS,
                       K0: tl.constexpr, KS: tl.constexpr, DIL: tl.constexpr, CL: tl.constexpr,
                       ROUND_TF32: tl.constexpr, STORE_A1: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr,
-                      HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                      HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                      SH: tl.constexpr, SW: tl.constexpr):
     """lka_gate's depthwise chain a2 = dw_KS,DIL(dw_K0(x)), written once; a1 never goes to DRAM.
 
     Work items are (QH x QW window of an image, BLOCK_C channels); a persistent program walks the
-    items pid, pid + programs, ...  It computes a1 on the whole window, stores it in its own
-    scratch slot (window-sized, so all slots together stay in L2; the taps read it back through
-    L1), and runs the dilated conv on the slot as on an image of the window's size: zero padding
-    outside the window.  a2 is written at the window's inner (QH - 2 HALO_H) x (QW - 2 HALO_W)
-    pixels.  HALO is the dilated conv's radius along a dimension that several windows tile, 0 along
-    one that a single window covers (every tap outside it is outside the image, where a1 is zero:
-    the second conv's padding) or where the radius is 0; neighbouring windows overlap by their
-    halos, whose a1 is computed twice.  (Triton has no addressable shared memory, and ``tl.gather`` from a register tile
-    compiles to warp shuffles: about eight shuffles and selects per tap and element.)
+    items pid, pid + programs, ...  It computes a1 on the window, stores it in its own scratch slot
+    (window-sized, so all slots together stay in L2; the taps read it back through L1), and runs
+    the dilated conv on the slot: zero padding outside the image.  a2 is written at the window's
+    inner (QH - 2 HALO_H) x (QW - 2 HALO_W) pixels, its own.  HALO is the dilated conv's radius
+    along a dimension that several windows tile, 0 along one that a single window covers (every
+    tap outside it is outside the image, where a1 is zero: the second conv's padding) or where the
+    radius is 0; neighbouring windows overlap by their halos, whose a1 is computed twice.
+    (Triton has no addressable shared memory, and ``tl.gather`` from a register tile compiles to
+    warp shuffles: about eight shuffles and selects per tap and element.)
+
+    Both convs run on SH x SW sub-tiles of the window (the registers' tile, x BLOCK_C channels):
+    a1 on those that hold image pixels, a2 on those that hold own pixels, each with only the tap
+    rows and columns that reach x's image (a1's part of the window) from one of its pixels
+    (``_tap_range``).  Windows are powers of two and the dilated conv's taps mostly fall outside
+    small images (at 14 x 14, 60% of the 7 x 7 dilation-3 taps), so the sub-tiles skip most of
+    that padding and the pixels past the image.  A skipped tap would add exact zeros: same bits.
 
     16-bit inputs: a1 is rounded to the input dtype, as when it is written (the split plan), so a2
     is the same bits.  ROUND_TF32 and the weight share as in ``_dw_kernel``.  STORE_A1 (the
-    backward, which needs both) also writes a1 at the same pixels."""
+    backward, which needs both) also writes a1 at the own pixels."""
     Q: tl.constexpr = QH * QW
     OH: tl.constexpr = QH - 2 * HALO_H
     OW: tl.constexpr = QW - 2 * HALO_W
@@ -203,39 +211,69 @@ def _lka_chain_kernel(x_ptr, w0_ptr, b0_ptr, ws_ptr, bs_ptr, a2_ptr, a1_ptr, scr
     per_image = tl.cdiv(H, OH) * n_ww
     n_cb = tl.cdiv(C, BLOCK_C)
     HW = H * W
-    q = tl.arange(0, Q)
-    qh = q // QW
-    qw = q % QW
+    step = _pixel_step(C, CL)
+    slot_step = _pixel_step(BLOCK_C, CL)
+    s = tl.arange(0, SH * SW)
+    sh = s // SW
+    sw = s % SW
     c_local = tl.arange(0, BLOCK_C)
-    everywhere = q < Q  # all true: the dilated conv runs at every pixel of the slot
     slot = scratch_ptr + pid * (Q * BLOCK_C)
-    slot_off = _offsets(q, 0, q, c_local, BLOCK_C, Q, CL)
     for item in range(pid, N * per_image * n_cb, programs):
         window = item // n_cb
         c0 = (item % n_cb) * BLOCK_C
         n = window // per_image
         win = window % per_image
-        h = (win // n_ww) * OH - HALO_H + qh
-        w = (win % n_ww) * OW - HALO_W + qw
-        inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        top = (win // n_ww) * OH - HALO_H  # the window's origin in the image
+        left = (win % n_ww) * OW - HALO_W
+        # in window coordinates: the pixels inside the image (v), and the own ones (o)
+        vh_lo = tl.maximum(-top, 0)
+        vh_hi = tl.minimum(H - top, QH)
+        vw_lo = tl.maximum(-left, 0)
+        vw_hi = tl.minimum(W - left, QW)
+        oh_lo = tl.maximum(vh_lo, HALO_H)
+        oh_hi = tl.minimum(vh_hi, QH - HALO_H)
+        ow_lo = tl.maximum(vw_lo, HALO_W)
+        ow_hi = tl.minimum(vw_hi, QW - HALO_W)
         c = c0 + c_local
         cmask = c < C
-        a1 = _dw_tile(x_ptr, w0_ptr, b0_ptr, n, h, w, inside, c, cmask, C, H, W, K0, 1, CL, Q, BLOCK_C)
-        a1 = tl.where(inside[:, None], _to(a1, x_ptr.dtype.element_ty).to(tl.float32), 0.0)
         tl.debug_barrier()  # the previous item's taps have read the slot
-        tl.store(slot + slot_off, a1.to(scratch_ptr.dtype.element_ty))  # exact: a1 holds x's dtype's values
+        for th in range(vh_lo // SH, tl.cdiv(vh_hi, SH)):
+            for tw in range(vw_lo // SW, tl.cdiv(vw_hi, SW)):
+                qh = th * SH + sh
+                qw = tw * SW + sw
+                h = top + qh
+                w = left + qw
+                inside = (qh >= vh_lo) & (qh < vh_hi) & (qw >= vw_lo) & (qw < vw_hi)
+                ky_lo, ky_hi = _tap_range(th * SH, SH, -top, H - top, K0, 1)  # x's taps: the image's
+                kx_lo, kx_hi = _tap_range(tw * SW, SW, -left, W - left, K0, 1)
+                hw = h * W + w
+                off = _offsets(n * HW + hw, n, hw, c, C, HW, CL)
+                a1 = _dw_taps(x_ptr + off, w0_ptr, b0_ptr, h, w, inside, c, cmask, 0, H, 0, W, W * step, step,
+                              ky_lo, ky_hi, kx_lo, kx_hi, K0, 1, SH * SW, BLOCK_C)
+                a1 = tl.where(inside[:, None], _to(a1, x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+                q = qh * QW + qw
+                # exact: a1 holds x's dtype's values
+                tl.store(slot + _offsets(q, 0, q, c_local, BLOCK_C, Q, CL), a1.to(scratch_ptr.dtype.element_ty))
+                if STORE_A1:
+                    own = (qh >= oh_lo) & (qh < oh_hi) & (qw >= ow_lo) & (qw < ow_hi)
+                    tl.store(a1_ptr + off, a1.to(a1_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
         tl.debug_barrier()  # every thread's a1 is in the slot
-        a2 = _dw_tile(slot, ws_ptr + c0 * (KS * KS), bs_ptr + c0, 0, qh, qw, everywhere, c_local, cmask,
-                      BLOCK_C, QH, QW, KS, DIL, CL, Q, BLOCK_C)
-        if ROUND_TF32:
-            a2 = _tf32(a2)
-        own = inside & (qh >= HALO_H) & (qh < QH - HALO_H) & (qw >= HALO_W) & (qw < QW - HALO_W)
-        hw = h * W + w
-        off = _offsets(n * HW + hw, n, hw, c, C, HW, CL)
-        omask = own[:, None] & cmask[None, :]
-        tl.store(a2_ptr + off, _to(a2, a2_ptr.dtype.element_ty), mask=omask)
-        if STORE_A1:
-            tl.store(a1_ptr + off, a1.to(a1_ptr.dtype.element_ty), mask=omask)
+        for th in range(oh_lo // SH, tl.cdiv(oh_hi, SH)):
+            for tw in range(ow_lo // SW, tl.cdiv(ow_hi, SW)):
+                qh = th * SH + sh
+                qw = tw * SW + sw
+                own = (qh >= oh_lo) & (qh < oh_hi) & (qw >= ow_lo) & (qw < ow_hi)
+                ky_lo, ky_hi = _tap_range(th * SH, SH, vh_lo, vh_hi, KS, DIL)  # a1's: the window's
+                kx_lo, kx_hi = _tap_range(tw * SW, SW, vw_lo, vw_hi, KS, DIL)
+                q = qh * QW + qw
+                a2 = _dw_taps(slot + _offsets(q, 0, q, c_local, BLOCK_C, Q, CL), ws_ptr + c0 * (KS * KS), bs_ptr + c0,
+                              qh, qw, own, c_local, cmask, vh_lo, vh_hi, vw_lo, vw_hi, QW * slot_step, slot_step,
+                              ky_lo, ky_hi, kx_lo, kx_hi, KS, DIL, SH * SW, BLOCK_C)
+                if ROUND_TF32:
+                    a2 = _tf32(a2)
+                hw = (top + qh) * W + (left + qw)
+                tl.store(a2_ptr + _offsets(n * HW + hw, n, hw, c, C, HW, CL), _to(a2, a2_ptr.dtype.element_ty),
+                         mask=own[:, None] & cmask[None, :])
         if ROUND_TF32:
             _round_weight_share(wpw_ptr, wpw_out_ptr, window, WPW_ROWS, COUT, c, cmask, C)
 

@@ -71,21 +71,27 @@ FUSED_MAX_COUT = 256
 # The chain plan's windows (``chain_window``): a window spans a whole image side up to
 # CHAIN_WHOLE_SIDE pixels (no halo along it: the taps past it are the second conv's zero padding);
 # longer sides are tiled by windows of at least CHAIN_MIN_WINDOW and 4x the dilated conv's radius,
-# so that at least half of each is output.  A window holds CHAIN_WINDOW_ELEMENTS pixels x channels
-# (one channel on a larger window where a radius of 16 or more, none in DLKUNet, asks for 128-pixel
-# windows): 16 per thread per tile at CHAIN_WARPS warps compiled for sm_90 without spills in 210-252
-# registers (32 per thread spilled; 16 warps at that register count cannot launch).  So one program
-# fits an SM: the grid is persistent, CHAIN_PROGRAMS_PER_SM per SM, each with its own scratch slot,
-# all slots together a few MB that stay in L2.
+# so that at least half of each is output.  A window of pixels x channels fills the program's scratch
+# slot, CHAIN_SLOT_ELEMENTS (64 KB in float32).  The convs run on sub-tiles of CHAIN_TILE_ELEMENTS
+# pixels x channels, at least CHAIN_SUB_SIDE pixels a side (8 float32: one 32-byte sector of an
+# NCHW row): the window's channels are as many as such a sub-tile allows, and the sub-tile grows
+# to the budget when the slot allows fewer.  16 elements per thread at CHAIN_WARPS warps compiled
+# for sm_90 without spills in at most 198 registers (4096 at 8 warps spilled in NCHW float32 at 64
+# channels), so CHAIN_PROGRAMS_PER_SM programs fit an SM's register file: the grid is persistent,
+# each program with its own slot (all together 17 MB on 132 SMs, within an H100's or H200's L2),
+# and one program's barriers overlap the other's taps.
 CHAIN_WHOLE_SIDE = 64
 CHAIN_MIN_WINDOW = 16
-CHAIN_WINDOW_ELEMENTS = 4096
-CHAIN_MAX_CHANNELS = 32
-CHAIN_WARPS = 8
-CHAIN_PROGRAMS_PER_SM = 1
-# The interpreter's: small windows, so that small test images are tiled by several.
+CHAIN_SLOT_ELEMENTS = 16384
+CHAIN_TILE_ELEMENTS = 2048
+CHAIN_SUB_SIDE = 8
+CHAIN_WARPS = 4
+CHAIN_PROGRAMS_PER_SM = 2
+# The interpreter's: small windows and sub-tiles, so that small test images are tiled by several.
 CHAIN_INTERPRET_WHOLE_SIDE = 16
-CHAIN_INTERPRET_WINDOW_ELEMENTS = 1024
+CHAIN_INTERPRET_SLOT_ELEMENTS = 4096
+CHAIN_INTERPRET_TILE_ELEMENTS = 512
+CHAIN_INTERPRET_SUB_SIDE = 4
 # DLKUNet's lka_gate: the dilated conv's taps and dilation (its chain windows are compiled).
 DLKUNET_LKA_TAPS, DLKUNET_LKA_DILATION = 7, 3
 
@@ -152,11 +158,13 @@ def dilated_radius(taps: int, dilation: int) -> int:
     return dilation * (taps - 1) // 2
 
 
-def chain_window(c: int, h: int, w: int, radius: int) -> Tuple[int, int, int, int, int, int]:
+def chain_window(c: int, h: int, w: int, radius: int) -> Tuple[int, ...]:
     """The chain plan's window for C channels of H x W images and the dilated conv's radius:
-    (QH, QW, HALO_H, HALO_W, BLOCK_C, warps)."""
-    whole, budget = (CHAIN_INTERPRET_WHOLE_SIDE, CHAIN_INTERPRET_WINDOW_ELEMENTS) if INTERPRET else (
-        CHAIN_WHOLE_SIDE, CHAIN_WINDOW_ELEMENTS)
+    (QH, QW, HALO_H, HALO_W, BLOCK_C, SH, SW, warps), SH x SW the sub-tile."""
+    whole, slot, tile, sub = (
+        (CHAIN_INTERPRET_WHOLE_SIDE, CHAIN_INTERPRET_SLOT_ELEMENTS, CHAIN_INTERPRET_TILE_ELEMENTS,
+         CHAIN_INTERPRET_SUB_SIDE) if INTERPRET else
+        (CHAIN_WHOLE_SIDE, CHAIN_SLOT_ELEMENTS, CHAIN_TILE_ELEMENTS, CHAIN_SUB_SIDE))
 
     def side(n: int) -> Tuple[int, int]:
         if n <= whole or radius == 0:  # (no tap crosses a window without a radius)
@@ -164,14 +172,50 @@ def chain_window(c: int, h: int, w: int, radius: int) -> Tuple[int, int, int, in
         return max(CHAIN_MIN_WINDOW, triton.next_power_of_2(4 * radius + 1)), radius
 
     (qh, halo_h), (qw, halo_w) = side(h), side(w)
-    bc = max(1, min(budget // (qh * qw), CHAIN_MAX_CHANNELS, triton.next_power_of_2(c)))
-    return qh, qw, halo_h, halo_w, bc, 1 if INTERPRET else CHAIN_WARPS
+    sh, sw = min(qh, sub), min(qw, sub)
+    bc = max(1, min(slot // (qh * qw), tile // (sh * sw), triton.next_power_of_2(c)))
+    while 2 * sh * sw * bc <= tile and (sw < qw or sh < qh):  # wider rows first (NCHW: contiguous)
+        if sw < qw and (sw <= sh or sh == qh):
+            sw *= 2
+        else:
+            sh *= 2
+    return qh, qw, halo_h, halo_w, bc, sh, sw, 1 if INTERPRET else CHAIN_WARPS
 
 
 def chain_windows(n: int, h: int, w: int, window) -> int:
     """Windows over n images."""
     qh, qw, halo_h, halo_w = window[:4]
     return n * triton.cdiv(h, qh - 2 * halo_h) * triton.cdiv(w, qw - 2 * halo_w)
+
+
+def _taps_reaching(s0: int, size: int, lo: int, hi: int, k: int, dil: int) -> int:
+    """How many of a centred k-tap conv's taps (dilation dil) reach [lo, hi) from some position of
+    s0 .. s0 + size - 1: the kernel's ``_tap_range``."""
+    pad = dil * (k - 1) // 2
+    return sum(1 for i in range(k) if s0 + i * dil - pad < hi and s0 + size - 1 + i * dil - pad >= lo)
+
+
+def _chain_taps_1d(side: int, q: int, halo: int, sub: int, k: int, dil: int, own: bool) -> int:
+    """Sum over one dimension's windows and sub-tiles (those holding image pixels; for the second
+    conv, ``own``, own pixels) of the sub-tile's size x its taps that reach what they read."""
+    total = 0
+    for left in range(-halo, side - halo, q - 2 * halo):
+        v_lo, v_hi = max(-left, 0), min(side - left, q)
+        lo, hi = (max(v_lo, halo), min(v_hi, q - halo)) if own else (v_lo, v_hi)
+        # the first conv's taps read x anywhere in the image, the second's a1 in the window
+        reach_lo, reach_hi = (v_lo, v_hi) if own else (-left, side - left)
+        for s0 in range(lo // sub * sub, hi, sub):
+            total += sub * _taps_reaching(s0, sub, reach_lo, reach_hi, k, dil)
+    return total
+
+
+def chain_taps(h: int, w: int, window, k0: int, ks: int, dil: int) -> int:
+    """Multiply-adds per channel of one H x W image that the chain kernel runs (both convs): the
+    sub-tiles' taps that reach the image, halos, padding to the sub-tiles and all."""
+    qh, qw, halo_h, halo_w, _, sh, sw = window[:7]
+    a1 = _chain_taps_1d(h, qh, halo_h, sh, k0, 1, False) * _chain_taps_1d(w, qw, halo_w, sw, k0, 1, False)
+    a2 = _chain_taps_1d(h, qh, halo_h, sh, ks, dil, True) * _chain_taps_1d(w, qw, halo_w, sw, ks, dil, True)
+    return a1 + a2
 
 
 def shipped_configs():
@@ -212,8 +256,8 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
                       kernels: Tuple[int, ...], dtype: torch.dtype, prec: str,
                       peaks=_PEAKS["H100"]) -> float:
     """Predicted time of plan ``name`` for one forward call.  kernels: (k,) for dwconv_bn_act,
-    (k0, ks, dilation) for lka_gate.  The chain plan computes both of lka's depthwise convs on
-    whole windows (halos and power-of-two padding included) and writes a2 once."""
+    (k0, ks, dilation) for lka_gate.  The chain plan runs both of lka's depthwise convs on its
+    windows' sub-tiles (``chain_taps``: halos and padding included) and writes a2 once."""
     bw, fma, tf32, half = peaks
     es = 2 if dtype != torch.float32 else 4
     tc = half if dtype != torch.float32 else (tf32 if prec == "tf32" else tf32 / 3)
@@ -233,8 +277,7 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
             return math.inf
         k0, ks, dil = kernels
         window = chain_window(cin, h, w, dilated_radius(ks, dil))
-        computed = chain_windows(n, h, w, window) * window[0] * window[1] * cin
-        total += max(t_bw(2 * x_in + weight_copy), t_fma(2.0 * computed * (k0 * k0 + ks * ks))) + _GAP
+        total += max(t_bw(2 * x_in + weight_copy), t_fma(2.0 * n * cin * chain_taps(h, w, window, k0, ks, dil))) + _GAP
         return total + max(t_bw(2 * x_in + y_out), t_tc(gemm)) + _GAP  # reads a2 and x (the gate)
     if op == "lka_gate":
         k0 = kernels[0]
@@ -433,12 +476,13 @@ def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_
     """lka_gate's depthwise chain: a2 (and, given a1, a1) written once; with w_pw, a2 rounded to TF32
     and the TF32 rounding of w_pw into w_pw_rounded, as ``_launch_dw``."""
     n, c, h, w = x.shape
-    qh, qw, halo_h, halo_w, bc, warps = window
+    qh, qw, halo_h, halo_w, bc, sh, sw, warps = window
     radius = dilated_radius(ws.shape[-1], dil)
     for side, q, halo in ((h, qh, halo_h), (w, qw, halo_w)):
         # a side a window leaves without a halo is one the window spans (or no tap crosses windows)
         assert halo >= radius or halo == 0 and (q >= side or radius == 0), (window, radius)
         assert q > 2 * halo, "a window has pixels inside its halo"
+    assert qh % sh == 0 and qw % sw == 0, ("sub-tiles tile the window", window)
     windows = chain_windows(n, h, w, window)
     items = windows * triton.cdiv(c, bc)
     # at least two: under the interpreter (one "SM") too, programs walk items through separate slots
@@ -450,7 +494,7 @@ def _launch_chain(x, w0, b0, ws, bs, a2, dil, cl, window, a1=None, w_pw=None, w_
                                      w_pw if rounded else a2, w_pw_rounded if rounded else a2,
                                      n, h, w, c, cout, triton.cdiv(cout, windows), K0=w0.shape[-1], KS=ws.shape[-1],
                                      DIL=dil, CL=cl, ROUND_TF32=rounded, STORE_A1=a1 is not None, QH=qh, QW=qw,
-                                     HALO_H=halo_h, HALO_W=halo_w, BLOCK_C=bc, num_warps=warps,
+                                     HALO_H=halo_h, HALO_W=halo_w, BLOCK_C=bc, SH=sh, SW=sw, num_warps=warps,
                                      maxnreg=MAX_REGISTERS)
 
 

@@ -31,24 +31,28 @@ def test_lka_chain_forward_moves_less_than_split_and_computes_its_windows():
     assert plans["split"].bytes - plans["chain"].bytes == 2 * act  # a1 written and read back
     assert plans["chain"].fma_flops > plans["split"].fma_flops  # the halos' a1, computed twice
     # radius 9 (7 taps, dilation 3): 224-wide images in 64-wide windows of 46 output pixels, 5 per
-    # side; 14-wide ones in one 16-wide window
-    assert roofline.chain_waste(224, 7, 3) == pytest.approx((5 * 64 / 224) ** 2)
-    assert roofline.chain_waste(14, 7, 3) == pytest.approx((16 / 14) ** 2)
+    # side, 16 x 32 sub-tiles of 4 channels; 14-wide ones in one 16-wide window of 8 x 8 sub-tiles
+    # of 32 channels, where the dilated conv's taps mostly reach past the image and are skipped
+    assert roofline.chain_window(96, 224, 9) == (64, 9, 4, 16, 32)
+    assert roofline.chain_window(1536, 14, 9) == (16, 0, 32, 8, 8)
+    assert roofline.chain_taps(1536, 14, 5, 7, 3) == (16 * 5) ** 2 + (8 * 6 + 8 * 5) ** 2 < 74 * 14 * 14
     # the cuda backend's stage kernel: a 32x32 tile needs a1 on 50x50
     assert roofline.lka_halo_factor(5, 7, 3, (32, 32)) == pytest.approx(2500 / 1024)
 
 
+@pytest.mark.parametrize("c", [96, 1536, 10])
 @pytest.mark.parametrize("side", [14, 28, 56, 64, 65, 112, 224, 300])
 @pytest.mark.parametrize("ks,dilation", [(7, 3), (5, 3), (3, 1), (1, 3)])
-def test_chain_windows_are_the_kernels(side, ks, dilation, monkeypatch):
-    """The roofline's copy of the chain plan's window rule computes the pixels kernels/plans.py's
-    windows do (GPU rule, not the interpreter's)."""
+def test_chain_windows_are_the_kernels(c, side, ks, dilation, monkeypatch):
+    """The roofline's copy of the chain plan's window rule counts the multiply-adds that
+    kernels/plans.py's windows and sub-tiles run (GPU rule, not the interpreter's)."""
     pytest.importorskip("triton")
     from dlkunet.kernels import plans
     monkeypatch.setattr(plans, "INTERPRET", False)
-    window = plans.chain_window(96, side, side, plans.dilated_radius(ks, dilation))
-    computed = plans.chain_windows(1, side, side, window) * window[0] * window[1]
-    assert roofline.chain_waste(side, ks, dilation) == pytest.approx(computed / side ** 2)
+    radius = plans.dilated_radius(ks, dilation)
+    window = plans.chain_window(c, side, side, radius)
+    assert roofline.chain_window(c, side, radius) == tuple(window[i] for i in (0, 2, 4, 5, 6))
+    assert roofline.chain_taps(c, side, 5, ks, dilation) == plans.chain_taps(side, side, window, 5, ks, dilation)
 
 
 def test_kernel_time_is_its_slowest_resource_plus_the_launch_gap():
@@ -63,18 +67,7 @@ def test_kernel_time_is_its_slowest_resource_plus_the_launch_gap():
     assert k.seconds(dev, "bfloat16", tf32=True) == pytest.approx(max(t_bytes, t_half) + roofline.LAUNCH_GAP_S)
 
 
-# Forward cases where the chosen plans fall short of 4x although the floor leaves room: the known
-# design gaps, each failing strictly until a plan closes it.
-KNOWN_GAPS = {
-    # The best plan, chain (a1 on chip, a2 written once, the GEMM), predicts 0.079 ms against
-    # eager's 0.312 ms (measured 2026-11-30): 3.95x.  Its depthwise FMAs, on 16 x 16 windows of
-    # which 14 x 14 images use 77%, bound its first kernel; a single pass would predict 0.053 ms.
-    ("lka_gate", 1536, "float32", "nchw"),
-}
-FORWARD_CASES = [pytest.param(op, mode, pass_, passes, c, side, dtype, layout,
-                              marks=[pytest.mark.xfail(strict=True, reason="a known design gap (KNOWN_GAPS)")]
-                              if (op, c, dtype, layout) in KNOWN_GAPS else [],
-                              id=f"{op}-C{c}-{dtype}-{layout}")
+FORWARD_CASES = [pytest.param(op, mode, pass_, passes, c, side, dtype, layout, id=f"{op}-C{c}-{dtype}-{layout}")
                  for c, side in roofline.LEVELS for dtype in ("float32", "bfloat16")
                  for op, mode, pass_, passes in roofline.TIMED if pass_ == "fwd"
                  for layout in ("nchw", "channels_last")]

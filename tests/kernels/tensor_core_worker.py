@@ -83,12 +83,13 @@ def specialisations(kernels):
                             consts = dict(K=k, DIL=dil, CL=cl, ROUND_TF32=rounded, BH=bh, BW=bw, BLOCK_C=bc)
                             out.append(("dw", F._dw_kernel, dtype, consts, warps, 1))
                 elif kind == "chain":
-                    qh, qw, halo_h, halo_w, bc, warps = tile
+                    qh, qw, halo_h, halo_w, bc, sh, sw, warps = tile
                     for k0, ks, dil in ((5, 7, 3), (3, 7, 3), (5, 5, 3)):
                         for rounded in ((False, True) if dtype == torch.float32 else (False,)):
                             for store_a1 in (False, True):  # the forward; the backward's a1 and a2
                                 consts = dict(K0=k0, KS=ks, DIL=dil, CL=cl, ROUND_TF32=rounded, STORE_A1=store_a1,
-                                              QH=qh, QW=qw, HALO_H=halo_h, HALO_W=halo_w, BLOCK_C=bc)
+                                              QH=qh, QW=qw, HALO_H=halo_h, HALO_W=halo_w, BLOCK_C=bc,
+                                              SH=sh, SW=sw)
                                 out.append(("chain", F._lka_chain_kernel, dtype, consts, warps, 1))
     if "fold" in kernels:  # split_cublas's BN folding (no MMA; checked for spills)
         bco, bci = P.FOLD_TILE
@@ -172,8 +173,9 @@ def main():
     if not args.all:
         specs = ci_subset(specs)
     for i, (name, fn, dtype, consts, warps, stages) in enumerate(specs):
+        # the chain kernel's persistent grid places several programs on an SM; the others one at least
         head = dict(kernel=name, arch=args.arch, dtype=DTYPE_NAMES[dtype], consts=consts, num_warps=warps,
-                    num_stages=stages)
+                    num_stages=stages, programs_per_sm=P.CHAIN_PROGRAMS_PER_SM if name == "chain" else 1)
         try:
             res, ptx, sass = compile_one(fn, consts, dtype, args.arch, warps, stages)
             if args.dump:

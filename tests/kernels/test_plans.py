@@ -151,12 +151,16 @@ def test_backward_kernels_read_the_stored_depthwise_output(monkeypatch):
     assert lka[0].isnan().all() and lka[5].isnan().all()
 
 
-# (k0, ks, (QH, QW, HALO_H, HALO_W, BLOCK_C, warps)) on 11 x 13 images at dilation 3, radius 3
-# (3x3 convs) or 9 (DLKUNet's 5x5 and 7x7): whole images; halos along one side (6 windows of 2
-# rows; 2 of 10 columns, the second partial) or both; several channel blocks; the persistent
-# programs each walk several work items through one slot (also at 8 warps on a GPU).
-CHAIN_WINDOWS = [(3, 3, (16, 16, 0, 0, 4, 1)), (3, 3, (8, 16, 3, 0, 2, 1)), (3, 3, (16, 16, 0, 3, 4, 1)),
-                 (3, 3, (16, 16, 3, 3, 8, 1)), (5, 7, (32, 16, 9, 0, 2, 8)), (5, 7, (16, 32, 0, 9, 4, 8))]
+# (k0, ks, (QH, QW, HALO_H, HALO_W, BLOCK_C, SH, SW, warps)) on 11 x 13 images at dilation 3,
+# radius 3 (3x3 convs) or 9 (DLKUNet's 5x5 and 7x7): whole images; halos along one side (6 windows
+# of 2 rows; 2 of 10 columns, the second partial) or both; several channel blocks; the persistent
+# programs each walk several work items through one slot (also at 8 warps on a GPU).  Sub-tiles
+# as large as the window, or smaller: sub-tiles past the image or (the dilated conv) in the halo
+# skipped, tap rows and columns that only reach the padding skipped.
+CHAIN_WINDOWS = [(3, 3, (16, 16, 0, 0, 4, 16, 16, 1)), (3, 3, (8, 16, 3, 0, 2, 8, 8, 1)),
+                 (3, 3, (16, 16, 0, 3, 4, 8, 4, 1)), (3, 3, (16, 16, 3, 3, 8, 8, 4, 1)),
+                 (5, 7, (32, 16, 9, 0, 2, 8, 8, 8)), (5, 7, (16, 32, 0, 9, 4, 4, 16, 8)),
+                 (5, 7, (16, 16, 0, 0, 4, 4, 4, 1))]
 
 
 @pytest.mark.parametrize("k0,ks,window", CHAIN_WINDOWS)
@@ -188,6 +192,22 @@ def test_chain_plan_matches_split_bit_for_bit(k0, ks, window, dtype, layout, tf3
     a2_split = plans._depthwise(a1_split, pd[2], pd[3], 3, fmt, split)
     assert a1.is_contiguous(memory_format=fmt) and a2.is_contiguous(memory_format=fmt)
     assert torch.equal(a1, a1_split) and torch.equal(a2, a2_split)
+
+
+def test_chain_sub_tiles_narrower_than_the_first_conv_read_x_past_their_window():
+    """2 x 4 sub-tiles under a 5 x 5 first conv, in windows of 2 own rows with a halo of 3: from
+    a window's first rows the taps that leave the window still read x inside the image (skipping
+    them as padding would change a1 there), from the image's first rows they are padding."""
+    kernels, plans = _modules()
+    g = torch.Generator().manual_seed(23)
+    x, p = _lka(3, 1, 11, 13, 5, 3, g)
+    xd, pd = _on(x, torch.float32), [_on(t, torch.float32) for t in p]
+    chain = plans.Plan("chain", dw=(8, 16, 3, 0, 2, 2, 4, 1), gemm=plans.tiles("split", 3, 3, 13, x.dtype).gemm)
+    with plans.forced(chain), poisoned_allocations():
+        a1, a2 = plans.backward_lka_stages(xd, pd[0], pd[1], pd[2], pd[3], 3)
+    a1_ref = torch.nn.functional.conv2d(x.double(), p[0].double(), p[1].double(), padding=2, groups=3)
+    a2_ref = torch.nn.functional.conv2d(a1_ref, p[2].double(), p[3].double(), padding=3, dilation=3, groups=3)
+    assert rel_err(a1, a1_ref) <= BUDGET[torch.float32] and rel_err(a2, a2_ref) <= BUDGET[torch.float32]
 
 
 def test_small_tiles_cover_every_tile_loop():
@@ -224,11 +244,12 @@ def _model_choices(plans, dev):
                                                        plans._peaks(dev)) for name in plans.PLANS}
                 assert plan.name == min(times, key=times.get)
                 assert plans.choose(op, 16, c, c, side, side, ks, dtype, False, dev, prec) is plan  # cached
-    # The design's two regimes: taps computed once at the shallow levels, the depthwise kernel
-    # written once and a GEMM where the fused tile could not hold every output channel.
+    # The design's two regimes: taps computed once at the shallow levels, the depthwise output
+    # written once (lka's: both convs in the chain kernel) and a GEMM where the fused tile could not
+    # hold every output channel.
     shallow = plans.choose("dwconv_bn_act", 16, 96, 96, 224, 224, (3,), torch.bfloat16, False, dev, "ieee")
     deep = plans.choose("lka_gate", 16, 1536, 1536, 14, 14, (5, 7, 3), torch.bfloat16, False, dev, "ieee")
-    assert (shallow.name, deep.name) == ("fused", "split")
+    assert (shallow.name, deep.name) == ("fused", "chain")
     with plans.forced("split"):
         assert plans.choose("dwconv_bn_act", 16, 96, 96, 224, 224, (3,), torch.bfloat16, False, dev,
                             "ieee").name == "split"
@@ -393,18 +414,62 @@ def test_gpu_tiles_cover_every_stage_of_every_plan(monkeypatch):
 @pytest.mark.parametrize("radius", [9, 6, 3])
 def test_chain_windows(h, w, radius, monkeypatch):
     """The chain plan's GPU windows: a side up to CHAIN_WHOLE_SIDE whole (no halo), longer ones
-    tiled with the radius as halo and more output than halo; within the compiled register budget
-    of pixels x channels, at CHAIN_WARPS warps."""
+    tiled with the radius as halo and more output than halo; pixels x channels within the slot; a
+    sub-tile of at least CHAIN_SUB_SIDE a side (or the window's), tiling the window, within the
+    compiled register budget at CHAIN_WARPS warps, and no smaller than the budget allows."""
     _, plans = _modules()
     monkeypatch.setattr(plans, "INTERPRET", False)
-    qh, qw, halo_h, halo_w, bc, warps = plans.chain_window(96, h, w, radius)
-    for side, q, halo in ((h, qh, halo_h), (w, qw, halo_w)):
+    qh, qw, halo_h, halo_w, bc, sh, sw, warps = plans.chain_window(96, h, w, radius)
+    for side, q, halo, sub in ((h, qh, halo_h, sh), (w, qw, halo_w, sw)):
         if side <= plans.CHAIN_WHOLE_SIDE:
             assert halo == 0 and side <= q < 2 * side, (side, q, halo)
         else:
             assert halo == radius and q - 2 * halo >= q // 2, (side, q, halo)
-    assert qh * qw * bc <= plans.CHAIN_WINDOW_ELEMENTS and warps == plans.CHAIN_WARPS
-    assert bc >= 1 and (bc == plans.CHAIN_MAX_CHANNELS or 2 * bc * qh * qw > plans.CHAIN_WINDOW_ELEMENTS)
+        assert q % sub == 0 and sub >= min(q, plans.CHAIN_SUB_SIDE), (q, sub)
+    assert qh * qw * bc <= plans.CHAIN_SLOT_ELEMENTS and warps == plans.CHAIN_WARPS
+    assert sh * sw * bc <= plans.CHAIN_TILE_ELEMENTS
+    assert 2 * sh * sw * bc > plans.CHAIN_TILE_ELEMENTS or (sh, sw) == (qh, qw)
+    assert 1 <= bc <= 128 and (bc == 128 or 2 * bc * qh * qw > plans.CHAIN_SLOT_ELEMENTS
+                               or 2 * bc * min(qh, 8) * min(qw, 8) > plans.CHAIN_TILE_ELEMENTS)
+
+
+def test_chain_taps_skip_the_padding_of_small_images():
+    """The chain kernel's multiply-adds per image channel (the cost model's), counted by hand: 14 x
+    14 in one 16 x 16 window of 8 x 8 sub-tiles.  The 5 x 5 conv runs all its taps on all 16 x 16
+    pixels (each tap reaches the image from each 8-pixel band).  The dilated 7 x 7 (offsets -9 .. 9
+    step 3) reaches the image from rows 0-7 with the offsets -6 .. 9 (6 taps), from rows 8-15 with
+    -9 .. 3 (5 taps); likewise along the columns.  Fewer than eager's dense 74 x 196."""
+    _, plans = _modules()
+    expect = (16 * 5) ** 2 + (8 * 6 + 8 * 5) ** 2
+    assert plans.chain_taps(14, 14, (16, 16, 0, 0, 32, 8, 8, 4), 5, 7, 3) == expect < 74 * 196
+
+
+def _taps_by_brute_force(side, q, halo, sub, k, dil, own):
+    """One dimension of chain_taps, from the definitions: every window, every sub-tile that holds an
+    image pixel (the dilated conv, ``own``: an own pixel), times its taps that reach from one of
+    its pixels an image pixel (the dilated conv: one of the window, where a1 is)."""
+    pad, total = dil * (k - 1) // 2, 0
+    for left in range(-halo, side - halo, q - 2 * halo):
+        image = [r for r in range(q) if 0 <= left + r < side]
+        wanted = [r for r in image if halo <= r < q - halo] if own else image
+        readable = image if own else range(-left, side - left)
+        for s0 in range(0, q, sub):
+            if any(r in wanted for r in range(s0, s0 + sub)):
+                total += sub * sum(1 for i in range(k)
+                                   if any(r + i * dil - pad in readable for r in range(s0, s0 + sub)))
+    return total
+
+
+@pytest.mark.parametrize("side,window", [(28, (32, 32, 0, 0, 32, 8, 16, 8)), (112, (64, 64, 9, 9, 8, 16, 32, 8)),
+                                         (21, (16, 32, 3, 0, 8, 8, 8, 8)), (21, (16, 16, 3, 3, 8, 2, 2, 8))])
+def test_chain_taps_are_the_sub_tiles_taps(side, window):
+    _, plans = _modules()
+    qh, qw, halo_h, halo_w, _, sh, sw, _ = window
+    expect = 0
+    for k, dil, own in ((5, 1, False), (7, 3, True)):
+        expect += (_taps_by_brute_force(side, qh, halo_h, sh, k, dil, own)
+                   * _taps_by_brute_force(side, qw, halo_w, sw, k, dil, own))
+    assert plans.chain_taps(side, side, window, 5, 7, 3) == expect
 
 
 def test_cost_model_counts_the_fused_conv_s_taps():

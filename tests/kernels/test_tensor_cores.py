@@ -65,8 +65,9 @@ def test_no_spills_and_shared_memory_within_limits(compiled):
             bad.append(f"{_what(r)}: {r['spill_bytes']} bytes spilled ({r['regs']} registers)")
         elif r["shared"] > SHARED_LIMIT[arch]:
             bad.append(f"{_what(r)}: {r['shared']} bytes of shared memory")
-        elif r["regs"] * r["num_warps"] * 32 > REGISTER_FILE:
-            bad.append(f"{_what(r)}: {r['regs']} registers x {r['num_warps']} warps cannot launch")
+        elif r["regs"] * r["num_warps"] * 32 * r["programs_per_sm"] > REGISTER_FILE:
+            bad.append(f"{_what(r)}: {r['regs']} registers x {r['num_warps']} warps x {r['programs_per_sm']}"
+                       " programs per SM cannot launch")
     assert not bad, "\n".join(bad)
     assert {r["kernel"] for r in results} == set(GEMMS + NO_GEMM)
 
