@@ -340,16 +340,18 @@ def cuda_lka_plan(n: int, c: int, hw: int, dtype: str, pass_: str,
     k0, ks, dil = kernels
     es = DTYPE_BYTES[dtype]
     p = n * hw * hw
-    act, plane = p * c * es, p * c * FP32_BYTES
+    # a2 is read only by GEMMs: a plane of their operand type (16-bit under 16-bit MMAs); the
+    # backward's other planes (a1, g * u, grad_a2, grad_a1) float32 for its depthwise kernels.
+    act, plane, a2 = p * c * es, p * c * FP32_BYTES, p * c * es
     w1 = (c * c + c) * es
     dw0, dws, pw = 2.0 * p * c * k0 * k0, 2.0 * p * c * ks * ks, 2.0 * p * c * c
     halo = lka_halo_factor(k0, ks, dil, CUDA_LKA_TILE)
     if pass_ == "fwd":  # stage (a1 on chip, a2 to a plane), GEMM with the gate
-        return Plan("cuda", (Kernel(act + plane, 0, dw0 * halo + dws), Kernel(plane + 2 * act + w1, pw)))
-    return Plan("cuda", (Kernel(act + 2 * plane, 0, dw0 * halo + dws),  # a1, a2 planes
-                         Kernel(plane + act + plane + w1, pw),          # g * u (gxd plane)
+        return Plan("cuda", (Kernel(act + a2, 0, dw0 * halo + dws), Kernel(a2 + 2 * act + w1, pw)))
+    return Plan("cuda", (Kernel(act + plane + a2, 0, dw0 * halo + dws),  # a1, a2 planes
+                         Kernel(a2 + act + plane + w1, pw),             # g * u (gxd plane)
                          Kernel(2 * act + plane + w1, pw),              # grad_a2 = W1^T (g * x)
-                         Kernel(2 * act + plane, pw), Kernel(0.0),      # grad_w1, grad_b1; split sums
+                         Kernel(2 * act + a2, pw), Kernel(0.0),         # grad_w1, grad_b1; split sums
                          Kernel(2 * plane, 0, dws),                     # grad_a1
                          Kernel(2 * plane, 0, dws), Kernel(0.0),        # grad_ws, grad_bs
                          Kernel(2 * plane + act, 0, dw0),               # grad_x

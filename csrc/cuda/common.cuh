@@ -923,7 +923,8 @@ void launch_dw_bwd_weight(const float* gin, const Src& src, int k, int dil, Geo 
 // a1 = dw(x, w0, b0) (k0 x k0), a2 = dw(a1, ws, bs) (ks x ks, dilation d), for one (n, c) and a
 // TH x TW output tile.  Shared memory holds the x tile with both halos (r2 + r0) and the a1 tile
 // with its dilated halo (r2); a1 is zero outside the image, exactly as two separate convolutions
-// with zero padding see it.  Writes a2 (and, when a1_out is set, a1) as float32 planes.
+// with zero padding see it.  Writes a2 as a plane of S (PlaneOf: the GEMMs that read it round it
+// to their operand type anyway) and, when a1_out is set, a1 as a float32 plane.
 // Specialised sizes (K0, KS, D > 0) use 64-wide tiles and give each thread 4 horizontally adjacent
 // outputs with the weights in registers, so neighbouring outputs share their shared-memory reads;
 // the generic path (all 0) computes one output per step from 32-wide tiles.
@@ -936,12 +937,12 @@ inline int64_t lka_stage_smem_floats(int k0, int ks, int d, int tw) {
   return (AH + 2 * r0) * (AW + 2 * r0) + AH * AW;
 }
 
-template <class T, int K0, int KS, int D>
+template <class T, class S, int K0, int KS, int D>
 __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float* __restrict__ w0,
                                                            const float* __restrict__ b0, const float* __restrict__ ws,
                                                            const float* __restrict__ bs, int k0_rt, int ks_rt,
                                                            int d_rt, Geo g, int tiles_w, float* __restrict__ a1_out,
-                                                           float* __restrict__ a2_out) {
+                                                           S* __restrict__ a2_out) {
   constexpr bool SPEC = K0 > 0;
   constexpr int TW = SPEC ? LKA_TW_SPEC : LKA_TW_GENERIC;
   constexpr int G = SPEC ? 4 : 1;  // outputs per thread and step, along W
@@ -1043,7 +1044,7 @@ __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float
 #pragma unroll
     for (int j = 0; j < G; ++j) {
       const int gw = wb + ox0 + j;
-      if (gh < H && gw < W) a2_out[plane + gh * W + gw] = v[j];
+      if (gh < H && gw < W) a2_out[plane + gh * W + gw] = from_f<S>(v[j]);
     }
   }
 }
@@ -1056,8 +1057,8 @@ inline int64_t lka_stage_smem_bytes(int k0, int ks, int d) {
   return (int64_t)sizeof(float) * lka_stage_smem_floats(k0, ks, d, lka_tile_w(lka_specialised(k0, ks, d)));
 }
 
-template <class T>
-void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, float* a1_out, float* a2_out,
+template <class T, class S>
+void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, float* a1_out, S* a2_out,
                       cudaStream_t stream) {
   const int tw = lka_tile_w(lka_specialised(p.k0, p.ks, p.dilation));
   const int tiles_w = (int)cdiv(p.W, tw);
@@ -1065,8 +1066,8 @@ void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, 
   const size_t smem = (size_t)lka_stage_smem_bytes(p.k0, p.ks, p.dilation);
   const int a = p.k0, b = p.ks, d = p.dilation;
 #define DLK_STAGE(K0, KS, D)                                                                         \
-  lka_stage_kernel<T, K0, KS, D><<<grid, 256, smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, a, b, d, g, \
-                                                              tiles_w, a1_out, a2_out)
+  lka_stage_kernel<T, S, K0, KS, D><<<grid, 256, smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, a, b, d, g, \
+                                                                 tiles_w, a1_out, a2_out)
   if (a == 5 && b == 7 && d == 3)
     DLK_STAGE(5, 7, 3);
   else if (a == 3 && b == 7 && d == 3)

@@ -3,8 +3,10 @@
 //   du        = g * x;  grad_w1 = du a2^T;  grad_b1 = sum du;  grad_a2 = w1^T du
 //   grad_a1   = dws_d^T(grad_a2) (inside the image only);  grad_ws, grad_bs from grad_a2 and a1
 //   grad_w0, grad_b0 from grad_a1 and x.
-// a1 and a2 are recomputed by the forward's stage kernel; every intermediate is a float32 plane.
-// The GEMMs multiply as the forward does (common.cuh, Mma).
+// a1 and a2 are recomputed by the forward's stage kernel.  The GEMMs multiply as the forward does
+// (common.cuh, Mma); a2, which only they read, is a plane of their operand type (PlaneOf), the other
+// intermediates float32 planes: the depthwise kernels that read them sum in float32 what eager's
+// 16-bit backward would round to 16 bits first.
 #include "common.cuh"
 
 namespace dlkunet {
@@ -41,20 +43,25 @@ cudaError_t lka_backward(const LkaProblem& p, View4 grad_out, View4 x, const Lka
                          const LkaGrads& gr, float* ws, cudaStream_t stream) {
   const Geo g{p.N, p.H, p.W, p.N * p.H * p.W};
   const Layout l = layout(p);
-  float *a1 = ws + l.a1, *a2 = ws + l.a2, *gxd = ws + l.gxd, *ga2 = ws + l.ga2, *ga1 = ws + l.ga1;
+  float *a1 = ws + l.a1, *gxd = ws + l.gxd, *ga2 = ws + l.ga2, *ga1 = ws + l.ga1;
   const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), ga = act<T>(grad_out);
-    launch_lka_stage<T>(p, xa, w, g, a1, a2, stream);
-    // g * u, kept as a float32 plane until the depthwise-transposed term is added.
-    const EpiGate<T, OutPlane> epi_gxd{ga, w.b1, p.C, OutPlane{gxd, g.P}};
-    launch_pix_gemm<T>(mode, channel_major(a2, g.P, p.C), w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
-    // grad_a2[ci][p] = sum_co w1[co][ci] * du[co][p]: w1 read transposed (row ci, k co).
-    const LoadProd<T> du{ga, xa};
-    launch_pix_gemm<T>(mode, du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane{ga2, g.P, p.C}, stream);
-    // grad_w1 and, through a column of ones appended to a2, grad_b1.
-    launch_wgrad<T>(mode, du, channel_major(a2, g.P, p.C), p.C, p.C + 1, p.C, g, ws + l.wpart, stream);
+    with_mma<T>(mode, [&](auto m) {
+      constexpr Mma M = decltype(m)::value;
+      using S = PlaneOf<M, T>;
+      S* a2 = reinterpret_cast<S*>(ws + l.a2);
+      launch_lka_stage<T>(p, xa, w, g, a1, a2, stream);
+      // g * u, kept as a float32 plane until the depthwise-transposed term is added.
+      const EpiGate<T, OutPlane> epi_gxd{ga, w.b1, p.C, OutPlane{gxd, g.P}};
+      launch_pix_gemm_as<M>(channel_major(a2, g.P, p.C), w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
+      // grad_a2[ci][p] = sum_co w1[co][ci] * du[co][p]: w1 read transposed (row ci, k co).
+      const LoadProd<T> du{ga, xa};
+      launch_pix_gemm_as<M>(du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane{ga2, g.P, p.C}, stream);
+      // grad_w1 and, through a column of ones appended to a2, grad_b1.
+      launch_wgrad_as<M>(du, channel_major(a2, g.P, p.C), p.C, p.C + 1, p.C, g, ws + l.wpart, stream);
+    });
     int chunk = 0;
     const int S = wgrad_splits(p.C, p.C + 1, g.P, &chunk);
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.C * (p.C + 1), p.C + 1, p.C, gr.w1, gr.b1, stream);
