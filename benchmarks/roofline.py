@@ -301,11 +301,13 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
 
 
 # ------------------------------------------------------------------------------------------------
-# The cuda backend as shipped (csrc/cuda): 64 x 64 WMMA tiles; the depthwise output goes through a
-# plane when Cout spans more than one 64-row tile; backward intermediates are float32 planes except
-# dwconv's d and dz (the input's dtype under 16-bit MMAs); the lka stage kernel computes a1 over a
-# 16 x 64 tile plus its dilated halo.
+# The cuda backend as shipped (csrc/cuda): 64 x 64 WMMA tiles, a block holding up to
+# CUDA_FUSED_ROW_TILES of them on one pixel tile in the forward (TF32 for float32, as the cuda
+# table assumes); the depthwise output goes through a plane when Cout spans more; backward
+# intermediates are float32 planes except dwconv's d and dz and lka's a2 (the input's dtype under
+# 16-bit MMAs); the lka stage kernel computes a1 over a 16 x 64 tile plus its dilated halo.
 CUDA_ROW_TILE = 64
+CUDA_FUSED_ROW_TILES = {"float32": 2, "bfloat16": 4, "float16": 4}
 CUDA_LKA_TILE = (16, 64)
 
 
@@ -319,7 +321,7 @@ def cuda_dwconv_plan(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str
     dw, pw = 2.0 * p * cin * k * k, 2.0 * p * cin * cout
     finalize = Kernel(0.0)
     if pass_ == "fwd":
-        if cout > CUDA_ROW_TILE:  # plane, [statistics GEMM, finalize,] apply GEMM
+        if cout > CUDA_ROW_TILE * CUDA_FUSED_ROW_TILES[dtype]:  # plane, [statistics GEMM, finalize,] apply GEMM
             plane = Kernel(x + d_plane, 0, dw)
             train = (Kernel(d_plane + weights, pw), finalize) if mode == "train" else ()
             return Plan("cuda", (plane, *train, Kernel(d_plane + y + weights, pw)))

@@ -423,6 +423,22 @@ constexpr int MMA_ACC_PAD = 4;          // floats of padding per accumulator row
 // Blocks per SM the MMA kernels are built for: a register budget of 65536 / (2 * NT) = 128.  Given
 // the block size alone, ptxas (CUDA 13.0) held some of them to 31-48 registers and spilled.
 constexpr int MMA_MIN_BLOCKS = 2;
+// ... and with several row tiles (their accumulators and weight prefetch: at 128 registers ptxas
+// spilled 100-500 bytes with 4 tiles, 16-96 with 2): one block per SM, up to 255 registers.
+constexpr int MMA_MIN_BLOCKS_WIDE = 1;
+// Output-row tiles one block of mma_pix_gemm_kernel may hold, per operand type: its A operand (a
+// depthwise conv computed by the loader) is then staged once for up to this many x BN output
+// channels, and the taps are computed once per pass without a plane.  Bounded by the 48 KB of
+// static shared memory: the weights' double buffer grows with the tiles (24 KB at 4 x 64 rows of
+// 16-bit operands, 20 KB at 2 x 64 rows of float32 TF32 ones) beside the A buffers (4.5 or 8.5 KB),
+// the accumulator tile (17 KB) and the epilogue's per-channel arrays: 47 KB either way.
+template <Mma M>
+__host__ __device__ constexpr int mma_max_row_tiles() { return M == Mma::F16 || M == Mma::BF16 ? 4 : M == Mma::TF32 ? 2 : 1; }
+inline int max_row_tiles(Mma m) {
+  return m == Mma::F16 || m == Mma::BF16 ? mma_max_row_tiles<Mma::BF16>()
+         : m == Mma::TF32                ? mma_max_row_tiles<Mma::TF32>()
+                                         : 1;
+}
 
 #if DLK_MMA
 template <Mma M> struct MmaOperand;
@@ -480,33 +496,36 @@ struct WarpTile {
 };
 #endif
 
-// pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of the
-// tile; the accumulators go through shared memory into the SIMT kernel's per-thread layout.
+// pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of each
+// of the block's RT row tiles (RT x BN output channels on one BM-pixel A tile, staged once); the
+// accumulators go through shared memory, one row tile at a time, into the epilogue.
 // Double-buffered: each thread fetches (loads or computes) its share of the next K step into
 // registers before the MMAs of the current one and stores it into the other buffer after them, so
 // the operand loads' latency overlaps the tensor cores and a step needs one barrier, not two.
-template <Mma M, class ALoad, class Epi>
-__global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
+template <Mma M, int RT, class ALoad, class Epi>
+__global__ void __launch_bounds__(NT, RT > 1 ? MMA_MIN_BLOCKS_WIDE : MMA_MIN_BLOCKS)
     mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs, int64_t w_ks, int rows, int kdim, Geo g,
                         Epi epi) {
 #if DLK_MMA
   using Op = MmaOperand<M>;
   using S = typename Op::Storage;
+  static_assert(RT >= 1 && RT <= mma_max_row_tiles<M>(), "row tiles within the shared-memory budget");
   constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
-  constexpr int A_PER_THREAD = BK * BM / NT, B_PER_THREAD = BK * BN / NT;
-  static_assert(A_PER_THREAD * NT == BK * BM && B_PER_THREAD * NT == BK * BN, "whole tiles per thread");
-  __shared__ __align__(32) S As[2][BK][BM + PAD];  // operand (k, pixel): the MMA's B
-  __shared__ __align__(32) S Bs[2][BN][BK + PAD];  // weights (row, k): the MMA's A
+  constexpr int A_PER_THREAD = BK * BM / NT, B_PER_THREAD = BK * BN * RT / NT;
+  static_assert(A_PER_THREAD * NT == BK * BM && B_PER_THREAD * NT == BK * BN * RT, "whole tiles per thread");
+  __shared__ __align__(32) S As[2][BK][BM + PAD];       // operand (k, pixel): the MMA's B
+  __shared__ __align__(32) S Bs[2][RT * BN][BK + PAD];  // weights (row, k): the MMA's A
   __shared__ __align__(32) float Cs[BN][BM + MMA_ACC_PAD];
   __shared__ int s_n[BM], s_h[BM], s_w[BM];
   const int tid = threadIdx.x, warp = tid >> 5;
-  const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN;
+  const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN * RT;
   const int wr = (warp >> 1) * MMA_FRAG, wp = (warp & 1) * 2 * MMA_FRAG;
   const bool channels_fast = A.channels_contiguous();
   tile_pixels(p0, BM, g, g.P, s_n, s_h, s_w);
   __syncthreads();
-  WarpTile<M, nvcuda::wmma::row_major> tile;
-  tile.zero();
+  WarpTile<M, nvcuda::wmma::row_major> tile[RT];
+#pragma unroll
+  for (int t = 0; t < RT; ++t) tile[t].zero();
 
   // Element j of this thread's share: consecutive threads on consecutive channels where A's
   // channels are contiguous, else on consecutive pixels (for_each_in_tile's rule); weights k-fast.
@@ -551,24 +570,31 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
   for (int k0 = 0; k0 < kdim; k0 += BK) {
     const bool more = k0 + BK < kdim;
     if (more) fetch(k0 + BK);
-    tile.step(&Bs[buf][wr][0], BK + PAD, &As[buf][0][wp], BM + PAD);
+#pragma unroll
+    for (int t = 0; t < RT; ++t) tile[t].step(&Bs[buf][t * BN + wr][0], BK + PAD, &As[buf][0][wp], BM + PAD);
     // The other buffer was last read in the previous step, which the barrier below it closed.
     if (more) stash(buf ^ 1);
     __syncthreads();
     buf ^= 1;
   }
-  tile.store(&Cs[wr][wp], BM + MMA_ACC_PAD);
-  __syncthreads();
-  if constexpr (WholeTileEpilogue<Epi>::value) {
-    epi.tile(&Cs[0][0], BM + MMA_ACC_PAD, p0, r0, s_n, s_h, s_w);
-  } else {
-    const int tx = tid & 15, ty = tid >> 4;
-    float acc[4][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+  for (int t = 0; t < RT; ++t) {
+    const int rt0 = r0 + t * BN;
+    if (rt0 >= rows) break;  // (uniform over the block)
+    tile[t].store(&Cs[wr][wp], BM + MMA_ACC_PAD);
+    __syncthreads();
+    if constexpr (WholeTileEpilogue<Epi>::value) {
+      epi.tile(&Cs[0][0], BM + MMA_ACC_PAD, p0, rt0, s_n, s_h, s_w);
+    } else {
+      const int tx = tid & 15, ty = tid >> 4;
+      float acc[4][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty * 4 + j][tx + 16 * i];
-    epi(acc, tx, ty, p0, r0, s_n, s_h, s_w);
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty * 4 + j][tx + 16 * i];
+      epi(acc, tx, ty, p0, rt0, s_n, s_h, s_w);
+    }
+    __syncthreads();  // the epilogue has read Cs before the next tile overwrites it
   }
 #else
   __trap();  // never launched: the launchers pick Mma::FP32 below compute capability 8.0
@@ -682,15 +708,17 @@ __global__ void __launch_bounds__(NT, MMA_MIN_BLOCKS)
 }
 
 // The GEMM launchers for a mode known at compile time (callers inside with_mma), and for one chosen
-// at run time.
-template <Mma M, class ALoad, class Epi>
+// at run time.  RT: output-row tiles per block (tensor-core modes, up to mma_max_row_tiles).
+template <Mma M, int RT = 1, class ALoad, class Epi>
 void launch_pix_gemm_as(const ALoad& A, const float* wm, int64_t w_rs, int64_t w_ks, int rows, int kdim, Geo g,
                         const Epi& epi, cudaStream_t stream) {
-  const dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN));
-  if constexpr (M == Mma::FP32)
+  const dim3 grid((unsigned)cdiv(g.P, BM), (unsigned)cdiv(rows, BN * RT));
+  if constexpr (M == Mma::FP32) {
+    static_assert(RT == 1, "the fp32 kernel holds one row tile");
     pix_gemm_kernel<ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
-  else
-    mma_pix_gemm_kernel<M, ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+  } else {
+    mma_pix_gemm_kernel<M, RT, ALoad, Epi><<<grid, NT, 0, stream>>>(A, wm, w_rs, w_ks, rows, kdim, g, epi);
+  }
 }
 
 template <class T, class ALoad, class Epi>

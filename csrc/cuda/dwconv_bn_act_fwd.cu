@@ -1,7 +1,8 @@
 // dwconv_bn_act forward: y = act(BN(pw(dw(x)))).
-// The depthwise taps are computed once per pass: inside the GEMM's operand loader when one row
-// tile holds every output channel (Cout <= BN), else once into a plane (float32; 16-bit for 16-bit
-// MMAs) that the GEMM reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
+// The depthwise taps are computed once per pass: inside the GEMM's operand loader when one block's
+// row tiles hold every output channel (Cout <= BN, and on tensor cores up to max_row_tiles x BN:
+// 256 for 16-bit, 128 for TF32), else once into a plane (float32; 16-bit for 16-bit MMAs) that the
+// GEMM reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
 // Eval: each 64-pixel x 64-channel tile accumulates the pointwise product (tensor cores or fp32,
 // common.cuh) and applies bias, BN (as one per-channel scale and shift) and ReLU in the epilogue.
 // Training: a first GEMM pass writes only per-tile (mean, M2) statistics of z (exact two-pass within
@@ -143,7 +144,21 @@ __global__ void __launch_bounds__(256) bn_stats_finalize_kernel(const float* __r
 }  // namespace
 
 // Whether the depthwise output goes through a plane (see the file comment).
-static bool dw_via_plane(const DwConvProblem& p) { return cdiv(p.Cout, BN) > 1; }
+static bool dw_via_plane(const DwConvProblem& p) {
+  return cdiv(p.Cout, BN) > max_row_tiles(mma_mode(p.dtype, p.tf32, p.tensor_cores));
+}
+
+// f(integral_constant<int, RT>) for the row tiles a fused block needs (1, 2 or 4), within mode M's.
+template <Mma M, class F>
+void with_row_tiles(int tiles, F&& f) {
+  if constexpr (mma_max_row_tiles<M>() >= 4) {
+    if (tiles > 2) return f(std::integral_constant<int, 4>{});
+  }
+  if constexpr (mma_max_row_tiles<M>() >= 2) {
+    if (tiles == 2) return f(std::integral_constant<int, 2>{});
+  }
+  f(std::integral_constant<int, 1>{});
+}
 
 int64_t dwconv_forward_workspace(const DwConvProblem& p, bool training) {
   const int64_t P = (int64_t)p.N * p.H * p.W;
@@ -163,10 +178,11 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
     const Act<T> xa = act<T>(x), ya = act<T>(y);
     with_mma<T>(mode, [&](auto m) {
       constexpr Mma M = decltype(m)::value;
-      auto gemm = [&](const auto& load) {
+      auto gemm = [&](const auto& load, auto row_tiles) {
+        constexpr int RT = decltype(row_tiles)::value;
         if (training) {
           const EpiDwStats stats{w.b_pw, p.Cout, g.P, part, part + (int64_t)nblk * p.Cout};
-          launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
+          launch_pix_gemm_as<M, RT>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, stats, stream);
           bn_stats_finalize_kernel<<<p.Cout, 256, 0, stream>>>(part, part + (int64_t)nblk * p.Cout, nblk, p.Cout,
                                                                g.P, mean_out, var_out);
         }
@@ -174,15 +190,16 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
         const float* var = training ? var_out : var_in;
         const EpiDwApply<T> epi{ya, w.b_pw, w.gamma, w.beta, mean, var, eps, relu, p.Cout,
                                 training ? nullptr : mean_out, training ? nullptr : var_out};
-        launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
+        launch_pix_gemm_as<M, RT>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi, stream);
       };
       with_k(p.k, [&](auto kc) {
         constexpr int K = decltype(kc)::value;
         const LoadDw<T, K> load{xa, w.w_dw, w.b_dw, p.k, p.H, p.W};
         if (dw_via_plane(p))
-          gemm(launch_plane(load, x.sc == 1, g, p.Cin, reinterpret_cast<PlaneOf<M, T>*>(d_plane), stream));
+          gemm(launch_plane(load, x.sc == 1, g, p.Cin, reinterpret_cast<PlaneOf<M, T>*>(d_plane), stream),
+               std::integral_constant<int, 1>{});
         else
-          gemm(load);
+          with_row_tiles<M>((int)cdiv(p.Cout, BN), [&](auto rt) { gemm(load, rt); });
       });
     });
   });

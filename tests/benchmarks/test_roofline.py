@@ -3,6 +3,8 @@ arithmetic, and the plans it chooses meet the design contract against the commit
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,18 +100,30 @@ def test_the_committed_h200_table_covers_most_forward_cases():
     assert len(have) >= 20, len(have)
 
 
-@pytest.mark.parametrize("cout", [64, 65])
-def test_cuda_eval_plan_fuses_the_taps_within_one_row_tile_else_writes_a_float32_plane(cout):
-    plan = roofline.cuda_dwconv_plan(16, 96, cout, 56, "bfloat16", "eval", "fwd")
+@pytest.mark.parametrize("dtype,cout,fused", [("bfloat16", 256, True), ("bfloat16", 257, False),
+                                              ("float32", 128, True), ("float32", 129, False)])
+def test_cuda_eval_plan_fuses_the_taps_within_a_block_s_row_tiles_else_writes_a_plane(dtype, cout, fused):
+    """The cuda forward's blocks hold 4 row tiles of 64 for 16-bit MMAs, 2 for TF32
+    (csrc/cuda/common.cuh, mma_max_row_tiles); wider layers go through a plane of the operand type."""
+    es = roofline.DTYPE_BYTES[dtype]
+    plan = roofline.cuda_dwconv_plan(16, 96, cout, 56, dtype, "eval", "fwd")
     p = 16 * 56 * 56
-    x, y, plane = p * 96 * 2, p * cout * 2, p * 96 * 2  # a bfloat16 plane under bfloat16 MMAs
-    if cout <= roofline.CUDA_ROW_TILE:
+    x, y, plane = p * 96 * es, p * cout * es, p * 96 * es
+    if fused:
         assert len(plan.kernels) == 1
         assert 0 < plan.bytes - x - y < 1e6  # only the weights besides x and y
     else:
         assert len(plan.kernels) == 2
         assert plan.kernels[0].bytes == x + plane and plan.kernels[1].bytes - plane - y < 1e6
     assert plan.tensor_flops == 2 * p * 96 * cout and plan.fma_flops == 2 * p * 96 * 9
+
+
+def test_cuda_row_tiles_are_the_kernels():
+    """The roofline's copy of the forward's row-tile limits is the one csrc/cuda/common.cuh compiles."""
+    src = (Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "common.cuh").read_text()
+    body = re.search(r"constexpr int mma_max_row_tiles\(\) \{ return (.*?); \}", src).group(1)
+    assert body == "M == Mma::F16 || M == Mma::BF16 ? 4 : M == Mma::TF32 ? 2 : 1"
+    assert roofline.CUDA_FUSED_ROW_TILES == {"float32": 2, "bfloat16": 4, "float16": 4}
 
 
 @pytest.mark.parametrize("dtype,a2_bytes", [("float32", 4), ("bfloat16", 2)])

@@ -163,10 +163,14 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (2, 17, 20, 6, 7, 7, torch.float32, True, True, False),
     (2, 3, 4, 40, 30, 5, torch.float32, False, True, True),    # > 1024 pixels: split weight gradients
     (1, 3, 4, 5, 6, 9, torch.float32, False, False, True),      # generic kernel size
-    (1, 9, 70, 9, 8, 3, torch.float32, True, True, True),      # Cout > 64 in channels_last: pixel-major plane
+    (1, 9, 70, 9, 8, 3, torch.float32, True, True, True),      # Cout > 64, channels_last: pixel-major plane (exact),
+                                                                # 2 row tiles per block (mma)
     (2, 9, 10, 8, 9, 3, torch.float16, True, False, True),
     (2, 9, 10, 8, 9, 3, torch.bfloat16, False, True, True),
-    (1, 9, 70, 5, 6, 3, torch.bfloat16, False, False, True),    # Cout > 64, 16-bit: a bfloat16 plane in mma mode
+    (1, 9, 70, 5, 6, 3, torch.bfloat16, False, False, True),    # Cout > 64, 16-bit: 2 row tiles per block in mma mode
+    (1, 5, 130, 4, 5, 3, torch.float32, False, True, True),     # 3 row tiles: a plane in both modes (TF32 holds 2)
+    (1, 6, 200, 4, 5, 3, torch.bfloat16, True, True, True),     # 4 row tiles per block in mma mode
+    (1, 4, 260, 3, 4, 3, torch.float16, False, False, True),    # 5 row tiles: a float16 plane in mma mode
 ]
 
 
