@@ -260,7 +260,8 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
     weights = (c * k0 * k0 + c + c * ks * ks + c + c * c + c) * es
     dw0, dws = 2.0 * p * c * k0 * k0, 2.0 * p * c * ks * ks
     pw = 2.0 * p * c * c
-    chain_fma = 2.0 * n * c * chain_taps(c, hw, k0, ks, dil)
+    bc = chain_window(c, hw, dil * (ks - 1) // 2)[2]
+    chain_fma = 2.0 * n * math.ceil(c / bc) * bc * chain_taps(c, hw, k0, ks, dil)  # padding channels run too
     recompute = math.ceil(c / CURRENT_BLOCK_CO)
     cur_tc, cur_fma = (0.0, pw) if dtype == "float32" else (2 * pw, 0.0)
     if pass_ == "fwd":

@@ -71,14 +71,14 @@ FUSED_MAX_COUT = 256
 # The chain plan's windows (``chain_window``): a window spans a whole image side up to
 # CHAIN_WHOLE_SIDE pixels (no halo along it: the taps past it are the second conv's zero padding);
 # longer sides are tiled by windows of at least CHAIN_MIN_WINDOW and 4x the dilated conv's radius,
-# so that at least half of each is output.  A window of pixels x channels fills the program's scratch
-# slot, CHAIN_SLOT_ELEMENTS (64 KB in float32).  The convs run on sub-tiles of CHAIN_TILE_ELEMENTS
+# so that at least half of each is output.  A window of pixels x channels is the program's scratch
+# slot, at most CHAIN_SLOT_ELEMENTS (64 KB in float32).  The convs run on sub-tiles of CHAIN_TILE_ELEMENTS
 # pixels x channels, at least CHAIN_SUB_SIDE pixels a side (8 float32: one 32-byte sector of an
 # NCHW row): the window's channels are as many as such a sub-tile allows, and the sub-tile grows
 # to the budget when the slot allows fewer.  16 elements per thread at CHAIN_WARPS warps compiled
-# for sm_90 without spills in at most 198 registers (4096 at 8 warps spilled in NCHW float32 at 64
+# for sm_90 without spills in at most 199 registers (4096 at 8 warps spilled in NCHW float32 at 64
 # channels), so CHAIN_PROGRAMS_PER_SM programs fit an SM's register file: the grid is persistent,
-# each program with its own slot (all together 17 MB on 132 SMs, within an H100's or H200's L2),
+# each program with its own slot (together at most 17 MB on 132 SMs, within an H100's or H200's L2),
 # and one program's barriers overlap the other's taps.
 CHAIN_WHOLE_SIDE = 64
 CHAIN_MIN_WINDOW = 16
@@ -99,8 +99,8 @@ DLKUNET_LKA_TAPS, DLKUNET_LKA_DILATION = 7, 3
 @dataclass(frozen=True)
 class Plan:
     """A plan and its tiles.  fused: (BH, BW, BLOCK_CO, BLOCK_CI, warps, stages); dw: (BH, BW,
-    BLOCK_C, warps), or for chain its window (QH, QW, HALO_H, HALO_W, BLOCK_C, warps), empty for
-    ``chain_window``'s; gemm: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    BLOCK_C, warps), or for chain its window (QH, QW, HALO_H, HALO_W, BLOCK_C, SH, SW, warps),
+    empty for ``chain_window``'s; gemm: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
     name: str
     fused: Tuple[int, ...] = ()
     dw: Tuple[int, ...] = ()
@@ -277,7 +277,9 @@ def predicted_seconds(name: str, op: str, n: int, cin: int, cout: int, h: int, w
             return math.inf
         k0, ks, dil = kernels
         window = chain_window(cin, h, w, dilated_radius(ks, dil))
-        total += max(t_bw(2 * x_in + weight_copy), t_fma(2.0 * n * cin * chain_taps(h, w, window, k0, ks, dil))) + _GAP
+        channels = triton.cdiv(cin, window[4]) * window[4]  # the last block's padding channels run too
+        chain_flops = 2.0 * n * channels * chain_taps(h, w, window, k0, ks, dil)
+        total += max(t_bw(2 * x_in + weight_copy), t_fma(chain_flops)) + _GAP
         return total + max(t_bw(2 * x_in + y_out), t_tc(gemm)) + _GAP  # reads a2 and x (the gate)
     if op == "lka_gate":
         k0 = kernels[0]

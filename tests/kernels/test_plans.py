@@ -208,6 +208,36 @@ def test_chain_sub_tiles_narrower_than_the_first_conv_read_x_past_their_window()
     a1_ref = torch.nn.functional.conv2d(x.double(), p[0].double(), p[1].double(), padding=2, groups=3)
     a2_ref = torch.nn.functional.conv2d(a1_ref, p[2].double(), p[3].double(), padding=3, dilation=3, groups=3)
     assert rel_err(a1, a1_ref) <= BUDGET[torch.float32] and rel_err(a2, a2_ref) <= BUDGET[torch.float32]
+    split = plans.tiles("split", 3, 3, 13, torch.float32)  # and the split plan's bits
+    a1_split = plans._depthwise(xd, pd[0], pd[1], 1, torch.contiguous_format, split)
+    assert torch.equal(a1, a1_split) and torch.equal(a2, plans._depthwise(a1_split, pd[2], pd[3], 3,
+                                                                          torch.contiguous_format, split))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts the taps through the interpreter (CPU tensors)")
+@pytest.mark.parametrize("window", [(32, 16, 9, 0, 4, 8, 8, 1), (16, 16, 0, 0, 4, 4, 8, 1), (16, 32, 0, 9, 8, 8, 4, 1)])
+def test_chain_taps_are_what_the_kernel_runs(window, monkeypatch):
+    """The cost model's multiply-adds (chain_taps, x the channels the kernel runs, padding ones
+    included) are the kernel's: every _dw_taps call counted with the tap ranges and sub-tile the
+    kernel computed for it."""
+    _, plans = _modules()
+    from dlkunet.kernels import _fast
+    run, count = _fast._dw_taps, [0]
+
+    def counting(*args):
+        ky_lo, ky_hi, kx_lo, kx_hi = (int(getattr(v, "data", v)) for v in args[14:18])
+        pixels, channels = (int(getattr(v, "value", v)) for v in args[20:22])
+        count[0] += max(0, ky_hi - ky_lo) * max(0, kx_hi - kx_lo) * pixels * channels
+        return run(*args)
+
+    monkeypatch.setattr(_fast, "_dw_taps", counting)
+    g = torch.Generator().manual_seed(2)
+    x, p = _lka(10, 2, 11, 13, 5, 7, g)
+    chain = plans.Plan("chain", dw=window, gemm=plans.tiles("split", 10, 10, 13, x.dtype).gemm)
+    with plans.forced(chain):
+        plans.backward_lka_stages(x, p[0], p[1], p[2], p[3], 3)
+    channels = -(-10 // window[4]) * window[4]
+    assert count[0] == 2 * channels * plans.chain_taps(11, 13, window, 5, 7, 3) > 0
 
 
 def test_small_tiles_cover_every_tile_loop():
@@ -429,8 +459,9 @@ def test_chain_windows(h, w, radius, monkeypatch):
     assert qh * qw * bc <= plans.CHAIN_SLOT_ELEMENTS and warps == plans.CHAIN_WARPS
     assert sh * sw * bc <= plans.CHAIN_TILE_ELEMENTS
     assert 2 * sh * sw * bc > plans.CHAIN_TILE_ELEMENTS or (sh, sw) == (qh, qw)
-    assert 1 <= bc <= 128 and (bc == 128 or 2 * bc * qh * qw > plans.CHAIN_SLOT_ELEMENTS
-                               or 2 * bc * min(qh, 8) * min(qw, 8) > plans.CHAIN_TILE_ELEMENTS)
+    most, sub = 128, plans.CHAIN_SUB_SIDE  # (96 channels: one block of 128 at most)
+    assert 1 <= bc <= most and (bc == most or 2 * bc * qh * qw > plans.CHAIN_SLOT_ELEMENTS
+                                or 2 * bc * min(qh, sub) * min(qw, sub) > plans.CHAIN_TILE_ELEMENTS)
 
 
 def test_chain_taps_skip_the_padding_of_small_images():
