@@ -308,7 +308,7 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
 # intermediates are float32 planes except dwconv's d and dz and lka's a2 (the input's dtype under
 # 16-bit MMAs); the lka stage kernel computes a1 over a 16 x 64 tile plus its dilated halo.
 CUDA_ROW_TILE = 64
-CUDA_FUSED_ROW_TILES = {"float32": 2, "bfloat16": 4, "float16": 4}
+CUDA_FUSED_ROW_TILES = {"float32": 3, "bfloat16": 6, "float16": 6}
 CUDA_LKA_TILE = (16, 64)
 
 

@@ -424,16 +424,17 @@ constexpr int MMA_ACC_PAD = 4;          // floats of padding per accumulator row
 // the block size alone, ptxas (CUDA 13.0) held some of them to 31-48 registers and spilled.
 constexpr int MMA_MIN_BLOCKS = 2;
 // ... and with several row tiles (their accumulators and weight prefetch: at 128 registers ptxas
-// spilled 100-500 bytes with 4 tiles, 16-96 with 2): one block per SM, up to 255 registers.
+// spilled 100-500 bytes with 4 tiles, 16-96 with 2; 6 tiles take up to 243): one block per SM.
 constexpr int MMA_MIN_BLOCKS_WIDE = 1;
 // Output-row tiles one block of mma_pix_gemm_kernel may hold, per operand type: its A operand (a
 // depthwise conv computed by the loader) is then staged once for up to this many x BN output
 // channels, and the taps are computed once per pass without a plane.  Bounded by the 48 KB of
-// static shared memory: the weights' double buffer grows with the tiles (24 KB at 4 x 64 rows of
-// 16-bit operands, 20 KB at 2 x 64 rows of float32 TF32 ones) beside the A buffers (4.5 or 8.5 KB),
-// the accumulator tile (17 KB) and the epilogue's per-channel arrays: 47 KB either way.
+// static shared memory: the weights' double buffer grows with the tiles (36 KB at 6 x 64 rows of
+// 16-bit operands, 30 KB at 3 x 64 rows of float32 TF32 ones; the accumulator tile reuses it after
+// the K loop) beside the A buffers (4.5 or 8.5 KB) and the pixel and epilogue arrays (1.3 KB):
+// 41.8 and 39.8 KB (one more tile would take 47.8 and 49.8 KB).
 template <Mma M>
-__host__ __device__ constexpr int mma_max_row_tiles() { return M == Mma::F16 || M == Mma::BF16 ? 4 : M == Mma::TF32 ? 2 : 1; }
+__host__ __device__ constexpr int mma_max_row_tiles() { return M == Mma::F16 || M == Mma::BF16 ? 6 : M == Mma::TF32 ? 3 : 1; }
 inline int max_row_tiles(Mma m) {
   return m == Mma::F16 || m == Mma::BF16 ? mma_max_row_tiles<Mma::BF16>()
          : m == Mma::TF32                ? mma_max_row_tiles<Mma::TF32>()
@@ -513,9 +514,14 @@ __global__ void __launch_bounds__(NT, RT > 1 ? MMA_MIN_BLOCKS_WIDE : MMA_MIN_BLO
   constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
   constexpr int A_PER_THREAD = BK * BM / NT, B_PER_THREAD = BK * BN * RT / NT;
   static_assert(A_PER_THREAD * NT == BK * BM && B_PER_THREAD * NT == BK * BN * RT, "whole tiles per thread");
-  __shared__ __align__(32) S As[2][BK][BM + PAD];       // operand (k, pixel): the MMA's B
-  __shared__ __align__(32) S Bs[2][RT * BN][BK + PAD];  // weights (row, k): the MMA's A
-  __shared__ __align__(32) float Cs[BN][BM + MMA_ACC_PAD];
+  __shared__ __align__(32) S As[2][BK][BM + PAD];  // operand (k, pixel): the MMA's B
+  // The weights (row, k; the MMA's A), double-buffered, and after the K loop the accumulator tile,
+  // in the same memory.
+  constexpr int B_BYTES = 2 * RT * BN * (BK + PAD) * (int)sizeof(S);
+  constexpr int C_BYTES = BN * (BM + MMA_ACC_PAD) * (int)sizeof(float);
+  __shared__ __align__(32) unsigned char weights_then_acc[B_BYTES > C_BYTES ? B_BYTES : C_BYTES];
+  auto Bs = reinterpret_cast<S(*)[RT * BN][BK + PAD]>(weights_then_acc);
+  auto Cs = reinterpret_cast<float(*)[BM + MMA_ACC_PAD]>(weights_then_acc);
   __shared__ int s_n[BM], s_h[BM], s_w[BM];
   const int tid = threadIdx.x, warp = tid >> 5;
   const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN * RT;
@@ -577,6 +583,7 @@ __global__ void __launch_bounds__(NT, RT > 1 ? MMA_MIN_BLOCKS_WIDE : MMA_MIN_BLO
     __syncthreads();
     buf ^= 1;
   }
+  // (The loop's last barrier closed every read of the weights: Cs may overwrite them.)
 #pragma unroll
   for (int t = 0; t < RT; ++t) {
     const int rt0 = r0 + t * BN;

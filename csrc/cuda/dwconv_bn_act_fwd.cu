@@ -1,7 +1,7 @@
 // dwconv_bn_act forward: y = act(BN(pw(dw(x)))).
 // The depthwise taps are computed once per pass: inside the GEMM's operand loader when one block's
 // row tiles hold every output channel (Cout <= BN, and on tensor cores up to max_row_tiles x BN:
-// 256 for 16-bit, 128 for TF32), else once into a plane (float32; 16-bit for 16-bit MMAs) that the
+// 384 for 16-bit, 192 for TF32), else once into a plane (float32; 16-bit for 16-bit MMAs) that the
 // GEMM reads (recomputing them per row tile would cost Cout/BN times the depthwise work).
 // Eval: each 64-pixel x 64-channel tile accumulates the pointwise product (tensor cores or fp32,
 // common.cuh) and applies bias, BN (as one per-channel scale and shift) and ReLU in the epilogue.
@@ -148,13 +148,21 @@ static bool dw_via_plane(const DwConvProblem& p) {
   return cdiv(p.Cout, BN) > max_row_tiles(mma_mode(p.dtype, p.tf32, p.tensor_cores));
 }
 
-// f(integral_constant<int, RT>) for the row tiles a fused block needs (1, 2 or 4), within mode M's.
+// f(integral_constant<int, RT>) for a fused block of `tiles` row tiles (at most mode M's): RT 1, 2,
+// then 4 and 6 for 16-bit operands, 3 for TF32 (fewer builds; the spare tiles' weights read as 0).
 template <Mma M, class F>
 void with_row_tiles(int tiles, F&& f) {
-  if constexpr (mma_max_row_tiles<M>() >= 4) {
+  constexpr int most = mma_max_row_tiles<M>();
+  if constexpr (most >= 6) {
+    if (tiles > 4) return f(std::integral_constant<int, 6>{});
+  }
+  if constexpr (most >= 4) {
     if (tiles > 2) return f(std::integral_constant<int, 4>{});
   }
-  if constexpr (mma_max_row_tiles<M>() >= 2) {
+  if constexpr (most == 3) {
+    if (tiles > 2) return f(std::integral_constant<int, 3>{});
+  }
+  if constexpr (most >= 2) {
     if (tiles == 2) return f(std::integral_constant<int, 2>{});
   }
   f(std::integral_constant<int, 1>{});

@@ -168,9 +168,11 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (2, 9, 10, 8, 9, 3, torch.float16, True, False, True),
     (2, 9, 10, 8, 9, 3, torch.bfloat16, False, True, True),
     (1, 9, 70, 5, 6, 3, torch.bfloat16, False, False, True),    # Cout > 64, 16-bit: 2 row tiles per block in mma mode
-    (1, 5, 130, 4, 5, 3, torch.float32, False, True, True),     # 3 row tiles: a plane in both modes (TF32 holds 2)
+    (1, 5, 130, 4, 5, 3, torch.float32, False, True, True),     # 3 row tiles per TF32 block (exact: a plane)
+    (1, 3, 200, 3, 4, 3, torch.float32, True, False, True),     # 4 row tiles: a plane in both modes (TF32 holds 3)
     (1, 6, 200, 4, 5, 3, torch.bfloat16, True, True, True),     # 4 row tiles per block in mma mode
-    (1, 4, 260, 3, 4, 3, torch.float16, False, False, True),    # 5 row tiles: a float16 plane in mma mode
+    (1, 4, 260, 3, 4, 3, torch.float16, False, False, True),    # 5 row tiles in a 6-tile block (one spare)
+    (1, 3, 400, 3, 3, 3, torch.bfloat16, False, False, True),   # 7 row tiles: a bfloat16 plane in mma mode
 ]
 
 

@@ -14,8 +14,8 @@ from dlkunet_testing import dwconv_inputs, eager_tf32_dwconv, eager_tf32_lka, gr
 ok, why = availability("cuda", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"cuda backend unavailable on CUDA: {why}")]
 
-# Output channels of one 64-wide row tile (depthwise taps inside the GEMM), of two (one block on
-# tensor cores; via a plane for the exact fp32 kernel) and of five (via a plane in every mode).
+# float32 output channels of one 64-wide row tile (depthwise taps inside the GEMM), of two (one
+# TF32 block; via a plane for the exact fp32 kernel) and of five (via a plane, TF32 or not).
 COUTS = (24, 80, 300)
 MAX_EVAL_LAUNCHES = 3
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
