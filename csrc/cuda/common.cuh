@@ -7,7 +7,7 @@
 // and an exact fp32 SIMT build for float32 with TF32 off (or a GPU without these MMAs).
 // - pix_gemm:   out[r][p] = sum_k W[r][k] * A(k, p) over a 64-pixel x 64-row tile, where the A
 //               loader computes its operand on the fly (a depthwise conv of x, a product of two
-//               activations, or a float32 plane), and an epilogue functor finishes the tile (bias,
+//               activations, or a plane: PlaneOf), and an epilogue functor finishes the tile (bias,
 //               BN, ReLU, gate, statistics).
 // - wgrad_gemm: part[s][r][c] = sum_{p in split s} A(r, p) * B(c, p): weight gradients, split
 //               over pixels; reduce_splits_kernel then sums the splits in double.
@@ -423,9 +423,12 @@ constexpr int MMA_ACC_PAD = 4;          // floats of padding per accumulator row
 // Blocks per SM the MMA kernels are built for: a register budget of 65536 / (2 * NT) = 128.  Given
 // the block size alone, ptxas (CUDA 13.0) held some of them to 31-48 registers and spilled.
 constexpr int MMA_MIN_BLOCKS = 2;
-// ... and with several row tiles (their accumulators and weight prefetch: at 128 registers ptxas
-// spilled 100-500 bytes with 4 tiles, 16-96 with 2; 6 tiles take up to 243): one block per SM.
+// ... and with more row tiles (their accumulators and weight prefetch: at 128 registers ptxas
+// spilled 100-500 bytes with 4 tiles, 16-96 with 2 of TF32; 6 tiles take up to 243): one block per
+// SM.  Two 16-bit tiles fit 128 registers.
 constexpr int MMA_MIN_BLOCKS_WIDE = 1;
+template <Mma M, int RT>
+constexpr int mma_min_blocks() { return RT == 1 || (RT == 2 && M != Mma::TF32) ? MMA_MIN_BLOCKS : MMA_MIN_BLOCKS_WIDE; }
 // Output-row tiles one block of mma_pix_gemm_kernel may hold, per operand type: its A operand (a
 // depthwise conv computed by the loader) is then staged once for up to this many x BN output
 // channels, and the taps are computed once per pass without a plane.  Bounded by the 48 KB of
@@ -504,7 +507,7 @@ struct WarpTile {
 // registers before the MMAs of the current one and stores it into the other buffer after them, so
 // the operand loads' latency overlaps the tensor cores and a step needs one barrier, not two.
 template <Mma M, int RT, class ALoad, class Epi>
-__global__ void __launch_bounds__(NT, RT > 1 ? MMA_MIN_BLOCKS_WIDE : MMA_MIN_BLOCKS)
+__global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
     mma_pix_gemm_kernel(ALoad A, const float* __restrict__ wm, int64_t w_rs, int64_t w_ks, int rows, int kdim, Geo g,
                         Epi epi) {
 #if DLK_MMA
@@ -757,8 +760,8 @@ void launch_wgrad(Mma mode, const ALoad& A, const BLoad& B, int R, int Ccols, in
   });
 }
 
-// plane(c, p) = A(c, p): the loader's operand (a depthwise conv) computed once into a float32 plane,
-// for GEMMs that would otherwise recompute it once per row tile (or per pass).  Pixel-major [P][C]
+// plane(c, p) = A(c, p): the loader's operand (a depthwise conv) computed once into a plane of S
+// (PlaneOf), for GEMMs that would otherwise recompute it once per row tile (or per pass).  Pixel-major [P][C]
 // for channels_last inputs, else channel-major [C][P]: threads follow the plane's order, so the
 // loads of x (same layout) and the stores both coalesce.
 template <class ALoad, class S>

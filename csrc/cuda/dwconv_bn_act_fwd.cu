@@ -148,8 +148,8 @@ static bool dw_via_plane(const DwConvProblem& p) {
   return cdiv(p.Cout, BN) > max_row_tiles(mma_mode(p.dtype, p.tf32, p.tensor_cores));
 }
 
-// f(integral_constant<int, RT>) for a fused block of `tiles` row tiles (at most mode M's): RT 1, 2,
-// then 4 and 6 for 16-bit operands, 3 for TF32 (fewer builds; the spare tiles' weights read as 0).
+// f(integral_constant<int, RT>) for a fused block of `tiles` row tiles (at most mode M's): builds of
+// 1 to 4 tiles and of 6 (5 run in a 6-tile block, whose spare tile reads zero weights).
 template <Mma M, class F>
 void with_row_tiles(int tiles, F&& f) {
   constexpr int most = mma_max_row_tiles<M>();
@@ -157,10 +157,10 @@ void with_row_tiles(int tiles, F&& f) {
     if (tiles > 4) return f(std::integral_constant<int, 6>{});
   }
   if constexpr (most >= 4) {
-    if (tiles > 2) return f(std::integral_constant<int, 4>{});
+    if (tiles == 4) return f(std::integral_constant<int, 4>{});
   }
-  if constexpr (most == 3) {
-    if (tiles > 2) return f(std::integral_constant<int, 3>{});
+  if constexpr (most >= 3) {
+    if (tiles == 3) return f(std::integral_constant<int, 3>{});
   }
   if constexpr (most >= 2) {
     if (tiles == 2) return f(std::integral_constant<int, 2>{});

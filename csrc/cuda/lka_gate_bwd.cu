@@ -50,8 +50,8 @@ cudaError_t lka_backward(const LkaProblem& p, View4 grad_out, View4 x, const Lka
     const Act<T> xa = act<T>(x), ga = act<T>(grad_out);
     with_mma<T>(mode, [&](auto m) {
       constexpr Mma M = decltype(m)::value;
-      using S = PlaneOf<M, T>;
-      S* a2 = reinterpret_cast<S*>(ws + l.a2);
+      using A2 = PlaneOf<M, T>;
+      A2* a2 = reinterpret_cast<A2*>(ws + l.a2);
       launch_lka_stage<T>(p, xa, w, g, a1, a2, stream);
       // g * u, kept as a float32 plane until the depthwise-transposed term is added.
       const EpiGate<T, OutPlane> epi_gxd{ga, w.b1, p.C, OutPlane{gxd, g.P}};

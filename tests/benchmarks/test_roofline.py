@@ -3,8 +3,6 @@ arithmetic, and the plans it chooses meet the design contract against the commit
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,8 +101,8 @@ def test_the_committed_h200_table_covers_most_forward_cases():
 @pytest.mark.parametrize("dtype,cout,fused", [("bfloat16", 384, True), ("bfloat16", 385, False),
                                               ("float32", 192, True), ("float32", 193, False)])
 def test_cuda_eval_plan_fuses_the_taps_within_a_block_s_row_tiles_else_writes_a_plane(dtype, cout, fused):
-    """The cuda forward's blocks hold 6 row tiles of 64 for 16-bit MMAs, 3 for TF32
-    (csrc/cuda/common.cuh, mma_max_row_tiles); wider layers go through a plane of the operand type."""
+    """The cuda forward's blocks hold 6 row tiles of 64 for 16-bit MMAs, 3 for TF32 (the kernels'
+    rule: tests/csrc/test_cuda_emulated.py); wider layers go through a plane of the operand type."""
     es = roofline.DTYPE_BYTES[dtype]
     plan = roofline.cuda_dwconv_plan(16, 96, cout, 56, dtype, "eval", "fwd")
     p = 16 * 56 * 56
@@ -116,14 +114,6 @@ def test_cuda_eval_plan_fuses_the_taps_within_a_block_s_row_tiles_else_writes_a_
         assert len(plan.kernels) == 2
         assert plan.kernels[0].bytes == x + plane and plan.kernels[1].bytes - plane - y < 1e6
     assert plan.tensor_flops == 2 * p * 96 * cout and plan.fma_flops == 2 * p * 96 * 9
-
-
-def test_cuda_row_tiles_are_the_kernels():
-    """The roofline's copy of the forward's row-tile limits is the one csrc/cuda/common.cuh compiles."""
-    src = (Path(__file__).resolve().parents[2] / "csrc" / "cuda" / "common.cuh").read_text()
-    body = re.search(r"constexpr int mma_max_row_tiles\(\) \{ return (.*?); \}", src).group(1)
-    assert body == "M == Mma::F16 || M == Mma::BF16 ? 6 : M == Mma::TF32 ? 3 : 1"
-    assert roofline.CUDA_FUSED_ROW_TILES == {"float32": 3, "bfloat16": 6, "float16": 6}
 
 
 @pytest.mark.parametrize("dtype,a2_bytes", [("float32", 4), ("bfloat16", 2)])

@@ -27,7 +27,7 @@ import torch
 
 
 from dlkunet.ops import reference as R
-from dlkunet_testing import eager_mma_dwconv, eager_mma_lka
+from dlkunet_testing import eager_mma_dwconv, eager_mma_lka, load_benchmark_module
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -171,6 +171,10 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (1, 5, 130, 4, 5, 3, torch.float32, False, True, True),     # 3 row tiles per TF32 block (exact: a plane)
     (1, 3, 200, 3, 4, 3, torch.float32, True, False, True),     # 4 row tiles: a plane in both modes (TF32 holds 3)
     (1, 6, 200, 4, 5, 3, torch.bfloat16, True, True, True),     # 4 row tiles per block in mma mode
+    (1, 6, 150, 4, 5, 3, torch.float16, False, False, True),    # 3 row tiles, 16-bit
+    (2, 6, 150, 6, 7, 3, torch.bfloat16, True, True, False),    # 3 row tiles, 2 pixel tiles
+    (2, 5, 256, 6, 6, 3, torch.bfloat16, False, False, True),   # 4 row tiles, 2 pixel tiles
+    (1, 5, 128, 9, 8, 3, torch.float32, False, True, True),     # 2 TF32 row tiles, 2 pixel tiles
     (1, 4, 260, 3, 4, 3, torch.float16, False, False, True),    # 5 row tiles in a 6-tile block (one spare)
     (1, 3, 400, 3, 3, 3, torch.bfloat16, False, False, True),   # 7 row tiles: a bfloat16 plane in mma mode
 ]
@@ -278,3 +282,18 @@ def test_lka_gate_emulated(lib, case, mode):
     names = ("grad_x", "grad_w0", "grad_b0", "grad_ws", "grad_bs", "grad_w1", "grad_b1")
     for i, (name, got, ref) in enumerate(zip(names, [gx, *grads], refs)):
         _judge(name, got, ref, tol if name == "grad_x" else 1e-5, eager[1][i] if eager else None)
+
+
+def test_forward_fuses_as_many_row_tiles_as_the_cost_model_assumes(lib):
+    """The forward writes a plane (a non-empty workspace in eval) exactly where Cout passes the
+    row tiles one block holds: CUDA_FUSED_ROW_TILES of benchmarks/roofline.py on tensor cores, one
+    64-row tile for the exact fp32 kernel (no tensor cores, or float32 with TF32 off)."""
+    roofline = load_benchmark_module("roofline")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        name = str(dtype).replace("torch.", "")
+        for tf32, tc in ((1, 1), (0, 1), (1, 0)):
+            exact = not tc or (dtype == torch.float32 and not tf32)
+            tiles = 1 if exact else roofline.CUDA_FUSED_ROW_TILES[name]
+            for cout in (64, 65, 128, 129, 192, 193, 256, 257, 384, 385):
+                ws = lib.emu_dwconv_fwd_ws(1, 8, cout, 4, 4, 3, DT[dtype], tf32, tc, 0)
+                assert (ws > 0) == (cout > 64 * tiles), (name, tf32, tc, cout, ws)

@@ -14,9 +14,10 @@ from dlkunet_testing import dwconv_inputs, eager_tf32_dwconv, eager_tf32_lka, gr
 ok, why = availability("cuda", "cuda")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"cuda backend unavailable on CUDA: {why}")]
 
-# float32 output channels of one 64-wide row tile (depthwise taps inside the GEMM), of two (one
-# TF32 block; via a plane for the exact fp32 kernel) and of five (via a plane, TF32 or not).
-COUTS = (24, 80, 300)
+# float32 output channels of one 64-wide row tile (depthwise taps inside the GEMM), of two and
+# three (one TF32 block; via a plane for the exact fp32 kernel) and of five (via a plane, TF32 or not).
+COUTS = (24, 80, 160, 300)
+FUSED_TF32_COUT = 3 * 64
 MAX_EVAL_LAUNCHES = 3
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -71,8 +72,12 @@ def _kernel_launches(fn):
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
+@pytest.mark.parametrize("tf32", [False, True])
 @pytest.mark.parametrize("cout", COUTS)
-def test_eval_forward_launches_at_most_three_kernels(cout):
+def test_eval_forward_launches_at_most_three_kernels(cout, tf32, tf32_flag):
+    """dwconv_bn_act: one launch where a block holds every output channel (three 64-row TF32 tiles,
+    one for the exact fp32 kernel), else two (the depthwise plane, the GEMM)."""
+    tf32_flag(tf32)
     g = torch.Generator().manual_seed(3)
     x, p = dwconv_inputs(2, 40, cout, 9, 10, 3, 0.0, g)
     xc, pc = x.cuda().float(), _cuda(p)
@@ -80,7 +85,7 @@ def test_eval_forward_launches_at_most_three_kernels(cout):
         dw = _kernel_launches(lambda: _dwconv_eval(xc, pc))
         lka_x, lka_p = lka_inputs(1, cout, 9, 10, 5, 7, g)
         lka = _kernel_launches(lambda: ops.lka_gate(lka_x.cuda().float(), *_cuda(lka_p), dilation=3))
-    assert 1 <= len(dw) <= MAX_EVAL_LAUNCHES, dw
+    assert len(dw) == (1 if cout <= (FUSED_TF32_COUT if tf32 else 64) else 2) <= MAX_EVAL_LAUNCHES, dw
     assert 1 <= len(lka) <= MAX_EVAL_LAUNCHES, lka
 
 
