@@ -435,7 +435,8 @@ constexpr int mma_min_blocks() { return RT == 1 || (RT == 2 && M != Mma::TF32) ?
 // static shared memory: the weights' double buffer grows with the tiles (36 KB at 6 x 64 rows of
 // 16-bit operands, 30 KB at 3 x 64 rows of float32 TF32 ones; the accumulator tile reuses it after
 // the K loop) beside the A buffers (4.5 or 8.5 KB) and the pixel and epilogue arrays (1.3 KB):
-// 41.8 and 39.8 KB (one more tile would take 47.8 and 49.8 KB).
+// 41.8 and 39.8 KB.  A 4th TF32 tile would take 49.8 KB; a 7th 16-bit one would fit (47.8 KB) but
+// no DLKUNet level needs it (6 x 64 = 384 channels), and each build costs compile time.
 template <Mma M>
 __host__ __device__ constexpr int mma_max_row_tiles() { return M == Mma::F16 || M == Mma::BF16 ? 6 : M == Mma::TF32 ? 3 : 1; }
 inline int max_row_tiles(Mma m) {
