@@ -223,6 +223,33 @@ __device__ __forceinline__ void tile_pixels(int p0, int count, Geo g, int pend, 
   }
 }
 
+// How a pixel GEMM's blocks cover the pixels: runs of BM consecutive pixels p (th == 0), or th x tw
+// rectangles of one image (th * tw <= BM; pixel i of a block at row i / tw, column i % tw), as a
+// staged depthwise operand needs: its halo then grows with the rectangle's sides, not with W.
+struct PixTiles {
+  int th, tw, tiles_h, tiles_w;
+  __host__ __device__ int blocks(Geo g) const { return th ? g.N * tiles_h * tiles_w : (g.P + BM - 1) / BM; }
+  // Pixels of block b inside the image.
+  __host__ __device__ int count(int b, Geo g) const {
+    if (!th) return min(BM, g.P - b * BM);
+    const int t = b % (tiles_h * tiles_w);
+    return min(th, g.H - (t / tiles_w) * th) * min(tw, g.W - (t % tiles_w) * tw);
+  }
+  // (n, h, w) of block b's pixels, n = -1 outside the image; threads < BM write.
+  __device__ __forceinline__ void pixels(int b, Geo g, int* sn, int* sh, int* sw) const {
+    if (!th) return tile_pixels(b * BM, BM, g, g.P, sn, sh, sw);
+    const int i = threadIdx.x;
+    if (i >= BM) return;
+    const int per_image = tiles_h * tiles_w, t = b % per_image;
+    const int ih = i / tw, h = (t / tiles_w) * th + ih, w = (t % tiles_w) * tw + i % tw;
+    const bool inside = ih < th && h < g.H && w < g.W;
+    sn[i] = inside ? b / per_image : -1;
+    sh[i] = inside ? h : 0;
+    sw[i] = inside ? w : 0;
+  }
+};
+constexpr PixTiles LINEAR_TILES{0, 0, 0, 0};
+
 // Epilogue contract: operator()(acc, tx, ty, p0, r0, s_n, s_h, s_w), where acc[i][j] belongs to
 // pixel p0 + tx + 16*i (valid when s_n[tx + 16*i] >= 0; lanes stay on consecutive pixels, so
 // stores coalesce) and row r0 + 4*ty + j (four consecutive rows: one float4 read of Bs per step).
@@ -435,8 +462,9 @@ constexpr int mma_min_blocks() { return RT == 1 || (RT == 2 && M != Mma::TF32) ?
 // static shared memory: the weights' double buffer grows with the tiles (36 KB at 6 x 64 rows of
 // 16-bit operands, 30 KB at 3 x 64 rows of float32 TF32 ones; the accumulator tile reuses it after
 // the K loop) beside the A buffers (4.5 or 8.5 KB) and the pixel and epilogue arrays (1.3 KB):
-// 41.8 and 39.8 KB.  A 4th TF32 tile would take 49.8 KB; a 7th 16-bit one would fit (47.8 KB) but
-// no DLKUNet level needs it (6 x 64 = 384 channels), and each build costs compile time.
+// 41.8 and 39.8 KB; the staged 3 x 3 operand (dwconv_bn_act_fwd.cu) adds its halo, 4 or 8 KB: 45.8
+// and 47.8 KB.  A 4th TF32 tile would not fit; a 7th 16-bit one would only without the halo, and no
+// DLKUNet level needs it (6 x 64 = 384 channels), and each build costs compile time.
 template <Mma M>
 __host__ __device__ constexpr int mma_max_row_tiles() { return M == Mma::F16 || M == Mma::BF16 ? 6 : M == Mma::TF32 ? 3 : 1; }
 inline int max_row_tiles(Mma m) {
@@ -499,6 +527,91 @@ struct WarpTile {
       nvcuda::wmma::store_matrix_sync(c + j * MMA_FRAG, acc[j], ldc, nvcuda::wmma::mem_row_major);
   }
 };
+
+// The shared memory of an MMA pixel kernel apart from any staging of its own: the operand tile (k,
+// pixel; the MMA's B) and the weights (row, k; the MMA's A), both double-buffered, the weights'
+// buffers holding the accumulator tile after the K loop, and the block's pixels.
+template <Mma M, int RT>
+struct PixGemmShared {
+  using S = typename MmaOperand<M>::Storage;
+  static constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
+  static constexpr int B_BYTES = 2 * RT * BN * (BK + PAD) * (int)sizeof(S);
+  static constexpr int C_BYTES = BN * (BM + MMA_ACC_PAD) * (int)sizeof(float);
+  using WeightRow = S[BK + PAD];
+  using AccRow = float[BM + MMA_ACC_PAD];
+  __align__(32) S as[2][BK][BM + PAD];
+  __align__(32) unsigned char weights_then_acc[B_BYTES > C_BYTES ? B_BYTES : C_BYTES];
+  int sn[BM], sh[BM], sw[BM];
+  __device__ __forceinline__ WeightRow* bs(int buf) {
+    return reinterpret_cast<WeightRow*>(weights_then_acc) + buf * RT * BN;
+  }
+  __device__ __forceinline__ AccRow* cs() { return reinterpret_cast<AccRow*>(weights_then_acc); }
+  // One K step's MMAs, from buffer buf, into the warp's share (rows wr, pixels wp) of each row tile.
+  __device__ __forceinline__ void step(WarpTile<M, nvcuda::wmma::row_major> (&tile)[RT], int buf, int wr, int wp) {
+#pragma unroll
+    for (int t = 0; t < RT; ++t) tile[t].step(&bs(buf)[t * BN + wr][0], BK + PAD, &as[buf][0][wp], BM + PAD);
+  }
+};
+
+// The weights' part of one K step of the MMA pixel kernels: rows r0 .. r0 + RT*BN - 1 of wm (row
+// stride w_rs, k stride w_ks), fetched into registers a step ahead and stored (k-fast, in the MMA's
+// operand type) into a shared buffer after the current step's MMAs.
+template <Mma M, int RT>
+struct WeightStage {
+  using Op = MmaOperand<M>;
+  using S = typename Op::Storage;
+  static constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
+  static constexpr int PER_THREAD = BK * BN * RT / NT;
+  static_assert(PER_THREAD * NT == BK * BN * RT, "whole tiles per thread");
+  float next[PER_THREAD];
+  // (Offsets in 32 bits, as a weight matrix's size allows: ptxas kept 64-bit addresses of every
+  // element live across the K loop and spilled.)
+  __device__ __forceinline__ void fetch(const float* __restrict__ wm, int w_rs, int w_ks, int r0, int rows,
+                                        int kdim, int k0) {
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int i = threadIdx.x + j * NT, k = k0 + i % BK, r = r0 + i / BK;
+      next[j] = (r < rows && k < kdim) ? __ldg(wm + (r * w_rs + k * w_ks)) : 0.f;
+    }
+  }
+  __device__ __forceinline__ void stash(S (*bs)[BK + PAD]) const {
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int i = threadIdx.x + j * NT;
+      bs[i / BK][i % BK] = Op::cvt(next[j]);
+    }
+  }
+};
+
+// The end of both MMA pixel kernels: each of the RT accumulator tiles through shared memory (cs,
+// which may alias the weights' buffers once the K loop's last barrier has passed) into the
+// epilogue, whole (WholeTileEpilogue) or as the per-thread 4 x 4 of the epilogue contract.
+template <Mma M, int RT, class Epi>
+__device__ __forceinline__ void finish_row_tiles(const WarpTile<M, nvcuda::wmma::row_major> (&tile)[RT],
+                                                 float (*cs)[BM + MMA_ACC_PAD], int wr, int wp, int p0, int r0,
+                                                 int rows, const int* s_n, const int* s_h, const int* s_w,
+                                                 const Epi& epi) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < RT; ++t) {
+    const int rt0 = r0 + t * BN;
+    if (rt0 >= rows) break;  // (uniform over the block)
+    tile[t].store(&cs[wr][wp], BM + MMA_ACC_PAD);
+    __syncthreads();
+    if constexpr (WholeTileEpilogue<Epi>::value) {
+      epi.tile(&cs[0][0], BM + MMA_ACC_PAD, p0, rt0, s_n, s_h, s_w);
+    } else {
+      const int tx = tid & 15, ty = tid >> 4;
+      float acc[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = cs[ty * 4 + j][tx + 16 * i];
+      epi(acc, tx, ty, p0, rt0, s_n, s_h, s_w);
+    }
+    __syncthreads();  // the epilogue has read cs before the next tile overwrites it
+  }
+}
 #endif
 
 // pix_gemm_kernel on tensor cores.  Warp w owns rows 16*(w/2) and pixels 32*(w%2) .. +31 of each
@@ -515,36 +628,29 @@ __global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
   using Op = MmaOperand<M>;
   using S = typename Op::Storage;
   static_assert(RT >= 1 && RT <= mma_max_row_tiles<M>(), "row tiles within the shared-memory budget");
-  constexpr int PAD = MMA_ROW_PAD_BYTES / (int)sizeof(S);
-  constexpr int A_PER_THREAD = BK * BM / NT, B_PER_THREAD = BK * BN * RT / NT;
-  static_assert(A_PER_THREAD * NT == BK * BM && B_PER_THREAD * NT == BK * BN * RT, "whole tiles per thread");
-  __shared__ __align__(32) S As[2][BK][BM + PAD];  // operand (k, pixel): the MMA's B
-  // The weights (row, k; the MMA's A), double-buffered, and after the K loop the accumulator tile,
-  // in the same memory.
-  constexpr int B_BYTES = 2 * RT * BN * (BK + PAD) * (int)sizeof(S);
-  constexpr int C_BYTES = BN * (BM + MMA_ACC_PAD) * (int)sizeof(float);
-  __shared__ __align__(32) unsigned char weights_then_acc[B_BYTES > C_BYTES ? B_BYTES : C_BYTES];
-  auto Bs = reinterpret_cast<S(*)[RT * BN][BK + PAD]>(weights_then_acc);
-  auto Cs = reinterpret_cast<float(*)[BM + MMA_ACC_PAD]>(weights_then_acc);
-  __shared__ int s_n[BM], s_h[BM], s_w[BM];
+  constexpr int A_PER_THREAD = BK * BM / NT;
+  static_assert(A_PER_THREAD * NT == BK * BM, "whole tiles per thread");
+  __shared__ PixGemmShared<M, RT> sm;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int p0 = blockIdx.x * BM, r0 = blockIdx.y * BN * RT;
   const int wr = (warp >> 1) * MMA_FRAG, wp = (warp & 1) * 2 * MMA_FRAG;
   const bool channels_fast = A.channels_contiguous();
-  tile_pixels(p0, BM, g, g.P, s_n, s_h, s_w);
+  const int *s_n = sm.sn, *s_h = sm.sh, *s_w = sm.sw;
+  tile_pixels(p0, BM, g, g.P, sm.sn, sm.sh, sm.sw);
   __syncthreads();
   WarpTile<M, nvcuda::wmma::row_major> tile[RT];
 #pragma unroll
   for (int t = 0; t < RT; ++t) tile[t].zero();
 
   // Element j of this thread's share: consecutive threads on consecutive channels where A's
-  // channels are contiguous, else on consecutive pixels (for_each_in_tile's rule); weights k-fast.
+  // channels are contiguous, else on consecutive pixels (for_each_in_tile's rule).
   auto a_at = [&](int j, int& kk, int& pp) {
     const int i = tid + j * NT;
     kk = channels_fast ? i % BK : i / BM;
     pp = channels_fast ? i / BK : i % BM;
   };
-  float a_next[A_PER_THREAD], b_next[B_PER_THREAD];
+  float a_next[A_PER_THREAD];
+  WeightStage<M, RT> weights;
   auto fetch = [&](int k0) {
 #pragma unroll
     for (int j = 0; j < A_PER_THREAD; ++j) {
@@ -553,24 +659,16 @@ __global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
       const int k = k0 + kk;
       a_next[j] = (k < kdim && s_n[pp] >= 0) ? A(k, s_n[pp], s_h[pp], s_w[pp], p0 + pp) : 0.f;
     }
-#pragma unroll
-    for (int j = 0; j < B_PER_THREAD; ++j) {
-      const int i = tid + j * NT, k = k0 + i % BK, r = r0 + i / BK;
-      b_next[j] = (r < rows && k < kdim) ? __ldg(wm + r * w_rs + k * w_ks) : 0.f;
-    }
+    weights.fetch(wm, (int)w_rs, (int)w_ks, r0, rows, kdim, k0);
   };
   auto stash = [&](int buf) {
 #pragma unroll
     for (int j = 0; j < A_PER_THREAD; ++j) {
       int kk, pp;
       a_at(j, kk, pp);
-      As[buf][kk][pp] = Op::cvt(a_next[j]);
+      sm.as[buf][kk][pp] = Op::cvt(a_next[j]);
     }
-#pragma unroll
-    for (int j = 0; j < B_PER_THREAD; ++j) {
-      const int i = tid + j * NT;
-      Bs[buf][i / BK][i % BK] = Op::cvt(b_next[j]);
-    }
+    weights.stash(sm.bs(buf));
   };
 
   fetch(0);
@@ -580,33 +678,14 @@ __global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
   for (int k0 = 0; k0 < kdim; k0 += BK) {
     const bool more = k0 + BK < kdim;
     if (more) fetch(k0 + BK);
-#pragma unroll
-    for (int t = 0; t < RT; ++t) tile[t].step(&Bs[buf][t * BN + wr][0], BK + PAD, &As[buf][0][wp], BM + PAD);
+    sm.step(tile, buf, wr, wp);
     // The other buffer was last read in the previous step, which the barrier below it closed.
     if (more) stash(buf ^ 1);
     __syncthreads();
     buf ^= 1;
   }
-  // (The loop's last barrier closed every read of the weights: Cs may overwrite them.)
-#pragma unroll
-  for (int t = 0; t < RT; ++t) {
-    const int rt0 = r0 + t * BN;
-    if (rt0 >= rows) break;  // (uniform over the block)
-    tile[t].store(&Cs[wr][wp], BM + MMA_ACC_PAD);
-    __syncthreads();
-    if constexpr (WholeTileEpilogue<Epi>::value) {
-      epi.tile(&Cs[0][0], BM + MMA_ACC_PAD, p0, rt0, s_n, s_h, s_w);
-    } else {
-      const int tx = tid & 15, ty = tid >> 4;
-      float acc[4][4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = Cs[ty * 4 + j][tx + 16 * i];
-      epi(acc, tx, ty, p0, rt0, s_n, s_h, s_w);
-    }
-    __syncthreads();  // the epilogue has read Cs before the next tile overwrites it
-  }
+  // (The loop's last barrier closed every read of the weights: the accumulators may overwrite them.)
+  finish_row_tiles<M, RT>(tile, sm.cs(), wr, wp, p0, r0, rows, s_n, s_h, s_w, epi);
 #else
   __trap();  // never launched: the launchers pick Mma::FP32 below compute capability 8.0
 #endif

@@ -177,6 +177,13 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (1, 5, 128, 9, 8, 3, torch.float32, False, True, True),     # 2 TF32 row tiles, 2 pixel tiles
     (1, 4, 260, 3, 4, 3, torch.float16, False, False, True),    # 5 row tiles in a 6-tile block (one spare)
     (1, 3, 400, 3, 3, 3, torch.bfloat16, False, False, True),   # 7 row tiles: a bfloat16 plane in mma mode
+    # The staged operand (mma mode, k = 3) with 16-byte loads: channels_last with Cin a multiple of 8
+    # (16-bit) or 4 (float32), partial last K step (scalar loads past Cin), rectangles 3 x 19 / 4 x 16
+    # / 8 x 8 over images they do not divide
+    (2, 40, 96, 20, 19, 3, torch.bfloat16, True, True, True),
+    (1, 36, 20, 10, 16, 3, torch.float32, True, False, True),
+    (1, 16, 24, 16, 48, 3, torch.float16, True, True, False),
+    (1, 16, 24, 13, 48, 3, torch.float16, False, False, True),  # NCHW: scalar loads into the same stage
 ]
 
 
