@@ -305,8 +305,9 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
 # The cuda backend as shipped (csrc/cuda): 64 x 64 WMMA tiles, a block holding up to
 # CUDA_FUSED_ROW_TILES of them on one pixel tile in the forward (TF32 for float32, as the cuda
 # table assumes); the depthwise output goes through a plane when Cout spans more; backward
-# intermediates are float32 planes except dwconv's d and dz and lka's a2 (the input's dtype under
-# 16-bit MMAs); the lka stage kernel computes a1 over a 16 x 64 tile plus its dilated halo.
+# intermediates are planes of the input's dtype; the lka stage kernel computes a1 over a 16 x 64
+# tile plus its dilated halo.  (A 3 x 3 forward on tensor cores stages its operand in shared memory
+# over rectangles whose halo is 1.6-2.1x their pixels: L1/L2 traffic, which this model leaves out.)
 CUDA_ROW_TILE = 64
 CUDA_FUSED_ROW_TILES = {"float32": 3, "bfloat16": 6, "float16": 6}
 CUDA_LKA_TILE = (16, 64)
@@ -328,7 +329,7 @@ def cuda_dwconv_plan(n: int, cin: int, cout: int, hw: int, dtype: str, mode: str
             return Plan("cuda", (plane, *train, Kernel(d_plane + y + weights, pw)))
         train = (Kernel(x + weights, pw, dw), finalize) if mode == "train" else ()
         return Plan("cuda", (*train, Kernel(x + y + weights, pw, dw)))
-    gy, gx, dz_plane, gd_plane = y, x, p * cout * es, p * cin * FP32_BYTES
+    gy, gx, dz_plane, gd_plane = y, x, p * cout * es, p * cin * es
     return Plan("cuda", (Kernel(x + d_plane, 0, dw),                      # d plane
                          Kernel(d_plane + gy + weights, pw), finalize,    # BN-backward sums
                          Kernel(d_plane + gy + dz_plane + weights, pw),       # dz
@@ -344,8 +345,8 @@ def cuda_lka_plan(n: int, c: int, hw: int, dtype: str, pass_: str,
     es = DTYPE_BYTES[dtype]
     p = n * hw * hw
     # a2 is read only by GEMMs: a plane of their operand type (16-bit under 16-bit MMAs); the
-    # backward's other planes (a1, g * u, grad_a2, grad_a1) float32 for its depthwise kernels.
-    act, plane, a2 = p * c * es, p * c * FP32_BYTES, p * c * es
+    # backward's other planes (a1, g * u, grad_a2, grad_a1) in the input's dtype, as eager keeps them.
+    act, plane, a2 = p * c * es, p * c * es, p * c * es
     w1 = (c * c + c) * es
     dw0, dws, pw = 2.0 * p * c * k0 * k0, 2.0 * p * c * ks * ks, 2.0 * p * c * c
     halo = lka_halo_factor(k0, ks, dil, CUDA_LKA_TILE)

@@ -174,7 +174,9 @@ def eager_tf32_lka(x, p, dil):
 
 
 # Eager PyTorch in a tensor-core precision (TF32 for float32, the input dtype for 16-bit), forward
-# and backward: the yardstick of MMA kernels' gradients.
+# and backward: the yardstick of MMA kernels' gradients.  As in eager, every op's output (each
+# conv's, BN's, the gate's) and the gradient each op's backward returns are stored in the input's
+# dtype: rounded to it (float64 arithmetic otherwise); parameter gradients are left unrounded.
 
 def mma_rounding(dtype):
     """How a tensor-core MMA of the mode sees a float operand (float64 in, float64 out)."""
@@ -202,6 +204,26 @@ class RoundedPointwise(torch.autograd.Function):
         return grad_a, grad_w, None
 
 
+class _Stored(torch.autograd.Function):
+    """An op's output as eager stores it: rounded to `dtype`, and so the gradient its backward
+    hands on (float64 tensors in and out)."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        ctx.dtype = dtype
+        return t.to(dtype).double()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).double(), None
+
+
+def _stored_as(dtype):
+    def stored(t):
+        return _Stored.apply(t, dtype)
+    return stored
+
+
 def _leaves(ts):
     return [t.detach().double().clone().requires_grad_() for t in ts]
 
@@ -209,10 +231,12 @@ def _leaves(ts):
 def eager_mma_dwconv(d, rm, rv, training, eps, relu, gy, dtype):
     """Emulated eager dwconv_bn_act in the MMA precision of `dtype`: (y, grads), float64."""
     rnd, out = mma_rounding(dtype), (lambda t: t.to(dtype).double())
+    stored = _stored_as(dtype)
     x, w_dw, b_dw, w_pw, b_pw, gamma, beta = _leaves(d)
-    z = RoundedPointwise.apply(_reference.depthwise_conv(x, w_dw, b_dw), w_pw, rnd) + b_pw.view(1, -1, 1, 1)
+    z = stored(RoundedPointwise.apply(stored(_reference.depthwise_conv(x, w_dw, b_dw)), w_pw, rnd)
+               + b_pw.view(1, -1, 1, 1))
     y = torch.nn.functional.batch_norm(z, rm.double().clone(), rv.double().clone(), gamma, beta, training, 0.0, eps)
-    y = torch.nn.functional.relu(y) if relu else y
+    y = torch.nn.functional.relu(stored(y)) if relu else stored(y)
     y.backward(gy.double())
     mean, var = (z.detach().mean((0, 2, 3)), z.detach().var((0, 2, 3), unbiased=False)) if training else (None, None)
     return out(y.detach()), mean, var, [out(x.grad)] + [t.grad for t in (w_dw, b_dw, w_pw, b_pw, gamma, beta)]
@@ -221,8 +245,10 @@ def eager_mma_dwconv(d, rm, rv, training, eps, relu, gy, dtype):
 def eager_mma_lka(d, dil, go, dtype):
     """Emulated eager lka_gate in the MMA precision of `dtype`: (out, grads), float64."""
     rnd, out = mma_rounding(dtype), (lambda t: t.to(dtype).double())
+    stored = _stored_as(dtype)
     x, w0, b0, wsd, bs, w1, b1 = _leaves(d)
-    a2 = _reference.depthwise_conv(_reference.depthwise_conv(x, w0, b0), wsd, bs, dil)
-    o = x * (RoundedPointwise.apply(a2, w1, rnd) + b1.view(1, -1, 1, 1))
+    a1 = stored(_reference.depthwise_conv(x, w0, b0))
+    a2 = stored(_reference.depthwise_conv(a1, wsd, bs, dil))
+    o = stored(x * stored(RoundedPointwise.apply(a2, w1, rnd) + b1.view(1, -1, 1, 1)))
     o.backward(go.double())
     return out(o.detach()), [out(x.grad)] + [t.grad for t in (w0, b0, wsd, bs, w1, b1)]

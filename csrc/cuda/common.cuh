@@ -62,6 +62,11 @@ struct Geo {
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Floats of workspace that hold a [C][P] plane in dtype dt.
+inline int64_t plane_floats(int64_t C, int64_t P, DType dt) {
+  return cdiv(C * P * (dt == DType::F32 ? 4 : 2), (int64_t)sizeof(float));
+}
+
 // Host-side dispatch on dtype and on the specialised depthwise sizes (0 = generic runtime size).
 template <class T> struct Tag { using type = T; };
 template <class F>
@@ -197,10 +202,11 @@ struct OutAct {
   __device__ __forceinline__ void operator()(int c, int n, int h, int w, int, float v) const { a.store(n, c, h, w, v); }
   __device__ __forceinline__ bool channels_contiguous() const { return a.sc == 1; }
 };
-struct OutPlane {
-  float* d;
+template <class S = float>
+struct OutPlane {  // a channel-major plane of S
+  S* d;
   int64_t P;
-  __device__ __forceinline__ void operator()(int c, int, int, int, int p, float v) const { d[c * P + p] = v; }
+  __device__ __forceinline__ void operator()(int c, int, int, int, int p, float v) const { d[c * P + p] = from_f<S>(v); }
   __device__ __forceinline__ bool channels_contiguous() const { return false; }
 };
 
@@ -307,8 +313,9 @@ __device__ __forceinline__ float sum16(float v) {
   return v;
 }
 
-struct EpiStorePlane {  // out[r][p] = acc
-  float* out;
+template <class S = float>
+struct EpiStorePlane {  // out[r][p] = acc, a channel-major plane of S
+  S* out;
   int64_t P;
   int rows;
   __device__ __forceinline__ void operator()(float (&acc)[4][4], int tx, int ty, int p0, int r0, const int* sn,
@@ -319,7 +326,7 @@ struct EpiStorePlane {  // out[r][p] = acc
       if (r >= rows) continue;
 #pragma unroll
       for (int i = 0; i < 4; ++i)
-        if (sn[tx + 16 * i] >= 0) out[r * P + p0 + tx + 16 * i] = acc[i][j];
+        if (sn[tx + 16 * i] >= 0) out[r * P + p0 + tx + 16 * i] = from_f<S>(acc[i][j]);
     }
   }
 };
@@ -898,19 +905,20 @@ inline void launch_reduce_splits(const float* part, int S, int64_t M, int cols, 
 
 // Gradient w.r.t. the input of a depthwise conv (k x k, dilation dil, 'same' padding):
 // out(c, q) = extra[c][q] + sum_taps w[c][tap] * gin[c][q - dil * (tap - k/2)], q inside the image.
-template <int K, class Out>
-__global__ void __launch_bounds__(256) dw_bwd_input_kernel(const float* __restrict__ gin, const float* __restrict__ w,
-                                                           int k_rt, int dil, Geo g, int C,
-                                                           const float* __restrict__ extra, Out out) {
+// gin and extra are channel-major planes (the backwards keep them in the input's dtype, as eager does).
+template <int K, class G, class E, class Out>
+__global__ void __launch_bounds__(256) dw_bwd_input_kernel(const G* __restrict__ gin, const float* __restrict__ w,
+                                                           int k_rt, int dil, Geo g, int C, const E* __restrict__ extra,
+                                                           Out out) {
   const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (idx >= (int64_t)C * g.P) return;
   const int c = (int)(idx / g.P);
   const int p = (int)(idx - (int64_t)c * g.P);
   const int t = p / g.W, wo = p - t * g.W, h = t % g.H, n = t / g.H;
   const int k = K > 0 ? K : k_rt, r = k / 2;
-  const float* gc = gin + (int64_t)c * g.P + (int64_t)n * g.H * g.W;
+  const G* gc = gin + (int64_t)c * g.P + (int64_t)n * g.H * g.W;
   const float* wc = w + (int64_t)c * k * k;
-  float acc = extra ? extra[idx] : 0.f;
+  float acc = extra ? to_f(extra[idx]) : 0.f;
 #pragma unroll
   for (int ky = 0; ky < (K > 0 ? K : k); ++ky) {
     const int hh = h - dil * (ky - r);
@@ -919,17 +927,17 @@ __global__ void __launch_bounds__(256) dw_bwd_input_kernel(const float* __restri
     for (int kx = 0; kx < (K > 0 ? K : k); ++kx) {
       const int ww = wo - dil * (kx - r);
       if (ww < 0 || ww >= g.W) continue;
-      acc = fmaf(__ldg(wc + ky * k + kx), gc[hh * g.W + ww], acc);
+      acc = fmaf(__ldg(wc + ky * k + kx), to_f(gc[hh * g.W + ww]), acc);
     }
   }
   out(c, n, h, wo, p, acc);
 }
 
-template <int K, class Out>
-void launch_dw_bwd_input(const float* gin, const float* w, int k, int dil, Geo g, int C, const float* extra,
-                         const Out& out, cudaStream_t stream) {
+template <int K, class G, class E, class Out>
+void launch_dw_bwd_input(const G* gin, const float* w, int k, int dil, Geo g, int C, const E* extra, const Out& out,
+                         cudaStream_t stream) {
   const int64_t total = (int64_t)C * g.P;
-  dw_bwd_input_kernel<K, Out><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(gin, w, k, dil, g, C, extra, out);
+  dw_bwd_input_kernel<K, G, E, Out><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(gin, w, k, dil, g, C, extra, out);
 }
 
 template <class T>
@@ -937,12 +945,13 @@ struct SrcAct {
   Act<T> x;
   __device__ __forceinline__ float operator()(int n, int c, int h, int w) const { return x.load(n, c, h, w); }
 };
-struct SrcPlane {
-  const float* __restrict__ d;
+template <class S>
+struct SrcPlane {  // a channel-major plane of S
+  const S* __restrict__ d;
   int64_t P;
   int H, W;
   __device__ __forceinline__ float operator()(int n, int c, int h, int w) const {
-    return d[c * P + ((int64_t)n * H + h) * W + w];
+    return to_f(d[c * P + ((int64_t)n * H + h) * W + w]);
   }
 };
 
@@ -956,20 +965,20 @@ __device__ __forceinline__ float warp_sum(float v) {
 // part[s][c][tap] = sum_p gin[c][p] * src(c, p + dil * (tap - k/2)), part[s][c][k*k] = sum_p gin[c][p].
 // Specialised K keeps all taps in registers; the generic path (K = 0) gives each tap its own
 // block (blockIdx.z) and lets block z = 0 also sum the bias.
-template <int K, class Src>
-__global__ void __launch_bounds__(256) dw_bwd_weight_kernel(const float* __restrict__ gin, Src src, int k_rt, int dil,
+template <int K, class G, class Src>
+__global__ void __launch_bounds__(256) dw_bwd_weight_kernel(const G* __restrict__ gin, Src src, int k_rt, int dil,
                                                             Geo g, int C, int chunk, float* __restrict__ part) {
   constexpr int NTAP = K > 0 ? K * K : 1;
   const int k = K > 0 ? K : k_rt, r = k / 2, taps = k * k;
   const int c = blockIdx.x, s = blockIdx.y, tap0 = K > 0 ? 0 : (int)blockIdx.z;
   const int pbeg = s * chunk, pend = min(g.P, pbeg + chunk);
-  const float* gc = gin + (int64_t)c * g.P;
+  const G* gc = gin + (int64_t)c * g.P;
   float acc[NTAP + 1];
 #pragma unroll
   for (int t = 0; t <= NTAP; ++t) acc[t] = 0.f;
   for (int p = pbeg + (int)threadIdx.x; p < pend; p += 256) {
     const int t2 = p / g.W, wo = p - t2 * g.W, h = t2 % g.H, n = t2 / g.H;
-    const float gv = gc[p];
+    const float gv = to_f(gc[p]);
     acc[NTAP] += gv;
     if (K > 0) {
       constexpr int KK = K > 0 ? K : 1;
@@ -1026,13 +1035,13 @@ inline int64_t dw_weight_workspace(int C, int P, int k) {
 }
 
 // Writes grad_w (C, k*k) and grad_b (C) from gin (plane) and src; `part` holds dw_weight_workspace floats.
-template <int K, class Src>
-void launch_dw_bwd_weight(const float* gin, const Src& src, int k, int dil, Geo g, int C, float* part,
+template <int K, class G, class Src>
+void launch_dw_bwd_weight(const G* gin, const Src& src, int k, int dil, Geo g, int C, float* part,
                           float* grad_w, float* grad_b, cudaStream_t stream) {
   int chunk = 0;
   const int S = dw_weight_splits(C, g.P, &chunk);
   dim3 grid((unsigned)C, (unsigned)S, K > 0 ? 1u : (unsigned)(k * k));
-  dw_bwd_weight_kernel<K, Src><<<grid, 256, 0, stream>>>(gin, src, k, dil, g, C, chunk, part);
+  dw_bwd_weight_kernel<K, G, Src><<<grid, 256, 0, stream>>>(gin, src, k, dil, g, C, chunk, part);
   launch_reduce_splits(part, S, (int64_t)C * (k * k + 1), k * k + 1, k * k, grad_w, grad_b, stream);
 }
 
@@ -1042,7 +1051,7 @@ void launch_dw_bwd_weight(const float* gin, const Src& src, int k, int dil, Geo 
 // TH x TW output tile.  Shared memory holds the x tile with both halos (r2 + r0) and the a1 tile
 // with its dilated halo (r2); a1 is zero outside the image, exactly as two separate convolutions
 // with zero padding see it.  Writes a2 as a plane of S (PlaneOf: the GEMMs that read it round it
-// to their operand type anyway) and, when a1_out is set, a1 as a float32 plane.
+// to their operand type anyway) and, when a1_out is set, a1 as a plane of T (for the backward).
 // Specialised sizes (K0, KS, D > 0) use 64-wide tiles and give each thread 4 horizontally adjacent
 // outputs with the weights in registers, so neighbouring outputs share their shared-memory reads;
 // the generic path (all 0) computes one output per step from 32-wide tiles.
@@ -1059,7 +1068,7 @@ template <class T, class S, int K0, int KS, int D>
 __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float* __restrict__ w0,
                                                            const float* __restrict__ b0, const float* __restrict__ ws,
                                                            const float* __restrict__ bs, int k0_rt, int ks_rt,
-                                                           int d_rt, Geo g, int tiles_w, float* __restrict__ a1_out,
+                                                           int d_rt, Geo g, int tiles_w, T* __restrict__ a1_out,
                                                            S* __restrict__ a2_out) {
   constexpr bool SPEC = K0 > 0;
   constexpr int TW = SPEC ? LKA_TW_SPEC : LKA_TW_GENERIC;
@@ -1124,7 +1133,7 @@ __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float
       const bool inside = gh >= 0 && gh < H && gw >= 0 && gw < W;
       as[ay * AW + ax] = inside ? v[j] : 0.f;
       if (a1_out && inside && ay >= r2 && ay < r2 + LKA_TH && ax >= r2 && ax < r2 + TW)
-        a1_out[plane + gh * W + gw] = v[j];
+        a1_out[plane + gh * W + gw] = from_f<T>(v[j]);
     }
   }
   float wsr[NWS];
@@ -1176,7 +1185,7 @@ inline int64_t lka_stage_smem_bytes(int k0, int ks, int d) {
 }
 
 template <class T, class S>
-void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, float* a1_out, S* a2_out,
+void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, T* a1_out, S* a2_out,
                       cudaStream_t stream) {
   const int tw = lka_tile_w(lka_specialised(p.k0, p.ks, p.dilation));
   const int tiles_w = (int)cdiv(p.W, tw);

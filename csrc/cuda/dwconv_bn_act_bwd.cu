@@ -4,7 +4,7 @@
 //  2. per channel (double): grad_beta = sum g, grad_gamma = sum g * xhat, and the coefficients of
 //     dz = A * g + B * xhat + C  (eval: A = gamma * rstd; training adds the batch-statistics terms);
 //  3. recompute z again and write dz (plane [Cout][P]);
-//  4. grad_d = w_pw^T dz (float32 plane [Cin][P]);
+//  4. grad_d = w_pw^T dz (plane [Cin][P] of the input's dtype, as eager rounds it);
 //  5. grad_w_pw = dz d^T, split over pixels, summed in double;
 //  6. grad_x = depthwise-transposed(grad_d); grad_w_dw, grad_b_dw = pixel sums against x.
 // The GEMMs multiply as the forward does (common.cuh, Mma), so z is recomputed bit for bit.  d and dz
@@ -148,7 +148,7 @@ Layout layout(const DwConvProblem& p) {
   l.d = l.coef + 3 * (int64_t)p.Cout;
   l.dz = l.d + (int64_t)p.Cin * P;
   l.gd = l.dz + (int64_t)p.Cout * P;
-  l.wpart = l.gd + (int64_t)p.Cin * P;
+  l.wpart = l.gd + plane_floats(p.Cin, P, p.dtype);
   l.dwpart = l.wpart + (int64_t)S * p.Cout * p.Cin;
   l.total = l.dwpart + dw_weight_workspace(p.Cin, P, p.k);
   return l;
@@ -166,11 +166,11 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
   const Layout l = layout(p);
   const BnView bn{w.b_pw, w.gamma, w.beta, mean, var, eps, relu};
   float *cA = ws + l.coef, *cB = cA + p.Cout, *cC = cB + p.Cout;
-  float* gd = ws + l.gd;
   const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), gya = act<T>(grad_y), gxa = act<T>(grad_x);
+    T* gd = reinterpret_cast<T*>(ws + l.gd);
     with_mma<T>(mode, [&](auto m) {
       constexpr Mma M = decltype(m)::value;
       using S = PlaneOf<M, T>;  // d and dz feed only this mode's GEMMs
@@ -188,7 +188,7 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
       launch_pix_gemm_as<M>(load, w.w_pw, p.Cin, 1, p.Cout, p.Cin, g, epi_dz, stream);
       // grad_d[ci][p] = sum_co w_pw[co][ci] * dz[co][p]: w_pw read transposed (row ci, k co).
       launch_pix_gemm_as<M>(channel_major(dz, g.P, p.Cout), w.w_pw, 1, p.Cin, p.Cin, p.Cout, g,
-                            EpiStorePlane{gd, g.P, p.Cin}, stream);
+                            EpiStorePlane<T>{gd, g.P, p.Cin}, stream);
       launch_wgrad_as<M>(channel_major(dz, g.P, p.Cout), load, p.Cout, p.Cin, -1, g, ws + l.wpart, stream);
     });
     int chunk = 0;
@@ -196,7 +196,7 @@ cudaError_t dwconv_backward(const DwConvProblem& p, View4 grad_y, View4 x, const
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.Cout * p.Cin, p.Cin, p.Cin, gr.w_pw, nullptr, stream);
     with_k(p.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      launch_dw_bwd_input<K>(gd, w.w_dw, p.k, 1, g, p.Cin, nullptr, OutAct<T>{gxa}, stream);
+      launch_dw_bwd_input<K>(gd, w.w_dw, p.k, 1, g, p.Cin, static_cast<const T*>(nullptr), OutAct<T>{gxa}, stream);
       launch_dw_bwd_weight<K>(gd, SrcAct<T>{xa}, p.k, 1, g, p.Cin, ws + l.dwpart, gr.w_dw, gr.b_dw, stream);
     });
   });

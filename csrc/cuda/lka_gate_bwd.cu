@@ -5,8 +5,9 @@
 //   grad_w0, grad_b0 from grad_a1 and x.
 // a1 and a2 are recomputed by the forward's stage kernel.  The GEMMs multiply as the forward does
 // (common.cuh, Mma); a2, which only they read, is a plane of their operand type (PlaneOf), the other
-// intermediates float32 planes: the depthwise kernels that read them sum in float32 what eager's
-// 16-bit backward would round to 16 bits first.
+// intermediates (a1, g * u, grad_a2, grad_a1) planes of the input's dtype: half the bytes for
+// 16-bit inputs, rounded where eager's 16-bit backward rounds them (every op's output); the
+// depthwise kernels that read them accumulate in float32.
 #include "common.cuh"
 
 namespace dlkunet {
@@ -19,13 +20,15 @@ struct Layout {  // offsets into the float32 workspace
 
 Layout layout(const LkaProblem& p) {
   const int P = p.N * p.H * p.W;
-  const int64_t plane = (int64_t)p.C * P;
+  // Room, in floats, for a plane of the input's dtype, and for a2's (PlaneOf: float32 without MMAs).
+  const int64_t plane = plane_floats(p.C, P, p.dtype);
+  const int64_t a2_plane = (int64_t)p.C * P;
   int chunk = 0;
   const int S = wgrad_splits(p.C, p.C + 1, P, &chunk);
   Layout l;
   l.a1 = 0;
   l.a2 = l.a1 + plane;
-  l.gxd = l.a2 + plane;
+  l.gxd = l.a2 + a2_plane;
   l.ga2 = l.gxd + plane;
   l.ga1 = l.ga2 + plane;
   l.wpart = l.ga1 + plane;
@@ -43,22 +46,23 @@ cudaError_t lka_backward(const LkaProblem& p, View4 grad_out, View4 x, const Lka
                          const LkaGrads& gr, float* ws, cudaStream_t stream) {
   const Geo g{p.N, p.H, p.W, p.N * p.H * p.W};
   const Layout l = layout(p);
-  float *a1 = ws + l.a1, *gxd = ws + l.gxd, *ga2 = ws + l.ga2, *ga1 = ws + l.ga1;
   const Mma mode = mma_mode(p.dtype, p.tf32, p.tensor_cores);
   with_t(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const Act<T> xa = act<T>(x), ga = act<T>(grad_out);
+    T *a1 = reinterpret_cast<T*>(ws + l.a1), *gxd = reinterpret_cast<T*>(ws + l.gxd);
+    T *ga2 = reinterpret_cast<T*>(ws + l.ga2), *ga1 = reinterpret_cast<T*>(ws + l.ga1);
     with_mma<T>(mode, [&](auto m) {
       constexpr Mma M = decltype(m)::value;
       using A2 = PlaneOf<M, T>;
       A2* a2 = reinterpret_cast<A2*>(ws + l.a2);
       launch_lka_stage<T>(p, xa, w, g, a1, a2, stream);
-      // g * u, kept as a float32 plane until the depthwise-transposed term is added.
-      const EpiGate<T, OutPlane> epi_gxd{ga, w.b1, p.C, OutPlane{gxd, g.P}};
+      // g * u, kept as a plane until the depthwise-transposed term is added.
+      const EpiGate<T, OutPlane<T>> epi_gxd{ga, w.b1, p.C, OutPlane<T>{gxd, g.P}};
       launch_pix_gemm_as<M>(channel_major(a2, g.P, p.C), w.w1, p.C, 1, p.C, p.C, g, epi_gxd, stream);
       // grad_a2[ci][p] = sum_co w1[co][ci] * du[co][p]: w1 read transposed (row ci, k co).
       const LoadProd<T> du{ga, xa};
-      launch_pix_gemm_as<M>(du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane{ga2, g.P, p.C}, stream);
+      launch_pix_gemm_as<M>(du, w.w1, 1, p.C, p.C, p.C, g, EpiStorePlane<T>{ga2, g.P, p.C}, stream);
       // grad_w1 and, through a column of ones appended to a2, grad_b1.
       launch_wgrad_as<M>(du, channel_major(a2, g.P, p.C), p.C, p.C + 1, p.C, g, ws + l.wpart, stream);
     });
@@ -67,8 +71,9 @@ cudaError_t lka_backward(const LkaProblem& p, View4 grad_out, View4 x, const Lka
     launch_reduce_splits(ws + l.wpart, S, (int64_t)p.C * (p.C + 1), p.C + 1, p.C, gr.w1, gr.b1, stream);
     with_k(p.ks, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      launch_dw_bwd_input<K>(ga2, w.ws, p.ks, p.dilation, g, p.C, nullptr, OutPlane{ga1, g.P}, stream);
-      launch_dw_bwd_weight<K>(ga2, SrcPlane{a1, g.P, p.H, p.W}, p.ks, p.dilation, g, p.C, ws + l.spart, gr.ws,
+      launch_dw_bwd_input<K>(ga2, w.ws, p.ks, p.dilation, g, p.C, static_cast<const T*>(nullptr),
+                             OutPlane<T>{ga1, g.P}, stream);
+      launch_dw_bwd_weight<K>(ga2, SrcPlane<T>{a1, g.P, p.H, p.W}, p.ks, p.dilation, g, p.C, ws + l.spart, gr.ws,
                               gr.bs, stream);
     });
     with_k(p.k0, [&](auto kc) {

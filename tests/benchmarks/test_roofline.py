@@ -117,14 +117,16 @@ def test_cuda_eval_plan_fuses_the_taps_within_a_block_s_row_tiles_else_writes_a_
 
 
 @pytest.mark.parametrize("dtype,a2_bytes", [("float32", 4), ("bfloat16", 2)])
-def test_cuda_lka_writes_a2_in_its_gemms_operand_type(dtype, a2_bytes):
-    """a2 feeds only GEMMs: a 16-bit plane under 16-bit MMAs (half the bytes, the same numbers)."""
+def test_cuda_lka_writes_its_planes_in_the_input_dtype(dtype, a2_bytes):
+    """a2 feeds only GEMMs: a 16-bit plane under 16-bit MMAs (half the bytes, the same numbers);
+    the backward's other planes are in the input's dtype too, as eager stores them."""
     es, p, c = roofline.DTYPE_BYTES[dtype], 16 * 14 * 14, 64
     act, a2, w1 = p * c * es, p * c * a2_bytes, (c * c + c) * es
     stage, gemm = roofline.cuda_lka_plan(16, c, 14, dtype, "fwd").kernels
     assert (stage.bytes, gemm.bytes) == (act + a2, a2 + 2 * act + w1)
     bwd = roofline.cuda_lka_plan(16, c, 14, dtype, "bwd").kernels
-    assert bwd[0].bytes == act + p * c * 4 + a2  # the stage writes a1 (float32) and a2
+    assert bwd[0].bytes == act + p * c * es + a2  # the stage writes a1 and a2
+    assert bwd[5].bytes == 2 * p * c * es  # grad_a1 from grad_a2
 
 
 def test_cuda_training_forward_writes_y_once_and_never_z():

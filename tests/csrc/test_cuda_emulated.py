@@ -7,9 +7,12 @@ suite (tests/ops, cuda backend) remains the real check; this one catches logic e
 Shapes are tiny because the emulation is slow.  Inputs and outputs are poisoned with NaN.
 
 Every case runs in each GEMM mode its dtype can take (common.cuh, Mma): "exact" (fp32 on CUDA
-cores: the design's budgets against float64) and "mma" (tensor cores: TF32 for float32, the input
-dtype for 16-bit), judged as eager is in the same precision: no worse than 2x the error of an
-emulated eager computation whose convolution products see operands rounded the same way.
+cores) and "mma" (tensor cores: TF32 for float32, the input dtype for 16-bit).  Float32 in exact
+mode is held to the design's budgets against float64; every other combination is judged as eager
+is in the same precision: no worse than 2x the error of an emulated eager computation whose
+convolution products see operands rounded the same way and which stores every op's output and
+input gradient in the input's dtype (16-bit inputs: the backward's intermediates are 16-bit planes
+in the kernels too, as in eager).
 """
 from __future__ import annotations
 
@@ -157,6 +160,9 @@ def _judge(name, got, ref, tol, eager=None, floor_above=None):
         assert err > floor_above, f"{name}: error {err:.3g} is float32's, not the MMA precision's"
 
 
+# 16-bit cases with many output channels have >= 100 pixels: their gradients are 16-bit roundings
+# (as eager's), and over 9-20 pixels the ratio of ours to emulated eager's error ranged 0.05-3.1
+# by chance; over 144 it was 0.03-0.89 in the same cases.
 DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (2, 5, 7, 9, 11, 3, torch.float32, False, True, True),
     (1, 70, 66, 5, 3, 5, torch.float32, False, False, True),
@@ -170,13 +176,13 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (1, 9, 70, 5, 6, 3, torch.bfloat16, False, False, True),    # Cout > 64, 16-bit: 2 row tiles per block in mma mode
     (1, 5, 130, 4, 5, 3, torch.float32, False, True, True),     # 3 row tiles per TF32 block (exact: a plane)
     (1, 3, 200, 3, 4, 3, torch.float32, True, False, True),     # 4 row tiles: a plane in both modes (TF32 holds 3)
-    (1, 6, 200, 4, 5, 3, torch.bfloat16, True, True, True),     # 4 row tiles per block in mma mode
+    (1, 6, 200, 12, 12, 3, torch.bfloat16, True, True, True),   # 4 row tiles per block in mma mode
     (1, 6, 150, 4, 5, 3, torch.float16, False, False, True),    # 3 row tiles, 16-bit
     (2, 6, 150, 6, 7, 3, torch.bfloat16, True, True, False),    # 3 row tiles, 2 pixel tiles
     (2, 5, 256, 6, 6, 3, torch.bfloat16, False, False, True),   # 4 row tiles, 2 pixel tiles
     (1, 5, 128, 9, 8, 3, torch.float32, False, True, True),     # 2 TF32 row tiles, 2 pixel tiles
-    (1, 4, 260, 3, 4, 3, torch.float16, False, False, True),    # 5 row tiles in a 6-tile block (one spare)
-    (1, 3, 400, 3, 3, 3, torch.bfloat16, False, False, True),   # 7 row tiles: a bfloat16 plane in mma mode
+    (1, 4, 260, 12, 12, 3, torch.float16, False, False, True),  # 5 row tiles in a 6-tile block (one spare)
+    (1, 3, 400, 12, 12, 3, torch.bfloat16, False, False, True), # 7 row tiles: a bfloat16 plane in mma mode
     # The staged operand (mma mode, k = 3) with 16-byte loads: channels_last with Cin a multiple of 8
     # (16-bit) or 4 (float32), partial last K step (scalar loads past Cin), rectangles 3 x 19 / 4 x 16
     # / 8 x 8 over images they do not divide
@@ -215,7 +221,7 @@ def test_dwconv_bn_act_emulated(lib, case, mode):
     assert lib.emu_dwconv_fwd(*dims, _p(x), _s(x), _arr(prm), _p(rm), _p(rv), int(training), ctypes.c_float(eps),
                               int(relu), _p(y), _s(y), _p(mean), _p(var), _p(ws)) == 0
     gy = _act(g, (N, Cout, H, W), dtype, cl)
-    eager = eager_mma_dwconv(d, rm, rv, training, eps, relu, gy, dtype) if mma else None
+    eager = eager_mma_dwconv(d, rm, rv, training, eps, relu, gy, dtype) if mma or dtype != torch.float32 else None
     # TF32 must show its 10-bit operands: well above float32's error
     above = TOL[torch.float32] if mma and dtype == torch.float32 else None
     _judge("y", y, ref_y, tol, eager[0] if eager else None, above)
@@ -240,7 +246,6 @@ def test_dwconv_bn_act_emulated(lib, case, mode):
             assert torch.equal(got, torch.zeros_like(got)), f"{name} must be exactly zero in training"
             assert ref.abs().max() < 1e-4
         else:
-            # exact mode, half-precision inputs: the parameters' gradients are float32 products
             _judge(name, got, ref, tol if name == "grad_x" else 1e-5, eager[3][i] if eager else None)
 
 
@@ -277,7 +282,7 @@ def test_lka_gate_emulated(lib, case, mode):
     ws = _nan((lib.emu_lka_fwd_ws(*dims),))
     assert lib.emu_lka_fwd(*dims, _p(x), _s(x), _arr(prm), _p(out), _s(out), _p(ws)) == 0
     go = _act(g, (N, C, H, W), dtype, cl)
-    eager = eager_mma_lka(d, dil, go, dtype) if mma else None
+    eager = eager_mma_lka(d, dil, go, dtype) if mma or dtype != torch.float32 else None
     above = TOL[torch.float32] if mma and dtype == torch.float32 else None
     _judge("out", out, R.lka_gate_forward(*d, dil), tol, eager[0] if eager else None, above)
 

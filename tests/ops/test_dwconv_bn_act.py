@@ -10,7 +10,7 @@ from torch import nn
 
 from dlkunet import ops
 from dlkunet.ops import library, reference
-from dlkunet_testing import BUDGET, HAS_CUDA, fused_backends, layout, poisoned_allocations, rel_err
+from dlkunet_testing import BUDGET, HAS_CUDA, eager_mma_dwconv, fused_backends, layout, poisoned_allocations, rel_err
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -92,10 +92,26 @@ def _run(case, backend, device):
     y_ref.backward(gy64.to(dtype).double())
     want = {"y": y_ref, "running_mean": r["running_mean"], "running_var": r["running_var"]}
     want.update({f"grad_{name}": r[name].grad for name in GRAD_NAMES})
-    return got, want, y
+    return got, want, y, _eager_errors(r, gy64.to(dtype), training, relu, want) if dtype in (F16, BF16) else {}
 
 
-def _check(case, got, want, y, x_layout):
+def _eager_errors(r, gy, training, relu, want):
+    """Relative errors of eager PyTorch in the same 16-bit precision (emulated: tensor-core
+    products, every op's output and input gradient stored in the dtype) on the same inputs."""
+    leaves = [r[name].detach() for name in GRAD_NAMES]
+    y, _, _, grads = eager_mma_dwconv(leaves, r["running_mean"].detach(), r["running_var"].detach(), training,
+                                      1e-5, relu, gy, gy.dtype)
+    errors = {"y": rel_err(y, want["y"])}
+    # (in training the bias gradients are exactly zero: _check measures them at another scale)
+    errors.update({f"grad_{name}": rel_err(gv, want[f"grad_{name}"]) for name, gv in zip(GRAD_NAMES, grads)
+                   if not (training and name in ("b_dw", "b_pw"))})
+    return errors
+
+
+def _check(case, got, want, y, x_layout, eager_errors):
+    """Every output within the dtype's budget, or for 16-bit inputs within 2x eager's own error
+    in that precision where eager misses the budget (large BN reductions in training: 3.3e-2 at
+    2 x 96 -> 192 x 28 x 28 in bfloat16)."""
     dtype, training = case[6], case[8]
     budget = BUDGET[dtype]
     assert y.dtype == dtype and y.shape == want["y"].shape
@@ -109,15 +125,16 @@ def _check(case, got, want, y, x_layout):
             # rounding noise against the matching weight's gradient, the scale it is computed at.
             scale = float(want["grad_w_dw" if key == "grad_b_dw" else "grad_w_pw"].double().norm())
         errors[key] = rel_err(got[key], want[key], scale)
-    bad = {k: e for k, e in errors.items() if not e <= budget}
-    assert not bad, f"relative errors over the {budget:g} budget: {bad}"
+    bounds = {k: max(budget, 2 * eager_errors.get(k, 0.0)) for k in errors}
+    bad = {k: (e, bounds[k]) for k, e in errors.items() if not e <= bounds[k]}
+    assert not bad, f"relative errors (error, bound) over the {budget:g} budget or 2x eager's: {bad}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("backend,device", fused_backends())
 def test_fused_backend_matches_float64_reference(backend, device, case):
-    got, want, y = _run(case, backend, device)
-    _check(case, got, want, y, case[7])
+    got, want, y, eager_errors = _run(case, backend, device)
+    _check(case, got, want, y, case[7], eager_errors)
 
 
 @pytest.mark.gpu
@@ -125,8 +142,8 @@ def test_fused_backend_matches_float64_reference(backend, device, case):
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 @pytest.mark.parametrize("backend,device", [p for p in fused_backends() if p.values[1] == "cuda"])
 def test_fused_backend_matches_float64_reference_real_shapes(backend, device, case):
-    got, want, y = _run(case, backend, device)
-    _check(case, got, want, y, case[7])
+    got, want, y, eager_errors = _run(case, backend, device)
+    _check(case, got, want, y, case[7], eager_errors)
 
 
 # --- the reference itself ----------------------------------------------------------------------
