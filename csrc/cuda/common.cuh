@@ -933,9 +933,75 @@ __global__ void __launch_bounds__(256) dw_bwd_input_kernel(const G* __restrict__
   out(c, n, h, wo, p, acc);
 }
 
+// The same for specialised sizes K, one block per (channel, 16 x 64 tile, image): the tile of gin
+// plus its halo (dil * K/2 on each side) is loaded once, with coalesced row loads, into shared
+// memory, and each thread computes 4 adjacent outputs from there with the channel's (flipped)
+// weights in registers: one global load per element and halo instead of K * K from L1.
+constexpr int DW_BWD_TH = 16, DW_BWD_TW = 64, DW_BWD_OUT_PER_THREAD = 4, DW_BWD_THREADS = 256;
+static_assert(DW_BWD_TH * DW_BWD_TW == DW_BWD_OUT_PER_THREAD * DW_BWD_THREADS, "one output group per thread");
+constexpr int64_t DW_BWD_MAX_SMEM_BYTES = 48 * 1024;  // without the opt-in to more dynamic shared memory
+
+inline int64_t dw_bwd_smem_bytes(int k, int dil) {
+  const int halo = dil * (k / 2);
+  return (int64_t)sizeof(float) * (DW_BWD_TH + 2 * halo) * (DW_BWD_TW + 2 * halo);
+}
+
+template <int K, class G, class E, class Out>
+__global__ void __launch_bounds__(DW_BWD_THREADS) dw_bwd_input_tiled_kernel(const G* __restrict__ gin,
+                                                                            const float* __restrict__ w, int dil,
+                                                                            Geo g, int tiles_w,
+                                                                            const E* __restrict__ extra, Out out) {
+  static_assert(K > 0, "specialised sizes only");
+  extern __shared__ float smem[];
+  constexpr int G4 = DW_BWD_OUT_PER_THREAD;
+  const int halo = dil * (K / 2);
+  const int SW = DW_BWD_TW + 2 * halo, SH = DW_BWD_TH + 2 * halo;
+  const int c = blockIdx.x, n = blockIdx.z;
+  const int h0 = (blockIdx.y / tiles_w) * DW_BWD_TH, w0 = (blockIdx.y % tiles_w) * DW_BWD_TW;
+  const int H = g.H, W = g.W;
+  const int64_t plane = (int64_t)c * g.P + (int64_t)n * H * W;
+  for (int i = threadIdx.x; i < SH * SW; i += DW_BWD_THREADS) {
+    const int gh = h0 - halo + i / SW, gw = w0 - halo + i % SW;
+    smem[i] = gh >= 0 && gh < H && gw >= 0 && gw < W ? to_f(gin[plane + gh * W + gw]) : 0.f;
+  }
+  // out(q) = sum_taps w[tap] * gin[q - dil * (tap - K/2)]: a correlation with the flipped kernel.
+  float wf[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) wf[t] = __ldg(w + (int64_t)c * K * K + (K * K - 1 - t));
+  __syncthreads();
+  const int oy = threadIdx.x / (DW_BWD_TW / G4), ox0 = (threadIdx.x % (DW_BWD_TW / G4)) * G4;
+  float v[G4] = {};
+#pragma unroll
+  for (int ky = 0; ky < K; ++ky) {
+    const float* row = smem + (oy + dil * ky) * SW + ox0;
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx)
+#pragma unroll
+      for (int j = 0; j < G4; ++j) v[j] = fmaf(wf[ky * K + kx], row[j + dil * kx], v[j]);
+  }
+  const int gh = h0 + oy;
+#pragma unroll
+  for (int j = 0; j < G4; ++j) {
+    const int gw = w0 + ox0 + j;
+    if (gh >= H || gw >= W) continue;
+    const int64_t idx = plane + gh * W + gw;
+    out(c, n, gh, gw, (n * H + gh) * W + gw, v[j] + (extra ? to_f(extra[idx]) : 0.f));
+  }
+}
+
 template <int K, class G, class E, class Out>
 void launch_dw_bwd_input(const G* gin, const float* w, int k, int dil, Geo g, int C, const E* extra, const Out& out,
                          cudaStream_t stream) {
+  if constexpr (K > 0) {
+    const int64_t smem = dw_bwd_smem_bytes(K, dil);
+    if (smem <= DW_BWD_MAX_SMEM_BYTES) {
+      const int tiles_w = (int)cdiv(g.W, DW_BWD_TW);
+      const dim3 grid((unsigned)C, (unsigned)(cdiv(g.H, DW_BWD_TH) * tiles_w), (unsigned)g.N);
+      dw_bwd_input_tiled_kernel<K, G, E, Out><<<grid, DW_BWD_THREADS, (size_t)smem, stream>>>(gin, w, dil, g, tiles_w,
+                                                                                           extra, out);
+      return;
+    }
+  }
   const int64_t total = (int64_t)C * g.P;
   dw_bwd_input_kernel<K, G, E, Out><<<(unsigned)cdiv(total, 256), 256, 0, stream>>>(gin, w, k, dil, g, C, extra, out);
 }
