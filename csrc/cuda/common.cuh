@@ -56,6 +56,17 @@ Act<T> act(View4 v) {
   return Act<T>{static_cast<T*>(v.data), v.sn, v.sc, v.sh, v.sw};
 }
 
+// Bytes the staged depthwise kernels load at once: the channels of one pixel, where contiguous.
+constexpr int STAGE_BYTES = 16;
+
+// Whether x's channels can be read STAGE_BYTES at a time at every pixel, from channel 0 on.
+template <class T>
+bool vector_loads(const Act<T>& x) {
+  constexpr int64_t vec = STAGE_BYTES / sizeof(T);
+  return x.sc == 1 && reinterpret_cast<uintptr_t>(x.data) % STAGE_BYTES == 0 && x.sn % vec == 0 &&
+         x.sh % vec == 0 && x.sw % vec == 0;
+}
+
 struct Geo {
   int N, H, W, P;  // P = N*H*W
 };
@@ -901,6 +912,22 @@ inline void launch_reduce_splits(const float* part, int S, int64_t M, int cols, 
   reduce_splits_kernel<<<(unsigned)cdiv(M, 256), 256, 0, stream>>>(part, S, M, cols, cols_main, out, extra);
 }
 
+// v[j] += sum_{ky, kx} w[ky * K + kx] * src[D * ky * ld + j + D * kx], j < G: G adjacent outputs of a
+// K x K correlation with dilation D over a shared-memory tile of row stride ld, src at the first
+// output's first tap.  Neighbouring outputs share their reads.
+template <int K, int G>
+__device__ __forceinline__ void correlate_rows(const float* src, int ld, int D, const float (&w)[K * K],
+                                               float (&v)[G]) {
+#pragma unroll
+  for (int ky = 0; ky < K; ++ky) {
+    const float* row = src + D * ky * ld;
+#pragma unroll
+    for (int kx = 0; kx < K; ++kx)
+#pragma unroll
+      for (int j = 0; j < G; ++j) v[j] = fmaf(w[ky * K + kx], row[j + D * kx], v[j]);
+  }
+}
+
 // ---------------------------------------------------------------- depthwise backward
 
 // Gradient w.r.t. the input of a depthwise conv (k x k, dilation dil, 'same' padding):
@@ -971,14 +998,7 @@ __global__ void __launch_bounds__(DW_BWD_THREADS) dw_bwd_input_tiled_kernel(cons
   __syncthreads();
   const int oy = threadIdx.x / (DW_BWD_TW / G4), ox0 = (threadIdx.x % (DW_BWD_TW / G4)) * G4;
   float v[G4] = {};
-#pragma unroll
-  for (int ky = 0; ky < K; ++ky) {
-    const float* row = smem + (oy + dil * ky) * SW + ox0;
-#pragma unroll
-    for (int kx = 0; kx < K; ++kx)
-#pragma unroll
-      for (int j = 0; j < G4; ++j) v[j] = fmaf(wf[ky * K + kx], row[j + dil * kx], v[j]);
-  }
+  correlate_rows<K, G4>(smem + oy * SW + ox0, SW, dil, wf, v);
   const int gh = h0 + oy;
 #pragma unroll
   for (int j = 0; j < G4; ++j) {
@@ -1130,6 +1150,72 @@ inline int64_t lka_stage_smem_floats(int k0, int ks, int d, int tw) {
   return (AH + 2 * r0) * (AW + 2 * r0) + AH * AW;
 }
 
+// Where a block's lka tile lies: output rows h0 .. h0 + LKA_TH - 1, columns wb .. wb + TW - 1 of one
+// image, whose channel c starts at plane + c * P in the planes the stages write.
+struct LkaTile {
+  int h0, wb, H, W;
+  int64_t plane;
+};
+
+// Stage 1 of the specialised sizes: a1 (k0 x k0 conv of the x tile xs, row stride XW, its element
+// type X) over the AH x AW tile plus the dilated halo r2, G adjacent columns per thread, into `as`
+// (zero outside the image, as the second conv's padding); a1's own tile also to a1_out when set.
+template <int K0, int G, class X, class A1>
+__device__ __forceinline__ void lka_stage_a1(const X* xs, int XW, float* as, int AH, int AW, int r2, int TW,
+                                             const float (&w0r)[K0 * K0], float bias, const LkaTile& t,
+                                             A1* a1_out) {
+  const int groups = (AW + G - 1) / G;
+  for (int i = threadIdx.x; i < AH * groups; i += blockDim.x) {
+    const int ay = i / groups, ax0 = (i - ay * groups) * G;
+    const int gh = t.h0 - r2 + ay;
+    float v[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) v[j] = bias;
+#pragma unroll
+    for (int ky = 0; ky < K0; ++ky) {
+      const X* row = xs + (ay + ky) * XW + ax0;
+      float xr[G + K0 - 1];
+#pragma unroll
+      for (int q = 0; q < G + K0 - 1; ++q) xr[q] = ax0 + q < XW ? to_f(row[q]) : 0.f;  // last group may overhang
+#pragma unroll
+      for (int kx = 0; kx < K0; ++kx)
+#pragma unroll
+        for (int j = 0; j < G; ++j) v[j] = fmaf(w0r[ky * K0 + kx], xr[j + kx], v[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const int ax = ax0 + j, gw = t.wb - r2 + ax;
+      if (ax >= AW) continue;
+      const bool inside = gh >= 0 && gh < t.H && gw >= 0 && gw < t.W;
+      as[ay * AW + ax] = inside ? v[j] : 0.f;
+      if (a1_out && inside && ay >= r2 && ay < r2 + LKA_TH && ax >= r2 && ax < r2 + TW)
+        a1_out[t.plane + gh * t.W + gw] = from_f<A1>(v[j]);
+    }
+  }
+}
+
+// Stage 2 of the specialised sizes: a2 (ks x ks conv, dilation D, of the a1 tile) over the output
+// tile, G adjacent columns per thread (TW is a multiple of G: every read stays inside the a1 tile).
+template <int KS, int D, int G, class S>
+__device__ __forceinline__ void lka_stage_a2(const float* as, int AW, int TW, const float (&wsr)[KS * KS], float bias,
+                                             const LkaTile& t, S* a2_out) {
+  for (int i = threadIdx.x; i < LKA_TH * (TW / G); i += blockDim.x) {
+    const int oy = i / (TW / G), ox0 = (i - oy * (TW / G)) * G;
+    float v[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) v[j] = bias;
+    correlate_rows<KS, G>(as + oy * AW + ox0, AW, D, wsr, v);
+    const int gh = t.h0 + oy;
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      const int gw = t.wb + ox0 + j;
+      if (gh < t.H && gw < t.W) a2_out[t.plane + gh * t.W + gw] = from_f<S>(v[j]);
+    }
+  }
+}
+
+constexpr int LKA_OUT_PER_THREAD = 4;  // the specialised stages' G
+
 template <class T, class S, int K0, int KS, int D>
 __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float* __restrict__ w0,
                                                            const float* __restrict__ b0, const float* __restrict__ ws,
@@ -1138,7 +1224,6 @@ __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float
                                                            S* __restrict__ a2_out) {
   constexpr bool SPEC = K0 > 0;
   constexpr int TW = SPEC ? LKA_TW_SPEC : LKA_TW_GENERIC;
-  constexpr int G = SPEC ? 4 : 1;  // outputs per thread and step, along W
   extern __shared__ float smem[];
   const int k0 = SPEC ? K0 : k0_rt, ks = SPEC ? KS : ks_rt, d = SPEC ? D : d_rt;
   const int r0 = k0 / 2, r2 = d * (ks / 2);
@@ -1148,97 +1233,108 @@ __global__ void __launch_bounds__(256, 2) lka_stage_kernel(Act<T> x, const float
   // Channels vary fastest over the grid: blocks running together share x's sectors when x is
   // channels_last (a channel's tile alone uses 4 of each 32 bytes it loads).
   const int c = blockIdx.x, n = blockIdx.z;
-  const int h0 = (blockIdx.y / tiles_w) * LKA_TH, wb = (blockIdx.y % tiles_w) * TW;
   const int H = g.H, W = g.W;
-  const int64_t plane = (int64_t)c * g.P + (int64_t)n * H * W;
+  const LkaTile t{(int)(blockIdx.y / tiles_w) * LKA_TH, (int)(blockIdx.y % tiles_w) * TW, H, W,
+                  (int64_t)c * g.P + (int64_t)n * H * W};
 
   for (int i = threadIdx.x; i < XH * XW; i += 256) {
     const int yy = i / XW, xx = i - yy * XW;
-    const int gh = h0 - r2 - r0 + yy, gw = wb - r2 - r0 + xx;
+    const int gh = t.h0 - r2 - r0 + yy, gw = t.wb - r2 - r0 + xx;
     xs[i] = (gh >= 0 && gh < H && gw >= 0 && gw < W) ? x.load(n, c, gh, gw) : 0.f;
   }
-  constexpr int NW0 = SPEC ? K0 * K0 : 1, NWS = SPEC ? KS * KS : 1;
-  float w0r[NW0];
-  if (SPEC) {
+  if constexpr (SPEC) {
+    float w0r[K0 * K0];
 #pragma unroll
-    for (int t = 0; t < NW0; ++t) w0r[t] = __ldg(w0 + (int64_t)c * NW0 + t);
-  }
-  __syncthreads();
-
-  // Stage 1: a1 over the tile plus its dilated halo, G adjacent columns per thread.
-  const float* w0c = w0 + (int64_t)c * k0 * k0;
-  const float bias0 = b0[c];
-  const int groups = (AW + G - 1) / G;
-  for (int i = threadIdx.x; i < AH * groups; i += 256) {
-    const int ay = i / groups, ax0 = (i - ay * groups) * G;
-    const int gh = h0 - r2 + ay;
-    float v[G];
+    for (int q = 0; q < K0 * K0; ++q) w0r[q] = __ldg(w0 + (int64_t)c * K0 * K0 + q);
+    __syncthreads();
+    lka_stage_a1<K0, LKA_OUT_PER_THREAD>(xs, XW, as, AH, AW, r2, TW, w0r, b0[c], t, a1_out);
+    float wsr[KS * KS];
 #pragma unroll
-    for (int j = 0; j < G; ++j) v[j] = bias0;
-    if (SPEC) {
-      constexpr int KK0 = SPEC ? K0 : 1;
-#pragma unroll
-      for (int ky = 0; ky < KK0; ++ky) {
-        const float* row = xs + (ay + ky) * XW + ax0;
-        float xr[G + KK0 - 1];
-#pragma unroll
-        for (int t = 0; t < G + KK0 - 1; ++t) xr[t] = ax0 + t < XW ? row[t] : 0.f;  // last group may overhang
-#pragma unroll
-        for (int kx = 0; kx < KK0; ++kx)
-#pragma unroll
-          for (int j = 0; j < G; ++j) v[j] = fmaf(w0r[ky * KK0 + kx], xr[j + kx], v[j]);
-      }
-    } else {
+    for (int q = 0; q < KS * KS; ++q) wsr[q] = __ldg(ws + (int64_t)c * KS * KS + q);
+    __syncthreads();
+    lka_stage_a2<KS, D, LKA_OUT_PER_THREAD>(as, AW, TW, wsr, bs[c], t, a2_out);
+  } else {  // one output per step, weights from L1
+    __syncthreads();
+    const float* w0c = w0 + (int64_t)c * k0 * k0;
+    for (int i = threadIdx.x; i < AH * AW; i += 256) {
+      const int ay = i / AW, ax = i - ay * AW;
+      const int gh = t.h0 - r2 + ay, gw = t.wb - r2 + ax;
+      float v = b0[c];
       for (int ky = 0; ky < k0; ++ky)
-        for (int kx = 0; kx < k0; ++kx) v[0] = fmaf(__ldg(w0c + ky * k0 + kx), xs[(ay + ky) * XW + ax0 + kx], v[0]);
-    }
-#pragma unroll
-    for (int j = 0; j < G; ++j) {
-      const int ax = ax0 + j, gw = wb - r2 + ax;
-      if (ax >= AW) continue;
+        for (int kx = 0; kx < k0; ++kx) v = fmaf(__ldg(w0c + ky * k0 + kx), xs[(ay + ky) * XW + ax + kx], v);
       const bool inside = gh >= 0 && gh < H && gw >= 0 && gw < W;
-      as[ay * AW + ax] = inside ? v[j] : 0.f;
+      as[i] = inside ? v : 0.f;
       if (a1_out && inside && ay >= r2 && ay < r2 + LKA_TH && ax >= r2 && ax < r2 + TW)
-        a1_out[plane + gh * W + gw] = from_f<T>(v[j]);
+        a1_out[t.plane + gh * W + gw] = from_f<T>(v);
     }
-  }
-  float wsr[NWS];
-  if (SPEC) {
-#pragma unroll
-    for (int t = 0; t < NWS; ++t) wsr[t] = __ldg(ws + (int64_t)c * NWS + t);
-  }
-  __syncthreads();
-
-  // Stage 2: a2 over the tile, G adjacent columns per thread (TW is a multiple of G, so every
-  // read stays inside the a1 tile).
-  const float* wsc = ws + (int64_t)c * ks * ks;
-  const float biass = bs[c];
-  for (int i = threadIdx.x; i < LKA_TH * (TW / G); i += 256) {
-    const int oy = i / (TW / G), ox0 = (i - oy * (TW / G)) * G;
-    float v[G];
-#pragma unroll
-    for (int j = 0; j < G; ++j) v[j] = biass;
-    if (SPEC) {
-      constexpr int KKS = SPEC ? KS : 1, DD = SPEC ? D : 1;
-#pragma unroll
-      for (int ky = 0; ky < KKS; ++ky) {
-        const float* row = as + (oy + DD * ky) * AW + ox0;
-#pragma unroll
-        for (int kx = 0; kx < KKS; ++kx)
-#pragma unroll
-          for (int j = 0; j < G; ++j) v[j] = fmaf(wsr[ky * KKS + kx], row[j + DD * kx], v[j]);
-      }
-    } else {
+    __syncthreads();
+    const float* wsc = ws + (int64_t)c * ks * ks;
+    for (int i = threadIdx.x; i < LKA_TH * TW; i += 256) {
+      const int oy = i / TW, ox = i - oy * TW;
+      float v = bs[c];
       for (int ky = 0; ky < ks; ++ky)
         for (int kx = 0; kx < ks; ++kx)
-          v[0] = fmaf(__ldg(wsc + ky * ks + kx), as[(oy + d * ky) * AW + ox0 + d * kx], v[0]);
+          v = fmaf(__ldg(wsc + ky * ks + kx), as[(oy + d * ky) * AW + ox + d * kx], v);
+      const int gh = t.h0 + oy, gw = t.wb + ox;
+      if (gh < H && gw < W) a2_out[t.plane + gh * W + gw] = from_f<S>(v);
     }
-    const int gh = h0 + oy;
+  }
+}
+
+// The stages for channels_last x whose channels can be read 16 bytes at a time (8 16-bit or 4
+// float32 channels, C a multiple of that): a block loads those channels at each pixel of its tile
+// with one load, spreads them over one plane per channel (x's dtype, shared memory), then runs the
+// two stages channel after channel.  A one-channel block would use 2-4 bytes of each 32-byte sector
+// it reads from L2.  32-wide tiles keep CB planes within 48 KB (their halos cost more a1 taps:
+// 1.2x per output for (5, 7, 3)).
+constexpr int LKA_TW_CL = 32;
+template <class T>
+__host__ __device__ constexpr int lka_cl_channels() { return STAGE_BYTES / (int)sizeof(T); }
+
+template <class T, int K0, int KS, int D>
+constexpr int64_t lka_stage_cl_smem_bytes() {
+  constexpr int r0 = K0 / 2, r2 = D * (KS / 2);
+  constexpr int64_t AH = LKA_TH + 2 * r2, AW = LKA_TW_CL + 2 * r2;
+  return lka_cl_channels<T>() * (AH + 2 * r0) * (AW + 2 * r0) * (int64_t)sizeof(T) + AH * AW * (int64_t)sizeof(float);
+}
+
+template <class T, class S, int K0, int KS, int D>
+__global__ void __launch_bounds__(256, 2) lka_stage_cl_kernel(Act<T> x, const float* __restrict__ w0,
+                                                              const float* __restrict__ b0,
+                                                              const float* __restrict__ ws,
+                                                              const float* __restrict__ bs, Geo g, int tiles_w,
+                                                              T* __restrict__ a1_out, S* __restrict__ a2_out) {
+  constexpr int CB = lka_cl_channels<T>(), TW = LKA_TW_CL;
+  constexpr int r0 = K0 / 2, r2 = D * (KS / 2);
+  constexpr int AH = LKA_TH + 2 * r2, AW = TW + 2 * r2, XW = AW + 2 * r0, XH = AH + 2 * r0;
+  extern __shared__ float smem[];
+  T* xs = reinterpret_cast<T*>(smem);  // CB planes of XH x XW
+  float* as = smem + CB * XH * XW * (int)sizeof(T) / (int)sizeof(float);
+  const int c0 = blockIdx.x * CB, n = blockIdx.z;
+  const int H = g.H, W = g.W;
+  const int h0 = (blockIdx.y / tiles_w) * LKA_TH, wb = (blockIdx.y % tiles_w) * TW;
+  for (int i = threadIdx.x; i < XH * XW; i += 256) {
+    const int gh = h0 - r2 - r0 + i / XW, gw = wb - r2 - r0 + i % XW;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (gh >= 0 && gh < H && gw >= 0 && gw < W)
+      v = __ldg(reinterpret_cast<const uint4*>(x.data + x.off(n, c0, gh, gw)));
+    const T* e = reinterpret_cast<const T*>(&v);
 #pragma unroll
-    for (int j = 0; j < G; ++j) {
-      const int gw = wb + ox0 + j;
-      if (gh < H && gw < W) a2_out[plane + gh * W + gw] = from_f<S>(v[j]);
-    }
+    for (int cb = 0; cb < CB; ++cb) xs[cb * XH * XW + i] = e[cb];
+  }
+  for (int cb = 0; cb < CB; ++cb) {
+    const int c = c0 + cb;
+    const LkaTile t{h0, wb, H, W, (int64_t)c * g.P + (int64_t)n * H * W};
+    float w0r[K0 * K0];
+#pragma unroll
+    for (int q = 0; q < K0 * K0; ++q) w0r[q] = __ldg(w0 + (int64_t)c * K0 * K0 + q);
+    __syncthreads();  // the x planes (first channel), the previous channel's stage 2 (others)
+    lka_stage_a1<K0, LKA_OUT_PER_THREAD>(xs + cb * XH * XW, XW, as, AH, AW, r2, TW, w0r, b0[c], t, a1_out);
+    float wsr[KS * KS];
+#pragma unroll
+    for (int q = 0; q < KS * KS; ++q) wsr[q] = __ldg(ws + (int64_t)c * KS * KS + q);
+    __syncthreads();
+    lka_stage_a2<KS, D, LKA_OUT_PER_THREAD>(as, AW, TW, wsr, bs[c], t, a2_out);
   }
 }
 
@@ -1250,26 +1346,48 @@ inline int64_t lka_stage_smem_bytes(int k0, int ks, int d) {
   return (int64_t)sizeof(float) * lka_stage_smem_floats(k0, ks, d, lka_tile_w(lka_specialised(k0, ks, d)));
 }
 
+// f(K0, KS, D) as integral constants: the specialised sizes, else (0, 0, 0) (the generic path).
+template <class F>
+void with_lka_sizes(int k0, int ks, int d, F&& f) {
+  using std::integral_constant;
+  if (d == 3 && k0 == 5 && ks == 7)
+    f(integral_constant<int, 5>{}, integral_constant<int, 7>{}, integral_constant<int, 3>{});
+  else if (d == 3 && k0 == 3 && ks == 7)
+    f(integral_constant<int, 3>{}, integral_constant<int, 7>{}, integral_constant<int, 3>{});
+  else if (d == 3 && k0 == 5 && ks == 5)
+    f(integral_constant<int, 5>{}, integral_constant<int, 5>{}, integral_constant<int, 3>{});
+  else
+    f(integral_constant<int, 0>{}, integral_constant<int, 0>{}, integral_constant<int, 0>{});
+}
+
+constexpr int64_t MAX_GRID_YZ = 65535;
+constexpr int64_t STATIC_SMEM_BYTES = 48 * 1024;  // dynamic shared memory without the opt-in
+
 template <class T, class S>
 void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, T* a1_out, S* a2_out,
                       cudaStream_t stream) {
-  const int tw = lka_tile_w(lka_specialised(p.k0, p.ks, p.dilation));
-  const int tiles_w = (int)cdiv(p.W, tw);
-  const dim3 grid((unsigned)p.C, (unsigned)(cdiv(p.H, LKA_TH) * tiles_w), (unsigned)p.N);
-  const size_t smem = (size_t)lka_stage_smem_bytes(p.k0, p.ks, p.dilation);
-  const int a = p.k0, b = p.ks, d = p.dilation;
-#define DLK_STAGE(K0, KS, D)                                                                         \
-  lka_stage_kernel<T, S, K0, KS, D><<<grid, 256, smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, a, b, d, g, \
-                                                                 tiles_w, a1_out, a2_out)
-  if (a == 5 && b == 7 && d == 3)
-    DLK_STAGE(5, 7, 3);
-  else if (a == 3 && b == 7 && d == 3)
-    DLK_STAGE(3, 7, 3);
-  else if (a == 5 && b == 5 && d == 3)
-    DLK_STAGE(5, 5, 3);
-  else
-    DLK_STAGE(0, 0, 0);
-#undef DLK_STAGE
+  with_lka_sizes(p.k0, p.ks, p.dilation, [&](auto k0c, auto ksc, auto dc) {
+    constexpr int K0 = decltype(k0c)::value, KS = decltype(ksc)::value, D = decltype(dc)::value;
+    if constexpr (K0 > 0) {
+      constexpr int CB = lka_cl_channels<T>();
+      constexpr int64_t smem = lka_stage_cl_smem_bytes<T, K0, KS, D>();
+      static_assert(smem <= STATIC_SMEM_BYTES, "the channels_last stage fits without the opt-in");
+      const int tiles_w = (int)cdiv(p.W, LKA_TW_CL);
+      const int64_t tiles = cdiv(p.H, LKA_TH) * tiles_w;
+      if (vector_loads(x) && p.C % CB == 0 && tiles <= MAX_GRID_YZ) {
+        const dim3 grid((unsigned)(p.C / CB), (unsigned)tiles, (unsigned)p.N);
+        lka_stage_cl_kernel<T, S, K0, KS, D><<<grid, 256, (size_t)smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, g, tiles_w,
+                                                                                 a1_out, a2_out);
+        return;
+      }
+    }
+    const int tw = lka_tile_w(K0 > 0);
+    const int tiles_w = (int)cdiv(p.W, tw);
+    const dim3 grid((unsigned)p.C, (unsigned)(cdiv(p.H, LKA_TH) * tiles_w), (unsigned)p.N);
+    const size_t smem = (size_t)lka_stage_smem_bytes(p.k0, p.ks, p.dilation);
+    lka_stage_kernel<T, S, K0, KS, D><<<grid, 256, smem, stream>>>(x, w.w0, w.b0, w.ws, w.bs, p.k0, p.ks, p.dilation,
+                                                                   g, tiles_w, a1_out, a2_out);
+  });
 }
 
 }  // namespace

@@ -156,7 +156,6 @@ __global__ void __launch_bounds__(256) bn_stats_finalize_kernel(const float* __r
 constexpr int STAGED_K = 3;
 constexpr int STAGED_RADIUS = STAGED_K / 2;
 constexpr int STAGED_MAX_PIXELS = 128;  // halo pixels a block stages: 8 KB of float32 per K step
-constexpr int STAGE_LOAD_BYTES = 16;
 
 template <class T>
 struct StagedDw {
@@ -196,7 +195,7 @@ __global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
                        Epi epi) {
 #if DLK_MMA
   using Op = MmaOperand<M>;
-  constexpr int VEC = STAGE_LOAD_BYTES / (int)sizeof(T);          // channels per 16-byte load
+  constexpr int VEC = STAGE_BYTES / (int)sizeof(T);          // channels per 16-byte load
   constexpr int LOADS_PER_PIXEL = BK / VEC;
   constexpr int LOADS = STAGED_MAX_PIXELS * LOADS_PER_PIXEL / NT;  // per thread and step
   static_assert(LOADS * NT == STAGED_MAX_PIXELS * LOADS_PER_PIXEL, "whole halo loads per thread");
@@ -357,14 +356,6 @@ int64_t dwconv_forward_workspace(const DwConvProblem& p, bool training) {
   return (training ? 2 * (int64_t)forward_tiles(p).blocks(g) * p.Cout : 0) + (dw_via_plane(p) ? (int64_t)p.Cin * g.P : 0);
 }
 
-// Whether x's channels can be read 16 bytes at a time at every pixel (StagedDw::vector_loads).
-template <class T>
-static bool vector_loads(View4 x) {
-  constexpr int64_t vec = STAGE_LOAD_BYTES / sizeof(T);
-  return x.sc == 1 && reinterpret_cast<uintptr_t>(x.data) % STAGE_LOAD_BYTES == 0 && x.sn % vec == 0 &&
-         x.sh % vec == 0 && x.sw % vec == 0;
-}
-
 cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& w, const float* mean_in,
                            const float* var_in, bool training, float eps, bool relu, View4 y, float* mean_out,
                            float* var_out, float* workspace, cudaStream_t stream) {
@@ -402,7 +393,7 @@ cudaError_t dwconv_forward(const DwConvProblem& p, View4 x, const DwConvParams& 
         }
         // (dw_staged(p) holds exactly when this branch is compiled and the plane is not taken.)
         if constexpr (K == STAGED_K && M != Mma::FP32) {
-          const StagedDw<T> staged{xa, w.w_dw, w.b_dw, vector_loads<T>(x)};
+          const StagedDw<T> staged{xa, w.w_dw, w.b_dw, vector_loads(xa)};
           with_row_tiles<M>(row_tiles, [&](auto rt) {
             constexpr int RT = decltype(rt)::value;
             const dim3 grid((unsigned)nblk, (unsigned)cdiv(p.Cout, BN * RT));

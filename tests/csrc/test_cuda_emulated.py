@@ -257,6 +257,10 @@ LKA_CASES = [  # N, C, H, W, k0, ks, dilation, dtype, channels_last
     (1, 4, 7, 5, 3, 3, 2, torch.float32, False),      # generic path
     (2, 8, 6, 7, 5, 7, 3, torch.float16, True),
     (1, 8, 6, 7, 5, 7, 3, torch.bfloat16, False),
+    # channels_last with C a multiple of the channels one 16-byte load holds: the multi-channel
+    # stage kernel (the fp16 case above too), partial 16 x 32 tiles in both directions
+    (1, 12, 20, 40, 5, 5, 3, torch.float32, True),
+    (2, 16, 17, 35, 3, 7, 3, torch.bfloat16, True),
 ]
 
 
