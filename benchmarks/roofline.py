@@ -307,7 +307,7 @@ def lka_plans(n: int, c: int, hw: int, dtype: str, pass_: str,
 # table assumes); the depthwise output goes through a plane when Cout spans more; backward
 # intermediates are planes of the input's dtype; the lka stage kernel computes a1 over a 16 x 64
 # tile plus its dilated halo.  (A 3 x 3 forward on tensor cores stages its operand in shared memory
-# over rectangles whose halo is 1.6-2.1x their pixels: L1/L2 traffic, which this model leaves out.
+# over rectangles whose halo is 1.6-1.7x their pixels: L1/L2 traffic, which this model leaves out.
 # A channels_last lka stage with 16-byte channel groups runs 16 x 32 tiles: more a1 taps than the
 # NCHW tile modelled here.)
 CUDA_ROW_TILE = 64

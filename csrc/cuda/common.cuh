@@ -58,6 +58,8 @@ Act<T> act(View4 v) {
 
 // Bytes the staged depthwise kernels load at once: the channels of one pixel, where contiguous.
 constexpr int STAGE_BYTES = 16;
+constexpr int64_t MAX_GRID_YZ = 65535;
+constexpr int64_t STATIC_SMEM_BYTES = 48 * 1024;  // dynamic shared memory without the opt-in
 
 // Whether x's channels can be read STAGE_BYTES at a time at every pixel, from channel 0 on.
 template <class T>
@@ -966,7 +968,6 @@ __global__ void __launch_bounds__(256) dw_bwd_input_kernel(const G* __restrict__
 // weights in registers: one global load per element and halo instead of K * K from L1.
 constexpr int DW_BWD_TH = 16, DW_BWD_TW = 64, DW_BWD_OUT_PER_THREAD = 4, DW_BWD_THREADS = 256;
 static_assert(DW_BWD_TH * DW_BWD_TW == DW_BWD_OUT_PER_THREAD * DW_BWD_THREADS, "one output group per thread");
-constexpr int64_t DW_BWD_MAX_SMEM_BYTES = 48 * 1024;  // without the opt-in to more dynamic shared memory
 
 inline int64_t dw_bwd_smem_bytes(int k, int dil) {
   const int halo = dil * (k / 2);
@@ -1014,9 +1015,10 @@ void launch_dw_bwd_input(const G* gin, const float* w, int k, int dil, Geo g, in
                          cudaStream_t stream) {
   if constexpr (K > 0) {
     const int64_t smem = dw_bwd_smem_bytes(K, dil);
-    if (smem <= DW_BWD_MAX_SMEM_BYTES) {
-      const int tiles_w = (int)cdiv(g.W, DW_BWD_TW);
-      const dim3 grid((unsigned)C, (unsigned)(cdiv(g.H, DW_BWD_TH) * tiles_w), (unsigned)g.N);
+    const int tiles_w = (int)cdiv(g.W, DW_BWD_TW);
+    const int64_t tiles = cdiv(g.H, DW_BWD_TH) * tiles_w;
+    if (smem <= STATIC_SMEM_BYTES && tiles <= MAX_GRID_YZ) {
+      const dim3 grid((unsigned)C, (unsigned)tiles, (unsigned)g.N);
       dw_bwd_input_tiled_kernel<K, G, E, Out><<<grid, DW_BWD_THREADS, (size_t)smem, stream>>>(gin, w, dil, g, tiles_w,
                                                                                            extra, out);
       return;
@@ -1360,8 +1362,6 @@ void with_lka_sizes(int k0, int ks, int d, F&& f) {
     f(integral_constant<int, 0>{}, integral_constant<int, 0>{}, integral_constant<int, 0>{});
 }
 
-constexpr int64_t MAX_GRID_YZ = 65535;
-constexpr int64_t STATIC_SMEM_BYTES = 48 * 1024;  // dynamic shared memory without the opt-in
 
 template <class T, class S>
 void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, T* a1_out, S* a2_out,

@@ -165,12 +165,12 @@ struct StagedDw {
   bool vector_loads;            // channels contiguous, 16-byte aligned at every pixel and at channel 0
 };
 
-// The rectangle that covers an H x W image with the fewest block pixels (then the smallest halo)
-// among th x tw <= BM whose halo fits STAGED_MAX_PIXELS (tw = W, 8, 16 or 32): 8 x 8 at 224, 112
-// and 56, 2 x 28 at 28, 4 x 14 at 14.
+// The rectangle that covers an H x W image with the fewest blocks (each BM pixels of GEMM work;
+// then the smallest halo) among th x tw <= BM whose halo fits STAGED_MAX_PIXELS (tw = W, 8, 16 or
+// 32): 8 x 8 at 224, 112 and 56, 4 x 16 at 28 and 60, 4 x 14 at 14.
 static PixTiles staged_tiles(int H, int W) {
   PixTiles best{0, 0, 0, 0};
-  int64_t best_cover = 0, best_halo = 0;
+  int64_t best_blocks = 0, best_halo = 0;
   const int widths[] = {W, 8, 16, 32};
   for (int tw : widths) {
     if (tw > W || tw > BM) continue;
@@ -179,9 +179,9 @@ static PixTiles staged_tiles(int H, int W) {
     if (th == 0) continue;
     const int64_t halo = (int64_t)(th + 2 * STAGED_RADIUS) * (tw + 2 * STAGED_RADIUS);
     const int tiles_h = (int)cdiv(H, th), tiles_w = (int)cdiv(W, tw);
-    const int64_t cover = (int64_t)tiles_h * th * tiles_w * tw;
-    if (!best.th || cover < best_cover || (cover == best_cover && halo < best_halo))
-      best = PixTiles{th, tw, tiles_h, tiles_w}, best_cover = cover, best_halo = halo;
+    const int64_t blocks = (int64_t)tiles_h * tiles_w;
+    if (!best.th || blocks < best_blocks || (blocks == best_blocks && halo < best_halo))
+      best = PixTiles{th, tw, tiles_h, tiles_w}, best_blocks = blocks, best_halo = halo;
   }
   return best;  // some width always fits: min(W, 8) with one row
 }
@@ -279,9 +279,6 @@ __global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
   WarpTile<M, nvcuda::wmma::row_major> tile[RT];
 #pragma unroll
   for (int t = 0; t < RT; ++t) tile[t].zero();
-  // The widest blocks fetch their next weights (L2-resident, read by every block) after the MMAs:
-  // ahead of them, with the halo and the accumulators, ptxas (CUDA 13.0) spilled at 255 registers.
-  constexpr bool WEIGHTS_AHEAD = RT < mma_max_row_tiles<Mma::BF16>();
   WeightStage<M, RT> weights;
   load_halo(0);
   weights.fetch(wm, kdim, 1, r0, rows, kdim, 0);
@@ -295,11 +292,10 @@ __global__ void __launch_bounds__(NT, mma_min_blocks<M, RT>())
     const bool more = k0 + BK < kdim;
     if (more) {
       load_halo(k0 + BK);
-      if (WEIGHTS_AHEAD) weights.fetch(wm, kdim, 1, r0, rows, kdim, k0 + BK);
+      weights.fetch(wm, kdim, 1, r0, rows, kdim, k0 + BK);
     }
     sm.step(tile, buf, wr, wp);
     if (more) {
-      if (!WEIGHTS_AHEAD) weights.fetch(wm, kdim, 1, r0, rows, kdim, k0 + BK);
       // Xs was last read by the previous step's taps, the other buffers by its MMAs: both closed
       // by the barrier that ended it.
       store_halo();

@@ -160,9 +160,10 @@ def _judge(name, got, ref, tol, eager=None, floor_above=None):
         assert err > floor_above, f"{name}: error {err:.3g} is float32's, not the MMA precision's"
 
 
-# 16-bit cases with many output channels have >= 100 pixels: their gradients are 16-bit roundings
-# (as eager's), and over 9-20 pixels the ratio of ours to emulated eager's error ranged 0.05-3.1
-# by chance; over 144 it was 0.03-0.89 in the same cases.
+# 16-bit cases judged against emulated eager need enough elements per output and no ReLU mask to
+# flip: the ratio of two 16-bit roundings' errors is a random variable.  With 3-6 input channels,
+# ReLU and 9-20 pixels it reached 4.6 (grad_gamma) and 2.5 (grad_b_dw, 4 elements) across seeds; the
+# row-tile cases below (8 channels, 144 pixels, no ReLU) stayed within 2x over 6 seeds each.
 DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (2, 5, 7, 9, 11, 3, torch.float32, False, True, True),
     (1, 70, 66, 5, 3, 5, torch.float32, False, False, True),
@@ -176,20 +177,23 @@ DW_CASES = [  # N, Cin, Cout, H, W, k, dtype, channels_last, training, relu
     (1, 9, 70, 5, 6, 3, torch.bfloat16, False, False, True),    # Cout > 64, 16-bit: 2 row tiles per block in mma mode
     (1, 5, 130, 4, 5, 3, torch.float32, False, True, True),     # 3 row tiles per TF32 block (exact: a plane)
     (1, 3, 200, 3, 4, 3, torch.float32, True, False, True),     # 4 row tiles: a plane in both modes (TF32 holds 3)
-    (1, 6, 200, 12, 12, 3, torch.bfloat16, True, True, True),   # 4 row tiles per block in mma mode
+    (1, 8, 200, 12, 12, 3, torch.bfloat16, True, True, False),  # 4 row tiles per block in mma mode
     (1, 6, 150, 4, 5, 3, torch.float16, False, False, True),    # 3 row tiles, 16-bit
     (2, 6, 150, 6, 7, 3, torch.bfloat16, True, True, False),    # 3 row tiles, 2 pixel tiles
     (2, 5, 256, 6, 6, 3, torch.bfloat16, False, False, True),   # 4 row tiles, 2 pixel tiles
     (1, 5, 128, 9, 8, 3, torch.float32, False, True, True),     # 2 TF32 row tiles, 2 pixel tiles
-    (1, 4, 260, 12, 12, 3, torch.float16, False, False, True),  # 5 row tiles in a 6-tile block (one spare)
-    (1, 3, 400, 12, 12, 3, torch.bfloat16, False, False, True), # 7 row tiles: a bfloat16 plane in mma mode
+    (1, 8, 260, 12, 12, 3, torch.float16, False, False, False), # 5 row tiles in a 6-tile block (one spare)
+    (1, 8, 400, 12, 12, 3, torch.bfloat16, False, False, False), # 7 row tiles: a bfloat16 plane in mma mode
     # The staged operand (mma mode, k = 3) with 16-byte loads: channels_last with Cin a multiple of 8
-    # (16-bit) or 4 (float32), partial last K step (scalar loads past Cin), rectangles 3 x 19 / 4 x 16
-    # / 8 x 8 over images they do not divide
+    # (16-bit) or 4 (float32), partial last K step (element loads past Cin); rectangles 3 x 19 and
+    # 4 x 16 with partial rows, 8 x 8 exact (16 x 48) and with partial rows (13 x 48), 5 x 8 with
+    # a partial last column (5 x 45)
     (2, 40, 96, 20, 19, 3, torch.bfloat16, True, True, True),
     (1, 36, 20, 10, 16, 3, torch.float32, True, False, True),
     (1, 16, 24, 16, 48, 3, torch.float16, True, True, False),
-    (1, 16, 24, 13, 48, 3, torch.float16, False, False, True),  # NCHW: scalar loads into the same stage
+    (1, 16, 24, 13, 48, 3, torch.float16, False, False, True),  # NCHW: element loads into the same stage
+    (1, 16, 24, 5, 45, 3, torch.bfloat16, True, True, True),
+    (1, 24, 300, 6, 6, 3, torch.float16, True, False, True),    # 6-tile block over two K steps
 ]
 
 
