@@ -1340,13 +1340,6 @@ __global__ void __launch_bounds__(256, 2) lka_stage_cl_kernel(Act<T> x, const fl
   }
 }
 
-inline bool lka_specialised(int k0, int ks, int d) {
-  return d == 3 && ((k0 == 5 && ks == 7) || (k0 == 3 && ks == 7) || (k0 == 5 && ks == 5));
-}
-
-inline int64_t lka_stage_smem_bytes(int k0, int ks, int d) {
-  return (int64_t)sizeof(float) * lka_stage_smem_floats(k0, ks, d, lka_tile_w(lka_specialised(k0, ks, d)));
-}
 
 // f(K0, KS, D) as integral constants: the specialised sizes, else (0, 0, 0) (the generic path).
 template <class F>
@@ -1362,6 +1355,16 @@ void with_lka_sizes(int k0, int ks, int d, F&& f) {
     f(integral_constant<int, 0>{}, integral_constant<int, 0>{}, integral_constant<int, 0>{});
 }
 
+
+inline bool lka_specialised(int k0, int ks, int d) {
+  bool specialised = false;
+  with_lka_sizes(k0, ks, d, [&](auto k0c, auto, auto) { specialised = decltype(k0c)::value > 0; });
+  return specialised;
+}
+
+inline int64_t lka_stage_smem_bytes(int k0, int ks, int d) {
+  return (int64_t)sizeof(float) * lka_stage_smem_floats(k0, ks, d, lka_tile_w(lka_specialised(k0, ks, d)));
+}
 
 template <class T, class S>
 void launch_lka_stage(const LkaProblem& p, Act<T> x, const LkaParams& w, Geo g, T* a1_out, S* a2_out,
